@@ -1,0 +1,308 @@
+"""Create a store and write it shard by shard, off the compute thread.
+
+Usage::
+
+    create(path, layout, attrs, sample_meta)        # once: shapes, provenance, per-sample metadata
+    with StoreWriter(path) as w:                    # a background thread does the zarr writes
+        for shard in w.pending(condition_index):    # resume: shards not yet done
+            w.submit(ShardPayload(...))             # returns at once unless `max_pending` are queued
+
+A shard is written whole (zarr rewrites a whole shard on any partial write, so buffering a shard
+avoids write amplification), states first and its ``status`` flags last: a process killed at any
+point leaves the shard pending, and the rerun rewrites it. Nothing is done twice once flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from gapcache.errors import IncompatibleStoreError, StoreError
+from gapcache.store import codec
+from gapcache.store.schema import (
+    LAYER_CONVENTION,
+    SCHEMA_VERSION,
+    SITES,
+    STATUS_PENDING,
+    Layout,
+)
+
+STR = str  # zarr v3 variable-length UTF-8 strings (vlen-utf8)
+
+
+def _array(group, name, shape, dtype, dims, chunks, shards=None, compressors="auto", fill=None, attrs=None):
+    kw = dict(shape=shape, dtype=dtype, chunks=chunks, dimension_names=dims, attributes=attrs or {})
+    if shards is not None:
+        kw["shards"] = shards
+    if compressors != "auto":
+        kw["compressors"] = compressors
+    if fill is not None:
+        kw["fill_value"] = fill
+    return group.create_array(name, **kw)
+
+
+def create(path, layout: Layout, attrs: dict, sample_meta: dict, overwrite: bool = False):
+    """Create the store at ``path`` with every array allocated (nothing written but metadata).
+
+    ``sample_meta`` maps names to per-sample numpy arrays (first axis = sample), e.g. question,
+    answer, category, label, image_sha256, site_position (sample, site), seq_len, visual_start.
+    """
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
+    g.attrs.update(_root_attrs(layout, attrs))
+    _create_coords(g, layout)
+    _create_states(g, layout)
+    _create_scores(g, layout)
+    _create_sample_meta(g, layout, sample_meta)
+    _link_coordinates(g)
+    _consolidate(path)
+    return g
+
+
+#: non-index coordinates, so that plain xarray shows them as coords, not data variables
+AUX_COORDS = ("condition_kind", "truncation_layer", "truncation_strategy", "vtoken_sample", "vtoken_position")
+
+
+def _link_coordinates(g):
+    dims = {name: tuple(g[name].metadata.dimension_names) for name in AUX_COORDS}
+    for name, arr in g.arrays():
+        if name in AUX_COORDS or arr.metadata.dimension_names is None:
+            continue
+        own = set(arr.metadata.dimension_names)
+        linked = [c for c, d in dims.items() if set(d) <= own]
+        if linked and len(own) > 1:
+            arr.attrs["coordinates"] = " ".join(linked)
+
+
+def _consolidate(path):
+    """Consolidated metadata (not in the v3 spec; other readers ignore it) lets xarray open at once."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def _root_attrs(layout: Layout, attrs: dict) -> dict:
+    from gapcache import __version__
+
+    base = {
+        "schema_version": SCHEMA_VERSION,
+        "gapcache_version": __version__,
+        "layer_convention": LAYER_CONVENTION,
+        "sites": list(SITES),
+        "samples_per_shard": layout.samples_per_shard,
+        "visual_shard_tokens": layout.visual_shard_tokens,
+        "model_dtype": layout.model_dtype,
+        "conditions": [
+            {"label": c.label, "kind": c.kind, "truncation_layer": c.truncation_layer, "strategy": c.strategy}
+            for c in layout.conditions
+        ],
+    }
+    clash = set(base) & set(attrs)
+    if clash:
+        raise StoreError(f"Store attributes {sorted(clash)} are reserved for gapcache itself.")
+    merged = {**attrs, **base}
+    json.dumps(merged)  # fail here, not half-way through a write, if something is not JSON
+    return merged
+
+
+def _create_coords(g, layout: Layout):
+    spc, conds = layout.samples_per_shard, layout.conditions
+    coords = {
+        "sample": (np.array(layout.sample_ids, dtype=object), ("sample",), (spc,)),
+        "condition": (np.array([c.label for c in conds], dtype=object), ("condition",), (len(conds),)),
+        "condition_kind": (np.array([c.kind for c in conds], dtype=object), ("condition",), (len(conds),)),
+        "truncation_layer": (np.array([c.truncation_layer for c in conds], "int32"), ("condition",), (len(conds),)),
+        "truncation_strategy": (np.array([c.strategy for c in conds], dtype=object), ("condition",), (len(conds),)),
+        "visual_condition": (
+            np.array([c.label for c in layout.visual_conditions], dtype=object),
+            ("visual_condition",),
+            (max(1, len(layout.visual_conditions)),),
+        ),
+        "layer": (np.array(layout.layers, "int32"), ("layer",), (len(layout.layers),)),
+        "site": (np.array(SITES, dtype=object), ("site",), (len(SITES),)),
+        "candidate": (np.array(layout.candidates, dtype=object), ("candidate",), (max(1, len(layout.candidates)),)),
+    }
+    for name, (values, dims, chunks) in coords.items():
+        dtype = STR if values.dtype == object else values.dtype
+        arr = _array(g, name, values.shape, dtype, dims, chunks)
+        if values.size:
+            arr[...] = values
+    _create_vtoken_coords(g, layout)
+
+
+def _create_vtoken_coords(g, layout: Layout):
+    owner = np.full(layout.n_vtokens, -1, np.int32)
+    index = np.full(layout.n_vtokens, -1, np.int32)
+    for i, (off, length) in enumerate(zip(layout.visual_offsets, layout.visual_lengths)):
+        owner[off : off + length] = i
+        index[off : off + length] = np.arange(length)
+    chunks = (layout.visual_shard_tokens,)
+    for name, values in (("vtoken_sample", owner), ("vtoken_position", index)):
+        _array(g, name, values.shape, "int32", ("vtoken",), chunks, fill=-1)[...] = values
+
+
+def _create_states(g, layout: Layout):
+    dtype, encoding = codec.storage_for(layout.model_dtype)
+    comp = codec.state_codecs(layout.compression_level)
+    spc, nl, h = layout.samples_per_shard, len(layout.layers), layout.hidden
+    attrs = {codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype}
+    _array(
+        g, "text_states", (len(layout.conditions), layout.n_samples, len(SITES), nl, h), dtype,
+        ("condition", "sample", "site", "layer", "hidden"),
+        chunks=(1, spc, 1, 1, h), shards=(1, spc, len(SITES), nl, h), compressors=comp, fill=0, attrs=attrs,
+    )
+    vc = layout.visual_chunk_tokens
+    _array(
+        g, "visual_states", (len(layout.visual_conditions), layout.n_vtokens, nl, h), dtype,
+        ("visual_condition", "vtoken", "layer", "hidden"),
+        chunks=(1, vc, 1, h), shards=(1, layout.visual_shard_tokens, nl, h), compressors=comp, fill=0, attrs=attrs,
+    )
+
+
+def _create_scores(g, layout: Layout):
+    c, n, spc, k = len(layout.conditions), layout.n_samples, layout.samples_per_shard, len(layout.candidates)
+    dims = ("condition", "sample")
+    _array(g, "gold_logprob", (c, n), "float32", dims, (1, spc), fill=np.nan)
+    _array(g, "candidate_logprob", (c, n, k), "float32", dims + ("candidate",), (1, spc, max(k, 1)), fill=np.nan)
+    _array(g, "generation", (c, n), STR, dims, (1, spc))
+    _array(g, "status", (c, n), "uint8", dims, (1, spc), fill=STATUS_PENDING)
+    _array(g, "error", (c, n), STR, dims, (1, spc))
+
+
+def _create_sample_meta(g, layout: Layout, sample_meta: dict):
+    n, spc = layout.n_samples, layout.samples_per_shard
+    required = {"visual_offset": np.array(layout.visual_offsets, np.int64),
+                "visual_length": np.array(layout.visual_lengths, np.int32)}
+    for name, values in {**sample_meta, **required}.items():
+        values = np.asarray(values)
+        if values.shape[:1] != (n,):
+            raise StoreError(f"Per-sample metadata {name!r} must have {n} rows. Got shape {values.shape} instead.")
+        dims = ("sample",) + {1: (), 2: ("site",) if name == "site_position" else ("candidate",)}[values.ndim]
+        if values.ndim == 2 and values.shape[1] == 0:
+            continue
+        dtype = STR if values.dtype.kind in "OUS" else values.dtype
+        _array(g, name, values.shape, dtype, dims, (spc,) + values.shape[1:])[...] = values
+
+
+@dataclass
+class ShardPayload:
+    """Everything one (condition, shard) writes. Arrays are in storage dtype already."""
+
+    condition: int
+    shard: int
+    text_states: np.ndarray  # (n, site, layer, hidden)
+    visual_states: np.ndarray | None  # (group_tokens, layer, hidden) rows from the shard's first offset
+    gold_logprob: np.ndarray  # (n,)
+    candidate_logprob: np.ndarray  # (n, candidate)
+    status: np.ndarray  # (n,) uint8
+    error: np.ndarray  # (n,) object (str)
+    generation: np.ndarray | None = None  # (n,) object (str)
+
+
+class StoreWriter:
+    """Writes ShardPayloads to an existing store in a background thread (bounded queue)."""
+
+    def __init__(self, path, max_pending: int = 2):
+        import zarr
+
+        self.path = str(path)
+        self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self.visual_index = _visual_index(self.group)
+        self.spc = int(self.group.attrs["samples_per_shard"])
+        self.vshard = int(self.group.attrs["visual_shard_tokens"])
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gapcache-writer", daemon=True)
+        self._thread.start()
+        self.bytes_written = 0
+
+    def status(self, condition: int) -> np.ndarray:
+        return self.group["status"][condition, :]
+
+    def pending(self, condition: int) -> list[int]:
+        """Shards of ``condition`` with at least one sample not yet flagged done or failed."""
+        st = self.status(condition)
+        n_shards = -(-st.shape[0] // self.spc)
+        return [s for s in range(n_shards) if (st[s * self.spc : (s + 1) * self.spc] == STATUS_PENDING).any()]
+
+    def submit(self, payload: ShardPayload):
+        self._raise()
+        self._queue.put(payload)
+        self._raise()
+
+    def close(self):
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _raise(self):
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise StoreError(f"Writing to {self.path} failed: {err!r}") from err
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self.write(item)
+                except BaseException as err:  # surfaced on the next submit/close
+                    self._error = err
+
+    def write(self, p: ShardPayload):
+        """Write one shard synchronously: states, scores, then the status flags."""
+        g, s0 = self.group, p.shard * self.spc
+        s1 = s0 + p.text_states.shape[0]
+        g["text_states"][p.condition, s0:s1] = p.text_states
+        self.bytes_written += p.text_states.nbytes
+        vis = self.visual_index.get(p.condition)
+        if vis is not None and p.visual_states is not None and p.visual_states.shape[0]:
+            v0 = p.shard * self.vshard
+            g["visual_states"][vis, v0 : v0 + p.visual_states.shape[0]] = p.visual_states
+            self.bytes_written += p.visual_states.nbytes
+        g["gold_logprob"][p.condition, s0:s1] = p.gold_logprob
+        if p.candidate_logprob.shape[1]:
+            g["candidate_logprob"][p.condition, s0:s1] = p.candidate_logprob
+        if p.generation is not None:
+            g["generation"][p.condition, s0:s1] = p.generation
+        g["error"][p.condition, s0:s1] = p.error
+        g["status"][p.condition, s0:s1] = p.status
+
+
+def _visual_index(group) -> dict[int, int]:
+    """condition index -> visual_condition index, for conditions whose visual states are cached."""
+    labels = list(group["condition"][:])
+    vlabels = list(group["visual_condition"][:])
+    return {labels.index(v): i for i, v in enumerate(vlabels) if v in labels}
+
+
+def check_compatible(path, attrs: dict, keys) -> None:
+    """Refuse to resume into a store created from a different config (names the differing field)."""
+    import zarr
+
+    existing = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.asdict()
+    for key in keys:
+        if existing.get(key) != attrs.get(key):
+            raise IncompatibleStoreError(
+                f"The store at {path} was created with a different {key!r}: "
+                f"store has {existing.get(key)!r}, this run has {attrs.get(key)!r}. "
+                "Use a new --out directory, or rerun with the store's own config."
+            )
