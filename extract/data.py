@@ -136,7 +136,7 @@ class Sample:
         """The image as a new RGB PIL image; SampleError when missing, unreadable or corrupt."""
         if self.image is not None:
             try:
-                return _to_rgb(self.image)
+                return _to_rgb(_reopen(self.image))
             except Exception as e:
                 raise SampleError(self.id, f"in-memory image cannot be decoded: {_why(e)}") from e
         if self.image_path is None:
@@ -146,6 +146,13 @@ class Sample:
 
 def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def _reopen(im: Image.Image) -> Image.Image:
+    """A fresh handle on a lazily opened in-memory file, so that decoding it leaves the
+    Sample's image undecoded (datasets of thousands of samples keep only encoded bytes)."""
+    fp = getattr(im, "fp", None)
+    return Image.open(io.BytesIO(fp.getvalue())) if isinstance(fp, io.BytesIO) else im
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -227,7 +234,8 @@ def _check_unique(samples: Iterable[Sample], where: str) -> None:
     seen: set[str] = set()
     for s in samples:
         if s.id in seen:
-            raise DataError(f"{where}: sample id {s.id!r} occurs more than once; ids must be unique.")
+            raise DataError(f"{where}: sample id {s.id!r} occurs more than once; "
+                            f"ids must be unique.")
         seen.add(s.id)
 
 
@@ -276,14 +284,15 @@ def _check_synthetic_options(split, path, n, image_size, kinds) -> None:
     if path is not None:
         raise ConfigError(f"The synthetic dataset is generated, it takes no 'path'. Got {path!r}.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"The 'n' option of the synthetic dataset must be an int >= 1. Got {n!r} instead.")
+        raise ConfigError(f"The 'n' option of the synthetic dataset must be an int >= 1. "
+                          f"Got {n!r} instead.")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
         raise ConfigError(f"The 'image_size' option of the synthetic dataset must be an int >= 16. "
                           f"Got {image_size!r} instead.")
     bad = [k for k in kinds if k not in SYNTHETIC_KINDS]
     if bad or not kinds or isinstance(kinds, str):
-        raise ConfigError(f"The 'kinds' option of the synthetic dataset must be a non-empty list of "
-                          f"{', '.join(SYNTHETIC_KINDS)}. Got {kinds!r} instead.")
+        raise ConfigError(f"The 'kinds' option of the synthetic dataset must be a non-empty "
+                          f"list of {', '.join(SYNTHETIC_KINDS)}. Got {kinds!r} instead.")
 
 
 def _synthetic_specs(n: int, kinds: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -315,7 +324,8 @@ def _draw(colours: list[str], size: int, rng: np.random.Generator) -> Image.Imag
         elif shape == "square":
             draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([(x0 + (d - 1) / 2, y0), (x0, y0 + d - 1), (x0 + d - 1, y0 + d - 1)], fill=fill)
+            apex, bottom = (x0 + (d - 1) / 2, y0), y0 + d - 1
+            draw.polygon([apex, (x0, bottom), (x0 + d - 1, bottom)], fill=fill)
     return img
 
 
@@ -396,7 +406,8 @@ def _parse_line(line: str, file: Path, lineno: int) -> dict:
     except json.JSONDecodeError as e:
         raise DataError(f"{file}:{lineno}: invalid JSON ({e.msg} at column {e.colno}).") from e
     if not isinstance(obj, dict):
-        raise DataError(f"{file}:{lineno}: each line must be a JSON object. Got {type(obj).__name__}.")
+        raise DataError(f"{file}:{lineno}: each line must be a JSON object. "
+                        f"Got {type(obj).__name__}.")
     return obj
 
 
@@ -473,7 +484,8 @@ class _HFSpec:
     default_split: str
     required: dict[str, tuple[str, ...]]  # role -> accepted column names, first present wins
     optional: dict[str, tuple[str, ...]]
-    convert: Callable[[dict, str], tuple[str, str, tuple, str, int, tuple] | None]
+    # row -> (question, answer, answers, category, label, candidates), None to skip the row
+    convert: Callable[[dict], tuple | None]
     image_only: bool = False  # skip rows without an image (ScienceQA: image subset)
 
 
@@ -499,20 +511,20 @@ def _convert_open(r: dict, category: str = ""):
     return None if qa is None else (*qa, category, -1, ())
 
 
-def _convert_chartqa(r: dict, split: str):
+def _convert_chartqa(r: dict):
     return _convert_open(r, str(r.get("category") or ""))
 
 
-def _convert_docvqa(r: dict, split: str):
+def _convert_docvqa(r: dict):
     types = r.get("category") or []
     return _convert_open(r, str(types[0]) if len(types) else "")
 
 
-def _convert_textvqa(r: dict, split: str):
+def _convert_textvqa(r: dict):
     return _convert_open(r)
 
 
-def _convert_vqav2(r: dict, split: str):
+def _convert_vqav2(r: dict):
     mc = r.get("mc")
     qa = _qa(r, prefer=mc.strip() if isinstance(mc, str) else None)
     if qa is None:
@@ -523,7 +535,7 @@ def _convert_vqav2(r: dict, split: str):
     return (*qa, str(atype or ""), -1, ())
 
 
-def _convert_scienceqa(r: dict, split: str):
+def _convert_scienceqa(r: dict):
     choices = [str(c) for c in (r["choices"] or [])]
     gold = r["answer"]
     if not choices or gold is None or not str(gold).strip().lstrip("-").isdigit():
@@ -535,7 +547,8 @@ def _convert_scienceqa(r: dict, split: str):
     hint = (r.get("hint") or "").strip()
     lines = ([f"Context: {hint}"] if hint else []) + [r["question"].strip()]
     lines += [f"{letter}. {c}" for letter, c in zip(letters, choices)]
-    return "\n".join(lines), letters[gold], (letters[gold],), str(r.get("category") or ""), gold, letters
+    category = str(r.get("category") or "")
+    return "\n".join(lines), letters[gold], (letters[gold],), category, gold, letters
 
 
 _QA = {"image": ("image",), "question": ("question",), "answers": ("answers", "answer")}
@@ -599,7 +612,8 @@ def _open_hf(spec: _HFSpec, split: str, path: str | Path | None):
     if path is not None:
         p = Path(path).expanduser()
         if not p.exists():
-            raise DataError(f"{spec.name}: local copy '{p}' does not exist. {_fetch_hint(spec, split)}")
+            raise DataError(f"{spec.name}: local copy '{p}' does not exist. "
+                            f"{_fetch_hint(spec, split)}")
         try:
             obj = _open_local(spec, p, split)
         except DataError:
@@ -611,8 +625,9 @@ def _open_hf(spec: _HFSpec, split: str, path: str | Path | None):
         try:
             obj = datasets.load_dataset(spec.hub_id, spec.config, split=split)
         except Exception as e:
-            raise DataError(f"{spec.name}: no path given and '{spec.hub_id}' (split {split!r}) is not "
-                            f"in the Hugging Face cache ({_why(e)}). {_fetch_hint(spec, split)}") from e
+            raise DataError(f"{spec.name}: no path given and '{spec.hub_id}' (split {split!r}) is "
+                            f"not in the Hugging Face cache ({_why(e)}). "
+                            f"{_fetch_hint(spec, split)}") from e
     if isinstance(obj, datasets.DatasetDict):
         if split not in obj:
             raise DataError(f"{spec.name}: the copy at '{path}' has no split {split!r}. "
@@ -633,7 +648,7 @@ def _resolve_columns(spec: _HFSpec, columns: list[str], where: str) -> dict[str,
     return found
 
 
-def _hf_rows(spec, ds, cols: dict[str, str], *, limit, shuffle, seed):
+def _hf_rows(spec: _HFSpec, ds, cols: dict[str, str], *, shuffle: bool, seed: int):
     """Yield (row index, {role: value}) in the requested order, images left encoded."""
     import datasets
 
@@ -688,10 +703,10 @@ def _load_hf(spec: _HFSpec, *, split, limit, seed, path, shuffle) -> list[Sample
     ds = _open_hf(spec, split, path)
     cols = _resolve_columns(spec, list(ds.column_names), f"the copy at '{path or spec.hub_id}'")
     samples, skipped = [], 0
-    for idx, r in _hf_rows(spec, ds, cols, limit=limit, shuffle=shuffle, seed=seed):
+    for idx, r in _hf_rows(spec, ds, cols, shuffle=shuffle, seed=seed):
         if limit is not None and len(samples) >= limit:
             break
-        fields = spec.convert(r, split)
+        fields = spec.convert(r)
         if fields is None:
             skipped += 1
             continue
@@ -713,9 +728,9 @@ def _hf_sample(spec: _HFSpec, split: str, idx: int, r: dict, fields: tuple) -> S
 
 def _report_skipped(spec: _HFSpec, split: str, skipped: int, samples: list[Sample]) -> None:
     if skipped and not samples:
-        raise DataError(f"{spec.name}: no usable sample in split {split!r}: all {skipped} rows read "
-                        f"lack a question or a gold answer (test splits often hide their answers; "
-                        f"try split='validation').")
+        raise DataError(f"{spec.name}: no usable sample in split {split!r}: all {skipped} rows "
+                        f"read lack a question or a gold answer (test splits often hide their "
+                        f"answers; try split='validation').")
     if skipped:
         log.warning("%s split %r: skipped %d rows without a question or a gold answer",
                     spec.name, split, skipped)

@@ -53,7 +53,8 @@ _DEFAULT_CORPUS = (
     "How many objects are in the image? one two three four five six seven eight nine ten",
     "What is the value of the highest bar in the chart? What is the title of the document?",
     "What does the sign say? Which year had the largest value? What is written on the page?",
-    "USER: ASSISTANT: user assistant system You are a helpful assistant.",
+    "USER: ASSISTANT: USER: ASSISTANT: USER: ASSISTANT: You are a helpful assistant.",
+    "user\nassistant\nsystem\nuser\nassistant\nsystem\nuser\nassistant\nsystem\n",
     "Answer the question using a single word or phrase.",
     "left right top bottom above below image picture photo chart table text number",
     "0 1 2 3 4 5 6 7 8 9 10 100 1000 2019 2020 2021 2022 2023 percent % $",
@@ -189,12 +190,13 @@ def _qwen_tokenizer(corpus: list[str], specials: list[str], vocab_size: int):
     fast = build_tokenizer(corpus, specials, vocab_size)
     model = json.loads(fast.backend_tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    extra = [t for t in specials if t not in ("<|endoftext|>", "<|im_end|>")]
+    # eos starts as <|endoftext|> so that ids follow the real order (endoftext, im_start, im_end, ...);
+    # the Instruct checkpoints' eos is <|im_end|>.
     tok = Qwen2Tokenizer(
-        vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=extra,
+        vocab=model["vocab"], merges=merges, unk_token=None, bos_token=None, eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", extra_special_tokens=[t for t in specials if t != "<|endoftext|>"],
     )
-    tok.add_tokens(specials, special_tokens=True)  # no-op for tokens already present; fixes the order
+    tok.eos_token = "<|im_end|>"
     return tok
 
 
@@ -205,9 +207,8 @@ def _llava_tokenizer(corpus: list[str], vocab_size: int):
     backend = _train_bpe(corpus, _LLAVA_SPECIALS, vocab_size)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens=["<image>"], add_bos_token=True, add_eos_token=False,
+        extra_special_tokens=["<image>"], add_bos_token=True, add_eos_token=False, padding_side="left",
     )
-    tok.padding_side = "left"
     return tok
 
 
@@ -305,7 +306,6 @@ def _make_config(family: str, cfg: dict[str, Any]):
 
 def _qwen_processor(family: str, tok, image_overrides: dict[str, Any] | None):
     """Processor with patch 8, merge 2: one visual token per 16x16 px, between 4 and 64 tokens."""
-    from transformers import AutoProcessor  # noqa: F401  (ensures the auto registries are loaded)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     factor = 8 * 2

@@ -1,0 +1,214 @@
+"""Run configs: plain values, validated in one place (``load_config``).
+
+A config is YAML (see ``configs/``) or a dict with the sections below; unknown keys are errors
+that name the key and list the allowed ones. ``DEMO`` is the embedded default that
+``gapcache demo`` runs (``configs/demo.yaml`` is the same, pinned by a test).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from gapcache.conditions import CONDITIONS, STRATEGIES
+from gapcache.errors import ConfigError
+
+VISUAL_MODES = ("all", "subset", "pool")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llava"
+    id: str = ""  # hub id or local directory; "builtin:tiny-llava" = the package's own small model
+    revision: str | None = None
+    dtype: str = "float32"
+    device_map: str | None = None  # e.g. "auto" (accelerate), "cuda:0"; None = CPU
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    split: str | None = "test"
+    path: str | None = None
+    limit: int | None = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class VisualConfig:
+    mode: str = "all"  # all | subset (seeded random subset of k tokens) | pool (k contiguous mean pools)
+    k: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    enabled: bool = False
+    max_new_tokens: int = 16
+
+
+@dataclass
+class ExtractConfig:
+    conditions: list = field(default_factory=lambda: list(CONDITIONS))
+    truncation_layers: list = field(default_factory=list)
+    truncation_strategies: list = field(default_factory=lambda: ["zero", "drop"])
+    layers: object = "all"  # "all" or a list of hidden-state indices (0 = embedding output)
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    batch_size: int = 8
+    max_length: int = 4096
+    samples_per_shard: int = 32
+    visual_chunk_tokens: int = 64
+    compression_level: int = 1
+    seed: int = 0  # derangement of blind_randomimage
+    disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
+    forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = "gpu"
+    account: str | None = None
+    gpus: str | None = "gpu:1"
+    cpus_per_task: int = 8
+    mem: str = "64G"
+    time: str = "04:00:00"
+    shards_per_task: int = 1
+    setup: list = field(default_factory=list)  # lines run before gapcache (module load, source venv)
+    extra_sbatch: list = field(default_factory=list)
+    analysis_partition: str = "cpu"
+    analysis_mem: str = "16G"
+    analysis_time: str = "02:00:00"
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self, sections=("model", "data", "extract")) -> str:
+        """sha256 of the sections that fix a store's content (not where or how it runs)."""
+        d = {k: v for k, v in self.to_dict().items() if k in sections}
+        for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size"):
+            d["extract"].pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+DEMO = {
+    "name": "demo",
+    "model": {"family": "llava", "id": "builtin:tiny-llava", "dtype": "float32"},
+    "data": {"dataset": "synthetic", "split": "test", "options": {"n": 96, "image_size": 64, "seed": 0}},
+    "extract": {
+        "conditions": ["original", "blind_black", "blind_mean", "blind_randomimage", "truncated"],
+        "truncation_layers": [-1, 0, 1, 2, 3],
+        "truncation_strategies": ["zero", "drop"],
+        "batch_size": 16,
+        "samples_per_shard": 32,
+        "max_length": 512,
+    },
+}
+
+
+def _build(cls, values, where: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"The '{where}' section must be a mapping. Got {type(values).__name__} instead.")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"Unknown key(s) {unknown} in '{where}'. Allowed keys: {', '.join(sorted(known))}."
+        )
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].default_factory if known[name].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(source) -> Config:
+    """A Config from a YAML path, a dict or a Config; validated."""
+    if isinstance(source, Config):
+        cfg = source
+    elif isinstance(source, dict):
+        cfg = _build(Config, copy.deepcopy(source), "config")
+    else:
+        import yaml
+
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Expected a YAML file like configs/demo.yaml.")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+        cfg = _build(Config, values or {}, "config")
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, name: str, expected: str, got):
+    if not ok:
+        raise ConfigError(f"The '{name}' parameter must be {expected}. Got {got!r} instead.")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate(cfg: Config) -> None:
+    """Every value check of every section, in one place."""
+    from gapcache.extract.models import ADAPTERS as FAMILY_NAMES
+
+    m, d, e = cfg.model, cfg.data, cfg.extract
+    _check(m.family in FAMILY_NAMES, "model.family", f"one of {list(FAMILY_NAMES)}", m.family)
+    _check(isinstance(m.id, str) and bool(m.id), "model.id", "a hub id or a local directory", m.id)
+    _check(m.dtype in DTYPES, "model.dtype", f"one of {list(DTYPES)}", m.dtype)
+    _check(m.attn_implementation in ("sdpa", "eager"), "model.attn_implementation", "'sdpa' or 'eager'",
+           m.attn_implementation)
+    _check(isinstance(d.dataset, str) and bool(d.dataset), "data.dataset", "a dataset name", d.dataset)
+    _check(d.limit is None or (_is_int(d.limit) and d.limit > 0), "data.limit", "a positive int or null", d.limit)
+    _check(isinstance(d.options, dict), "data.options", "a mapping", d.options)
+    _check(isinstance(e.conditions, list) and bool(e.conditions), "extract.conditions", "a non-empty list",
+           e.conditions)
+    for c in e.conditions:
+        _check(c in CONDITIONS, "extract.conditions", f"a list of {list(CONDITIONS)}", c)
+    for s in e.truncation_strategies:
+        _check(s in STRATEGIES, "extract.truncation_strategies", f"a list of {list(STRATEGIES)}", s)
+    for layer in e.truncation_layers:
+        _check(_is_int(layer) and layer >= -1, "extract.truncation_layers", "a list of ints >= -1", layer)
+    if "truncated" in e.conditions:
+        _check(bool(e.truncation_layers), "extract.truncation_layers", "non-empty when 'truncated' is run",
+               e.truncation_layers)
+    _check(e.layers == "all" or (isinstance(e.layers, list) and e.layers and all(_is_int(x) and x >= 0 for x in e.layers)),
+           "extract.layers", "'all' or a non-empty list of hidden-state indices >= 0", e.layers)
+    v = e.visual
+    _check(v.mode in VISUAL_MODES, "extract.visual.mode", f"one of {list(VISUAL_MODES)}", v.mode)
+    if v.mode != "all":
+        _check(_is_int(v.k) and v.k > 0, "extract.visual.k", f"a positive int when mode is {v.mode!r}", v.k)
+    for name in ("batch_size", "max_length", "samples_per_shard", "visual_chunk_tokens"):
+        value = getattr(e, name)
+        _check(_is_int(value) and value > 0, f"extract.{name}", "a positive int", value)
+    _check(_is_int(e.compression_level) and 1 <= e.compression_level <= 22, "extract.compression_level",
+           "an int in [1, 22]", e.compression_level)
+    _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
+           "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
+    _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
+           "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)

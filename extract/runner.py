@@ -1,0 +1,360 @@
+"""The GPU tier's main loop: one model pass per condition, shard by shard, into the store.
+
+Usage::
+
+    gapcache extract configs/qwen3-vl-30b-a3b.yaml --out runs/q3      # or from Python:
+    Extraction(load_config(path), out_dir).run()
+
+Order: plan (processor only) -> create or reopen the store -> for each condition, for each
+pending shard, batched forwards (right padding, teacher-forced gold answer appended) -> a
+ShardPayload handed to the StoreWriter's background thread, so the model never waits on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gapcache import __version__
+from gapcache.conditions import expand
+from gapcache.errors import SampleError, StoreError
+from gapcache.extract import data as data_mod
+from gapcache.extract.hooks import Capture, Truncation
+from gapcache.extract.models import get_adapter, processor_fingerprint
+from gapcache.extract.plan import Planner, candidate_table, donors
+from gapcache.store import Layout, ShardPayload, StoreWriter, codec, create
+from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED
+from gapcache.store.writer import check_compatible
+
+log = logging.getLogger(__name__)
+STORE_NAME = "store.zarr"
+COMPAT_KEYS = ("schema_version", "config_hash", "model", "candidates", "condition_params")
+
+
+def progress(iterable, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+class Extraction:
+    """One run: a config, an output directory, a model loaded once."""
+
+    def __init__(self, cfg, out_dir, model=None, processor=None):
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.adapter = get_adapter(cfg.model.family)
+        self.model, self.processor = model, processor
+        self.store_path = self.out / STORE_NAME
+
+    # ------------------------------------------------------------------ setup
+    def load(self):
+        if self.model is None:
+            self.model, self.processor = self.adapter.load(self.cfg.model)
+        self.processor.tokenizer.padding_side = "right"
+        self.n_layers = self.adapter.n_layers(self.model)
+        self.conditions = expand(self.cfg.extract.conditions, self.cfg.extract.truncation_layers,
+                                 self.cfg.extract.truncation_strategies, self.n_layers)
+        layers = self.cfg.extract.layers
+        self.record = list(range(self.n_layers + 1)) if layers == "all" else sorted(set(layers))
+        if self.record[-1] > self.n_layers:
+            raise StoreError(f"extract.layers asks for hidden-state index {self.record[-1]}, but the model has "
+                             f"{self.n_layers} decoder layers (indices 0..{self.n_layers}).")
+        return self
+
+    def samples(self):
+        d = self.cfg.data
+        return data_mod.load_dataset(d.dataset, split=d.split, limit=d.limit, path=d.path, **d.options)
+
+    def plan(self, samples=None, show=True):
+        samples = self.samples() if samples is None else samples
+        self.planner = Planner(self.adapter, self.model, self.processor, self.cfg.extract.max_length)
+        it = progress(enumerate(samples), total=len(samples), desc="plan", disable=not show)
+        self.planned = [self.planner.plan(i, s) for i, s in it]
+        self.candidates, self.cand_mask = candidate_table(self.planner, self.planned)
+        ok = [p.sample for p in self.planned if p.ok]
+        need_mean = "blind_mean" in self.cfg.extract.conditions
+        self.mean_rgb = data_mod.mean_rgb(ok) if need_mean and ok else None
+        self.donor = donors(self.planned, self.cfg.extract.seed)
+        self.visual_select = [self._visual_selection(p) for p in self.planned]
+        return self.planned
+
+    def _visual_selection(self, p):
+        """Indices within the span to record (mode subset) or pool groups (mode pool)."""
+        v = self.cfg.extract.visual
+        n = p.visual_length
+        if v.mode == "all" or n == 0:
+            return np.arange(n)
+        if v.mode == "subset":
+            if n <= v.k:
+                return np.arange(n)
+            rng = np.random.default_rng([v.seed, int(p.image_sha256[:8] or "0", 16), p.index])
+            return np.sort(rng.choice(n, v.k, replace=False))
+        return np.array_split(np.arange(n), min(v.k, n))  # pool: k contiguous groups
+
+    def layout(self) -> Layout:
+        e = self.cfg.extract
+        lengths = tuple(len(sel) for sel in self.visual_select)
+        return Layout(
+            sample_ids=tuple(p.sample.id for p in self.planned), conditions=tuple(self.conditions),
+            layers=tuple(self.record), hidden=self.adapter.hidden_size(self.model), model_dtype=self.cfg.model.dtype,
+            candidates=self.candidates, visual_lengths=lengths, samples_per_shard=e.samples_per_shard,
+            visual_chunk_tokens=e.visual_chunk_tokens, compression_level=e.compression_level,
+        )
+
+    def store_attrs(self) -> dict:
+        import transformers
+
+        cfg, m = self.cfg, self.model
+        return {
+            "config_hash": cfg.hash(),
+            "config": cfg.to_dict(),
+            "model": {"id": cfg.model.id, "revision": cfg.model.revision, "family": cfg.model.family,
+                      "class": type(m).__name__, "dtype": cfg.model.dtype, "n_layers": self.n_layers,
+                      "hidden": self.adapter.hidden_size(m), "name_or_path": str(m.config._name_or_path)},
+            "dataset": {"name": cfg.data.dataset, "split": cfg.data.split, "n_samples": len(self.planned)},
+            "candidates": list(self.candidates),
+            "candidate_scoring": "log p(shared prefix of the sample's candidates) + log p(first distinguishing token), "
+                                 "teacher-forced from the prediction site; exact for prefix+1-token candidates",
+            "answer_prefix": self.adapter.answer_prefix,
+            "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
+            "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
+            "condition_params": {
+                "blind_mean": {"mean_rgb": list(self.mean_rgb) if self.mean_rgb else None},
+                "blind_randomimage": {"seed": cfg.extract.seed, "donor": self.donor.tolist(),
+                                      "resize": "PIL bicubic to the original's size"},
+                "truncated": {"layers": list(cfg.extract.truncation_layers),
+                              "strategies": list(cfg.extract.truncation_strategies),
+                              "convention": "input of every decoder layer with index > L is intervened on"},
+            },
+            "provenance": {
+                "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+                "gapcache": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **processor_fingerprint(self.processor),
+            },
+        }
+
+    def sample_meta(self) -> dict:
+        P = self.planned
+        col = lambda f: np.array([f(p) for p in P], dtype=object)  # noqa: E731
+        return {
+            "dataset_name": col(lambda p: p.sample.dataset), "split": col(lambda p: p.sample.split),
+            "category": col(lambda p: p.sample.category), "question": col(lambda p: p.sample.question),
+            "answer": col(lambda p: p.sample.answer), "image_sha256": col(lambda p: p.image_sha256),
+            "failure": col(lambda p: p.failure),
+            "label": np.array([p.sample.label for p in P], np.int32),
+            "seq_len": np.array([len(p.prompt_ids) for p in P], np.int32),
+            "visual_start": np.array([p.visual_start for p in P], np.int32),
+            "span_length": np.array([p.visual_length for p in P], np.int32),
+            "gold_ntokens": np.array([len(p.answer_ids) for p in P], np.int32),
+            "site_position": np.array([[p.instruction, p.prediction] for p in P], np.int32),
+            "candidate_mask": self.cand_mask,
+            "candidate_prefix_tokens": np.array([p.cand_prefix for p in P], np.int32),
+            "donor": self.donor.astype(np.int64),
+        }
+
+    def open_or_create(self):
+        """Create the store, or check that an existing one was made by this same config (resume)."""
+        attrs = self.store_attrs()
+        if (self.store_path / "zarr.json").is_file():
+            check_compatible(self.store_path, attrs, COMPAT_KEYS)
+            return False
+        self.out.mkdir(parents=True, exist_ok=True)
+        create(self.store_path, self.layout(), attrs, self.sample_meta())
+        return True
+
+    # ------------------------------------------------------------------ run
+    def run(self, show=True):
+        if not hasattr(self, "planned"):
+            self.load().plan(show=show)
+        self.open_or_create()
+        layout = self.layout()
+        with StoreWriter(self.store_path) as writer:
+            for ci, cond in enumerate(self.conditions):
+                shards = writer.pending(ci)
+                bar = progress(shards, desc=cond.label, disable=not show, unit="shard")
+                for shard in bar:
+                    writer.submit(self.shard_payload(ci, cond, shard, layout))
+        return self.store_path
+
+    def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
+        idx = list(layout.shard_samples(shard))
+        n, k = len(idx), len(self.candidates)
+        dtype, _ = codec.storage_for(self.cfg.model.dtype)
+        h = layout.hidden
+        text = np.zeros((n, len(SITES), len(self.record), h), dtype)
+        offs = [layout.visual_offsets[i] - layout.visual_offsets[idx[0]] for i in idx]
+        vis = np.zeros((sum(layout.visual_lengths[i] for i in idx), len(self.record), h), dtype) \
+            if cond.records_visual else None
+        gold = np.full(n, np.nan, np.float32)
+        cand = np.full((n, k), np.nan, np.float32)
+        status = np.full(n, STATUS_FAILED, np.uint8)
+        error = np.array([self.planned[i].failure for i in idx], dtype=object)
+        gen = np.array([""] * n, dtype=object) if self.cfg.extract.generate.enabled else None
+        todo = [j for j, i in enumerate(idx) if self.planned[i].ok]
+        bs = self.cfg.extract.batch_size
+        for b0 in range(0, len(todo), bs):
+            rows = todo[b0 : b0 + bs]
+            for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond)):
+                if isinstance(res, SampleError):
+                    error[j] = res.reason
+                    continue
+                text[j], gold[j], cand[j] = res["text"], res["gold"], res["cand"]
+                if vis is not None:
+                    vis[offs[j] : offs[j] + res["visual"].shape[0]] = res["visual"]
+                if gen is not None:
+                    gen[j] = res.get("generation", "")
+                status[j] = STATUS_DONE
+        return ShardPayload(ci, shard, text, vis, gold, cand, status, error, gen)
+
+    def forward_safe(self, indices, cond):
+        """Batched forward; if the batch fails, retry one by one so one bad sample fails alone."""
+        try:
+            return self.forward(indices, cond)
+        except SampleError:
+            pass
+        except (RuntimeError, ValueError) as err:
+            if len(indices) == 1:
+                return [SampleError(self.planned[indices[0]].sample.id, f"forward failed: {err}")]
+            log.warning("batch of %d failed (%s); retrying one by one", len(indices), err)
+        out = []
+        for i in indices:
+            try:
+                out.extend(self.forward([i], cond))
+            except SampleError as err:
+                out.append(err)
+            except (RuntimeError, ValueError) as err:
+                out.append(SampleError(self.planned[i].sample.id, f"forward failed: {err}"))
+        return out
+
+    # ------------------------------------------------------------------ one batch
+    def condition_image(self, i, cond):
+        p = self.planned[i]
+        image = p.sample.load_image()
+        kind = cond.image_kind
+        if kind == "original":
+            return image
+        donor = None
+        if kind == "randomimage":
+            d = int(self.donor[i])
+            if d < 0:
+                raise SampleError(p.sample.id, "no donor image for blind_randomimage (fewer than 2 loadable images)")
+            donor = self.planned[d].sample.load_image()
+        return data_mod.blind_image(kind, image, mean_rgb=self.mean_rgb, donor=donor)
+
+    def batch_inputs(self, indices, cond):
+        """Processed batch with each row's gold answer appended after its prompt (right padded)."""
+        P = [self.planned[i] for i in indices]
+        images = [self.condition_image(i, cond) for i in indices]
+        inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
+        ids = inputs["input_ids"]  # (batch, seq)
+        for r, p in enumerate(P):
+            if ids[r, : len(p.prompt_ids)].tolist() != p.prompt_ids:
+                raise SampleError(p.sample.id, f"token layout under {cond.label} differs from the planned prompt "
+                                               "(the condition image changed the visual span)")
+        total = max(len(p.prompt_ids) + len(p.answer_ids) for p in P)
+        pad = self.processor.tokenizer.pad_token_id
+        seq_keys = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape[:2] == ids.shape]
+        out = dict(inputs)
+        for key in seq_keys:
+            fill = pad if key == "input_ids" else 0
+            new = torch.full((len(P), total), fill, dtype=inputs[key].dtype)
+            for r, p in enumerate(P):
+                n = len(p.prompt_ids)
+                new[r, :n] = inputs[key][r, :n]
+                if key in ("input_ids", "attention_mask"):
+                    a = len(p.answer_ids)
+                    new[r, n : n + a] = torch.tensor(p.answer_ids) if key == "input_ids" else 1
+            out[key] = new
+        return out
+
+    def site_indices(self, indices):
+        P = [self.planned[i] for i in indices]
+        text_rows = torch.tensor([r for r in range(len(P)) for _ in SITES])
+        text_pos = torch.tensor([pos for p in P for pos in (p.instruction, p.prediction)])
+        vrows, vpos = [], []
+        for r, (i, p) in enumerate(zip(indices, P)):
+            sel = self.visual_select[i]
+            flat = np.concatenate(sel) if isinstance(sel, list) else sel
+            vrows += [r] * len(flat)
+            vpos += (p.visual_start + flat).tolist()
+        return (text_rows, text_pos), (torch.tensor(vrows, dtype=torch.long), torch.tensor(vpos, dtype=torch.long))
+
+    @torch.inference_mode()
+    def forward(self, indices, cond):
+        P = [self.planned[i] for i in indices]
+        inputs = self.batch_inputs(indices, cond)
+        text_idx, vis_idx = self.site_indices(indices)
+        layers = self.adapter.decoder_layers(self.model)
+        capture = Capture(layers, self.adapter.final_norm(self.model), self.record)
+        trunc = Truncation(layers, cond.truncation_layer, cond.strategy) if cond.kind == "truncated" else None
+        try:
+            capture.set_batch(text_idx, vis_idx if cond.records_visual else None)
+            if trunc is not None:
+                span_rows = torch.tensor([r for r, p in enumerate(P) for _ in range(p.visual_length)], dtype=torch.long)
+                span_pos = torch.tensor([p.visual_start + t for p in P for t in range(p.visual_length)], dtype=torch.long)
+                vis_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+                vis_mask[span_rows, span_pos] = True
+                trunc.set_batch((span_rows, span_pos), vis_mask, inputs["attention_mask"])
+            keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
+            device = self.model.device
+            model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            out = self.model(**model_inputs, use_cache=False, logits_to_keep=torch.tensor(keep, device=device))
+            text, vis = capture.collect()  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
+        finally:
+            capture.remove()
+            if trunc is not None:
+                trunc.remove()
+        logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
+        col = {pos: c for c, pos in enumerate(keep)}
+        results = []
+        n_sites = len(SITES)
+        vis_off = 0
+        for r, (i, p) in enumerate(zip(indices, P)):
+            gold = sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(p.answer_ids))
+            cand = np.full(len(self.candidates), np.nan, np.float32)
+            if p.cand_columns:
+                prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(p.cand_prefix))
+                cand[p.cand_columns] = prefix + logp[r, col[p.prediction + p.cand_prefix], p.cand_tokens].numpy()
+            res = {"text": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold": gold, "cand": cand}
+            if vis is not None:
+                sel = self.visual_select[i]
+                n_flat = sum(len(g) for g in sel) if isinstance(sel, list) else len(sel)
+                chunk = vis[vis_off : vis_off + n_flat]  # (n_flat, layer, hidden)
+                vis_off += n_flat
+                if isinstance(sel, list):  # pool contiguous groups
+                    bounds = np.cumsum([0] + [len(g) for g in sel])
+                    chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
+                res["visual"] = self.to_storage(chunk)
+            results.append(res)
+        if self.cfg.extract.generate.enabled and cond.kind != "truncated":
+            for res, text_out in zip(results, self.generate(indices, cond)):
+                res["generation"] = text_out
+        return results
+
+    def to_storage(self, t: torch.Tensor) -> np.ndarray:
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+    @torch.inference_mode()
+    def generate(self, indices, cond) -> list[str]:
+        """Greedy generation from the prompt (left padded), decoded without special tokens."""
+        tok = self.processor.tokenizer
+        P = [self.planned[i] for i in indices]
+        images = [self.condition_image(i, cond) for i in indices]
+        tok.padding_side = "left"
+        try:
+            inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = "right"
+        inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.cfg.extract.generate.max_new_tokens,
+                                  pad_token_id=tok.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
