@@ -1,3 +1,143 @@
-"""placeholder"""
-def main(argv=None):
+"""The ``gapcache`` command.
+
+Usage::
+
+    gapcache demo --out demo_out                        # the whole main job on the embedded default
+    gapcache extract configs/qwen2.5-vl-7b.yaml --out runs/q25 [--limit N]
+    gapcache extract CONFIG --out DIR --check 3         # sites and decoded tokens, writes nothing
+    gapcache extract CONFIG --out DIR --dry-run         # store size and write bandwidth needed
+    gapcache info runs/q25/store.zarr [--json]
+
+Exit codes: 0 ok, 1 a gapcache error (message on stderr), 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from gapcache import __version__
+from gapcache.errors import GapcacheError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gapcache", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"gapcache {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("extract", help="run the model once per condition into a store (GPU tier)")
+    ex.add_argument("config", help="YAML config (see configs/)")
+    ex.add_argument("--out", required=True, help="run directory; the store is OUT/store.zarr")
+    ex.add_argument("--limit", type=int, help="only the first N samples (overrides data.limit)")
+    mode = ex.add_mutually_exclusive_group()
+    mode.add_argument("--check", type=int, metavar="N", help="print sites of N samples and time one batch; no writes")
+    mode.add_argument("--dry-run", action="store_true", help="print the store size and bandwidth the config needs")
+
+    info = sub.add_parser("info", help="summarize a store")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = sub.add_parser("demo", help="extract the built-in synthetic data with the built-in model")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+    except GapcacheError as err:
+        print(f"gapcache {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _config(path, limit=None):
+    from gapcache.config import load_config
+
+    cfg = load_config(path)
+    if limit is not None:
+        cfg.data.limit = limit
+        cfg = load_config(cfg)
+    return cfg
+
+
+def cmd_extract(args) -> int:
+    cfg = _config(args.config, args.limit)
+    if args.dry_run:
+        from gapcache.extract.estimate import dry_run
+
+        print(dry_run(cfg))
+        return 0
+    from gapcache.extract.runner import Extraction
+
+    ex = Extraction(cfg, args.out).load()
+    if args.check is not None:
+        from gapcache.extract.estimate import check
+
+        print(check(ex, args.check))
+        return 0
+    path = ex.run()
+    print(f"store written: {path}")
+    print(format_info(path))
     return 0
+
+
+def cmd_info(args) -> int:
+    from gapcache.store import info
+
+    data = info(args.store)
+    print(json.dumps(data, indent=2) if args.json else format_info(args.store, data))
+    return 0
+
+
+def format_info(path, data=None) -> str:
+    from gapcache.store import info
+
+    d = data or info(path)
+    m = d["model"]
+    lines = [
+        f"store      {d['path']}",
+        f"schema     v{d['schema_version']} (gapcache {d['gapcache_version']})",
+        f"model      {m.get('id')} [{m.get('family')}, {m.get('class')}, {m.get('dtype')}, {m.get('n_layers')} layers]",
+        f"dataset    {d['dataset'].get('name')} / {d['dataset'].get('split')}: {d['n_samples']} samples, "
+        f"{d['n_failed_samples']} with a failure",
+        f"states     {len(d['layers'])} layers x {d['hidden']} hidden, {d['state_dtype']} ({d['state_encoding']}), "
+        f"sites {', '.join(d['sites'])} + visual ({d['visual'].get('mode')})",
+        f"size       {d['size_bytes'] / 1e6:.1f} MB on disk",
+        f"complete   {'yes' if d['complete'] else 'no'}",
+        "conditions:",
+    ]
+    for label, c in d["conditions"].items():
+        lines.append(f"  {label:<24} done {c['done']:>6}  failed {c['failed']:>5}  pending {c['pending']:>6}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    import copy
+    from pathlib import Path
+
+    from gapcache.config import DEMO, load_config
+    from gapcache.extract.runner import Extraction
+
+    d = copy.deepcopy(DEMO)
+    if args.n is not None:
+        d["data"]["options"]["n"] = args.n
+    cfg = load_config(d)
+    out = Path(args.out)
+    print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
+          f"{len(cfg.extract.conditions)} conditions -> {out}", file=sys.stderr)
+    ex = Extraction(cfg, out).load()
+    path = ex.run()
+    print(format_info(path))
+    print(f"\nopen it:  python -c \"import gapcache.store as s; print(s.open_store('{path}'))\"")
+    print(f"or plain: python -c \"import xarray as xr; print(xr.open_zarr('{path}'))\"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,7 +56,8 @@ class GenerateConfig:
 
 @dataclass
 class ExtractConfig:
-    conditions: list = field(default_factory=lambda: list(CONDITIONS))
+    # truncated needs truncation_layers, so it is opt-in
+    conditions: list = field(default_factory=lambda: [c for c in CONDITIONS if c != "truncated"])
     truncation_layers: list = field(default_factory=list)
     truncation_strategies: list = field(default_factory=lambda: ["zero", "drop"])
     layers: object = "all"  # "all" or a list of hidden-state indices (0 = embedding output)

@@ -34,7 +34,7 @@ from gapcache.store.writer import check_compatible
 
 log = logging.getLogger(__name__)
 STORE_NAME = "store.zarr"
-COMPAT_KEYS = ("schema_version", "config_hash", "model", "candidates", "condition_params")
+COMPAT_KEYS = ("config_hash", "model", "candidates", "condition_params")
 
 
 def progress(iterable, **kw):

@@ -1,0 +1,103 @@
+"""``gapcache extract --check`` and ``--dry-run``: look before spending GPU hours.
+
+``check`` plans N samples with the loaded model's processor and prints every site with the
+decoded tokens around it, then times one batched forward. ``dry_run`` loads only the model's
+config and processor (no weights), plans a few samples to learn the visual-token count, and
+prints the store size per condition and the write bandwidth needed at a forward speed.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from gapcache.conditions import expand
+from gapcache.store.schema import SITES
+
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DEFAULT_SECONDS_PER_BATCH = 0.1  # ~ Qwen3-VL-30B-A3B batch of 8 on an H100
+
+
+def _around(tok, ids, pos, width=2) -> str:
+    lo, hi = max(0, pos - width), min(len(ids), pos + width + 1)
+    pieces = [repr(tok.decode([t])) for t in ids[lo:hi]]
+    pieces[pos - lo] = f"[{pieces[pos - lo]}]"
+    return " ".join(pieces)
+
+
+def check(ex, n: int) -> str:
+    samples = ex.samples()[:n]
+    planned = ex.plan(samples, show=False)
+    tok = ex.processor.tokenizer
+    lines = []
+    for p in planned:
+        lines.append(f"{p.sample.id}: question={p.sample.question!r} answer={p.sample.answer!r}")
+        if not p.ok:
+            lines.append(f"  FAILED: {p.failure}")
+            continue
+        ids = p.prompt_ids
+        end = p.visual_start + p.visual_length - 1
+        lines += [
+            f"  seq_len {len(ids)} (+{len(p.answer_ids)} answer tokens), image {p.image_size[0]}x{p.image_size[1]}",
+            f"  visual      [{p.visual_start}, {end}] ({p.visual_length} tokens): "
+            f"{_around(tok, ids, p.visual_start)} ... {_around(tok, ids, end)}",
+            f"  instruction {p.instruction}: {_around(tok, ids, p.instruction)}",
+            f"  prediction  {p.prediction}: {_around(tok, ids, p.prediction)} -> answer "
+            f"{[tok.decode([t]) for t in p.answer_ids]}",
+        ]
+    ok = [p.index for p in planned if p.ok][: ex.cfg.extract.batch_size]
+    if ok:
+        ex.forward(ok, ex.conditions[0])  # warm-up
+        t0 = time.perf_counter()
+        ex.forward(ok, ex.conditions[0])
+        lines.append(f"one forward of a batch of {len(ok)}: {time.perf_counter() - t0:.3f} s "
+                     "(set extract.forward_seconds_per_batch to this for --dry-run)")
+    return "\n".join(lines)
+
+
+def dry_run(cfg, n_probe: int = 32) -> str:
+    from transformers import AutoConfig, AutoProcessor
+
+    from gapcache.extract import data as data_mod
+    from gapcache.extract.models import get_adapter, resolve_model_path
+    from gapcache.extract.plan import Planner
+
+    adapter = get_adapter(cfg.model.family)
+    path = resolve_model_path(cfg.model.id, cfg.model.family)
+    kw = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    mconf = AutoConfig.from_pretrained(path, **kw)
+    processor = AutoProcessor.from_pretrained(path, **kw)
+    text = mconf.get_text_config()
+    n_layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+    e, d = cfg.extract, cfg.data
+    samples = data_mod.load_dataset(d.dataset, split=d.split, limit=d.limit, path=d.path, **d.options)
+    planner = Planner(adapter, SimpleNamespace(config=mconf), processor, e.max_length)
+    probe = [planner.plan(i, s) for i, s in enumerate(samples[:n_probe])]
+    spans = [p.visual_length for p in probe if p.ok] or [0]
+    vis = float(np.mean(spans)) if e.visual.mode == "all" else float(min(e.visual.k, np.mean(spans)))
+    n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
+    bpv = BYTES[cfg.model.dtype]
+    text_b = len(SITES) * n_rec * hidden * bpv
+    vis_b = vis * n_rec * hidden * bpv
+    conds = expand(e.conditions, e.truncation_layers, e.truncation_strategies, n_layers)
+    n = len(samples)
+    lines = [f"model {cfg.model.id}: {n_layers} layers, hidden {hidden}, {cfg.model.dtype}; {n} samples; "
+             f"{n_rec} recorded layers; visual tokens/sample {vis:.0f} (mode {e.visual.mode}, "
+             f"mean span {np.mean(spans):.0f} over {len(probe)} probed)", "per condition (before compression):"]
+    total = 0.0
+    for c in conds:
+        per = text_b + (vis_b if c.records_visual else 0)
+        total += per * n
+        lines.append(f"  {c.label:<24} {per * n / 1e9:9.3f} GB  ({per / 1e6:.2f} MB/sample)")
+    sec = e.forward_seconds_per_batch or DEFAULT_SECONDS_PER_BATCH
+    need = (text_b + vis_b) * e.batch_size / sec / 1e6
+    shard = (text_b + vis_b) * e.samples_per_shard / 1e6
+    lines += [f"total {total / 1e9:.2f} GB; writer buffers one shard per condition: ~{shard:.0f} MB",
+              f"write bandwidth needed at {sec:g} s per batch of {e.batch_size}: {need:.0f} MB/s "
+              f"(disk: {e.disk_bandwidth_mb_s:g} MB/s)"]
+    if need > e.disk_bandwidth_mb_s:
+        lines.append(f"WARNING: the store, not the model, is the bottleneck ({need:.0f} > {e.disk_bandwidth_mb_s:g} "
+                     "MB/s). Set extract.visual (mode subset/pool, k) and/or extract.layers to cache less.")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""Shared test helpers: a roundtrip() for every writer (xarray backends style)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gapcache.conditions import expand
+from gapcache.store import Layout, ShardPayload, StoreWriter, create, open_store
+from gapcache.store import codec
+
+
+def small_layout(dtype="float32", lengths=(3, 4, 0, 2, 5), spc=2, candidates=("no", "yes")):
+    return Layout(
+        sample_ids=tuple(f"s{i}" for i in range(len(lengths))),
+        conditions=tuple(expand(["original", "blind_black", "truncated"], [0], ["zero"])),
+        layers=(0, 1, 2), hidden=4, model_dtype=dtype, candidates=candidates,
+        visual_lengths=tuple(lengths), samples_per_shard=spc, visual_chunk_tokens=4,
+    )
+
+
+def random_payloads(layout: Layout, seed=0, scale=1.0):
+    """One payload per (condition, shard) with random values, in storage dtype; and the truth."""
+    rng = np.random.default_rng(seed)
+    dtype, enc = codec.storage_for(layout.model_dtype)
+    nl, h, k = len(layout.layers), layout.hidden, len(layout.candidates)
+    out = []
+    for ci, cond in enumerate(layout.conditions):
+        for shard in range(layout.n_shards):
+            idx = list(layout.shard_samples(shard))
+            ntok = sum(layout.visual_lengths[i] for i in idx)
+            text = (rng.standard_normal((len(idx), 2, nl, h)) * scale).astype(np.float32)
+            vis = (rng.standard_normal((ntok, nl, h)) * scale).astype(np.float32) if cond.records_visual else None
+            enc_fn = codec.encode_bf16 if enc == "bfloat16" else (lambda a: a.astype(dtype))
+            out.append(ShardPayload(
+                ci, shard, enc_fn(text), None if vis is None else enc_fn(vis),
+                rng.standard_normal(len(idx)).astype(np.float32),
+                rng.standard_normal((len(idx), k)).astype(np.float32),
+                np.ones(len(idx), np.uint8), np.array([""] * len(idx), dtype=object),
+            ))
+    return out
+
+
+def roundtrip(path, layout: Layout, payloads, meta=None):
+    """Create, write every payload through the background writer, reopen decoded."""
+    meta = meta or {"question": np.array([f"q{i}" for i in range(layout.n_samples)], dtype=object)}
+    create(path, layout, {"model": {"id": "test"}}, meta)
+    with StoreWriter(path) as w:
+        for p in payloads:
+            w.submit(p)
+    return open_store(path)

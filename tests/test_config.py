@@ -1,0 +1,79 @@
+"""Configs are validated in one place, with errors that name the key and the fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gapcache.conditions import expand
+from gapcache.config import DEMO, load_config
+from gapcache.errors import ConfigError, UnknownNameError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_yaml_is_the_embedded_default():
+    assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()) == DEMO
+
+
+@pytest.mark.parametrize("name", ["demo", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-30b-a3b"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.extract.batch_size > 0 and cfg.extract.max_length > 0
+
+
+def test_qwen3_30b_config_fits_the_disk():
+    cfg = load_config(ROOT / "configs" / "qwen3-vl-30b-a3b.yaml")
+    assert cfg.model.family == "qwen3_vl_moe" and cfg.model.dtype == "bfloat16" and cfg.model.device_map == "auto"
+    assert cfg.extract.visual.mode in ("pool", "subset") and max(cfg.extract.layers) == 48
+    per_sample = (2 + cfg.extract.visual.k) * len(cfg.extract.layers) * 2048 * 2
+    need = per_sample * cfg.extract.batch_size / cfg.extract.forward_seconds_per_batch / 1e6
+    assert need < cfg.extract.disk_bandwidth_mb_s
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['batchsize'\] in 'config.extract'"):
+        load_config({"extract": {"batchsize": 4}, "model": {"id": "x"}})
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"model": {"family": "blip", "id": "x"}}, "must be one of .*'llava'.*Got 'blip'"),
+    ({"model": {"id": "x", "dtype": "int8"}}, "model.dtype"),
+    ({"model": {"id": "x"}, "extract": {"conditions": ["original", "blind_white"]}}, "blind_white"),
+    ({"model": {"id": "x"}, "extract": {"batch_size": 0}}, "extract.batch_size"),
+    ({"model": {"id": "x"}, "extract": {"visual": {"mode": "subset"}}}, "extract.visual.k"),
+    ({"model": {"id": "x"}, "extract": {"conditions": ["truncated"], "truncation_layers": []}}, "truncation_layers"),
+    ({"model": {"id": ""}}, "model.id"),
+])
+def test_bad_values(patch, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(patch)
+
+
+def test_unknown_family_lists_supported():
+    from gapcache.extract.models import get_adapter
+
+    with pytest.raises(UnknownNameError) as err:
+        get_adapter("blip2")
+    msg = str(err.value)
+    for fam in ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        assert fam in msg
+
+
+def test_condition_expansion_and_labels():
+    labels = [c.label for c in expand(["original", "truncated"], [-1, 2], ["zero", "drop"], n_layers=4)]
+    assert labels == ["original", "truncated_zero_Lm1", "truncated_zero_L2", "truncated_drop_Lm1", "truncated_drop_L2"]
+    with pytest.raises(ConfigError, match=r"\[-1, 3\]. Got 4"):
+        expand(["truncated"], [4], ["zero"], n_layers=4)
+    with pytest.raises(UnknownNameError, match="Supported conditions"):
+        expand(["blind_white"])
+
+
+def test_store_and_analysis_tiers_do_not_import_torch():
+    code = ("import sys, gapcache, gapcache.store, gapcache.analyze, gapcache.config, gapcache.cli, "
+            "gapcache.conditions, gapcache.extract.models, gapcache.extract.data; "
+            "bad = [m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,155 @@
+"""Integration: whole runs on the builtin tiny LLaVA through the real loading path and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from gapcache.cli import main
+from gapcache.errors import IncompatibleStoreError
+from gapcache.store import info, open_store
+
+pytestmark = pytest.mark.integration
+
+
+def write_config(tmp_path, **extract):
+    cfg = {
+        "name": "t",
+        "model": {"family": "llava", "id": "builtin:tiny-llava", "dtype": "float32"},
+        "data": {"dataset": "synthetic", "split": "test", "options": {"n": 24, "image_size": 32, "seed": 1}},
+        "extract": {"conditions": ["original", "blind_black", "blind_randomimage"], "batch_size": 4,
+                    "samples_per_shard": 4, **extract},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "gapcache.cli", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_stores_equal(a, b):
+    da, db = open_store(a), open_store(b)
+    for name in da.data_vars:
+        va, vb = da[name].values, db[name].values
+        if va.dtype.kind == "f":
+            np.testing.assert_array_equal(va, vb, err_msg=name)
+        else:
+            assert (va == vb).all(), name
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    cfg = write_config(tmp_path, samples_per_shard=2, batch_size=2)
+    ref = tmp_path / "ref"
+    assert main(["extract", str(cfg), "--out", str(ref)]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gapcache.cli", "extract", str(cfg), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "store.zarr" / "status" / "c" / "0" / "1"  # 2nd shard of the first condition flagged
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = info(killed / "store.zarr")
+    assert not partial["complete"], "the run finished before it could be killed; make it longer"
+    assert main(["extract", str(cfg), "--out", str(killed)]) == 0
+    assert info(killed / "store.zarr")["complete"]
+    assert_stores_equal(ref / "store.zarr", killed / "store.zarr")
+
+
+def test_rerun_of_complete_store_writes_nothing_and_other_config_is_refused(tmp_path):
+    cfg = write_config(tmp_path)
+    out = tmp_path / "run"
+    assert main(["extract", str(cfg), "--out", str(out)]) == 0
+    status = out / "store.zarr" / "status" / "c" / "0" / "0"
+    mtime = status.stat().st_mtime_ns
+    assert main(["extract", str(cfg), "--out", str(out)]) == 0
+    assert status.stat().st_mtime_ns == mtime
+    other = write_config(tmp_path, seed=7)
+    from gapcache.config import load_config
+    from gapcache.extract.runner import Extraction
+
+    with pytest.raises(IncompatibleStoreError, match="config_hash"):
+        Extraction(load_config(other), out).run(show=False)
+
+
+def test_bad_images_are_recorded_as_failures_and_the_run_goes_on(tmp_path):
+    img = tmp_path / "ok.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(img)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    rows = [
+        {"id": "a", "image": "ok.png", "question": "Is there a red shape?", "answer": "yes", "candidates": ["yes", "no"]},
+        {"id": "b", "image": "missing.png", "question": "Is there a red shape?", "answer": "no", "candidates": ["yes", "no"]},
+        {"id": "c", "image": "corrupt.png", "question": "Is there a red shape?", "answer": "no", "candidates": ["yes", "no"]},
+        {"id": "d", "image": "ok.png", "question": "What colour?", "answer": "red"},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["data"] = {"dataset": "manifest", "path": str(tmp_path / "m.jsonl")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("extract", tmp_path / "cfg.yaml", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    ds = open_store(tmp_path / "run" / "store.zarr")
+    status = ds.status.sel(condition="original").values
+    assert status.tolist() == [1, 2, 2, 1]
+    errors = ds.error.sel(condition="original").values
+    assert "missing.png" in errors[1] and "does not exist" in errors[1]
+    assert "corrupt.png" in errors[2] and "cannot be read" in errors[2]
+    # sample a's donor must be d (the only other loadable image): never its own, never a failed one
+    assert int(ds.donor.values[0]) == 3 and int(ds.donor.values[3]) == 0
+    assert np.isnan(ds.candidate_logprob.sel(condition="original").values[3]).all()  # open-ended
+
+
+def test_check_prints_sites_and_writes_nothing(tmp_path):
+    cfg = write_config(tmp_path)
+    r = cli("extract", cfg, "--out", tmp_path / "run", "--check", 2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("visual      [") == 2 and "instruction" in r.stdout and "prediction" in r.stdout
+    assert "one forward of a batch" in r.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_warns_when_disk_is_the_bottleneck(tmp_path):
+    cfg = write_config(tmp_path, disk_bandwidth_mb_s=0.001, forward_seconds_per_batch=0.1)
+    r = cli("extract", cfg, "--out", tmp_path / "run", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "original" in r.stdout and "WARNING: the store, not the model, is the bottleneck" in r.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_info_json_keys_and_errors(tmp_path, capsys):
+    cfg = write_config(tmp_path, conditions=["original"])
+    out = tmp_path / "run"
+    assert main(["extract", str(cfg), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out / "store.zarr"), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {"schema_version", "model", "conditions", "n_samples", "complete"} <= set(d)
+    assert d["n_samples"] == 24 and d["complete"] is True and d["model"]["family"] == "llava"
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 1
+    assert "No gapcache store" in capsys.readouterr().err
+
+
+def test_unknown_family_and_condition_on_the_command_line(tmp_path):
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["model"]["family"] = "blip2"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("extract", tmp_path / "bad.yaml", "--out", tmp_path / "run")
+    assert r.returncode == 1 and "qwen3_vl_moe" in r.stderr and "blip2" in r.stderr
+    cfg["model"]["family"] = "llava"
+    cfg["extract"]["conditions"] = ["original", "blind_white"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("extract", tmp_path / "bad.yaml", "--out", tmp_path / "run")
+    assert r.returncode == 1 and "blind_white" in r.stderr

@@ -1,0 +1,146 @@
+"""Unit tests of the store contract, on synthetic arrays (no torch)."""
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from gapcache.errors import IncompatibleStoreError, SchemaVersionError, StoreError
+from gapcache.store import codec, info, open_store, visual_span
+from gapcache.store.schema import visual_offsets
+from gapcache.store.writer import check_compatible
+from helpers import random_payloads, roundtrip, small_layout
+
+PORTABLE = {"bytes", "zstd", "gzip", "blosc", "crc32c", "sharding_indexed", "vlen-utf8"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_roundtrip_exact(tmp_path, dtype):
+    layout = small_layout(dtype)
+    payloads = random_payloads(layout)
+    ds = roundtrip(tmp_path / "s.zarr", layout, payloads)
+    for p in payloads:
+        s0 = p.shard * layout.samples_per_shard
+        want = codec.decode(p.text_states, codec.storage_for(dtype)[1]).astype(np.float32)
+        got = ds.text_states.isel(condition=p.condition, sample=slice(s0, s0 + len(want))).values
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(ds.gold_logprob.values[p.condition, s0 : s0 + len(want)], p.gold_logprob)
+        if p.visual_states is not None:
+            vis_ci = list(ds.visual_condition.values).index(layout.conditions[p.condition].label)
+            for i in layout.shard_samples(p.shard):
+                span = visual_span(ds, i).isel(visual_condition=vis_ci).values
+                off = layout.visual_offsets[i] - layout.visual_offsets[s0]
+                want_v = codec.decode(p.visual_states, codec.storage_for(dtype)[1])[off : off + len(span)]
+                np.testing.assert_array_equal(span, want_v)
+    assert info(tmp_path / "s.zarr")["complete"] is True
+
+
+def test_bf16_massive_activation_exact(tmp_path):
+    """bf16 residual streams exceed float16's 65504: stored as bf16 bits, read back exactly."""
+    layout = small_layout("bfloat16")
+    payloads = random_payloads(layout)
+    planted = np.float32(123904.0)  # exactly representable in bf16, far above float16's max
+    payloads[0].text_states[0, 1, 2, 3] = codec.encode_bf16(np.array([planted]))[0]
+    payloads[0].text_states[1, 0, 0, 0] = codec.encode_bf16(np.array([-3.0e38], np.float32))[0]
+    ds = roundtrip(tmp_path / "s.zarr", layout, payloads)
+    assert ds.text_states.values[0, 0, 1, 2, 3] == planted
+    assert ds.text_states.values[0, 1, 0, 0, 0] == codec.decode_bf16(codec.encode_bf16(np.array([-3.0e38], np.float32)))[0]
+    assert np.isfinite(ds.text_states.values).all()
+
+
+def test_bf16_codec_rounds_to_nearest_even():
+    x = np.array([1.0, 1.00390625, 1.01171875, -2.5, 65536.0, 1e30], np.float32)
+    back = codec.decode_bf16(codec.encode_bf16(x))
+    np.testing.assert_array_equal(back[[0, 3, 4]], x[[0, 3, 4]])
+    assert back[1] == 1.0  # halfway between 1.0 and 1.0078125: ties to even
+    assert back[2] == 1.015625  # halfway between 1.0078125 and 1.015625: ties to even (0x3F82)
+    assert abs(back[5] / 1e30 - 1) < 2**-8
+
+
+def test_plain_xarray_opens_without_gapcache_decoding(tmp_path):
+    layout = small_layout("bfloat16")
+    roundtrip(tmp_path / "s.zarr", layout, random_payloads(layout))
+    raw = xr.open_zarr(tmp_path / "s.zarr")
+    assert raw.text_states.dims == ("condition", "sample", "site", "layer", "hidden")
+    assert raw.visual_states.dims == ("visual_condition", "vtoken", "layer", "hidden")
+    assert raw.text_states.dtype == np.uint16 and raw.text_states.attrs["gapcache_encoding"] == "bfloat16"
+    assert raw.gold_logprob.dims == ("condition", "sample")
+    assert list(raw.sample.values) == list(layout.sample_ids)
+    assert "condition_kind" in raw.coords and "vtoken_sample" in raw.coords
+    assert raw.text_states.chunks is not None  # lazy (dask)
+    decoded = (raw.text_states.values.astype("uint32") << 16).view("float32")  # the documented one-liner
+    np.testing.assert_array_equal(decoded, open_store(tmp_path / "s.zarr").text_states.values)
+
+
+def test_only_portable_codecs(tmp_path):
+    layout = small_layout("bfloat16")
+    roundtrip(tmp_path / "s.zarr", layout, random_payloads(layout))
+    g = zarr.open_group(tmp_path / "s.zarr", mode="r")
+
+    def names(codecs):
+        found = set()
+        for c in codecs:
+            c = c if isinstance(c, dict) else c.to_dict()
+            found.add(c["name"])
+            cfg = c.get("configuration", {})
+            found |= names(cfg.get("codecs", ())) | names(cfg.get("index_codecs", ()))
+        return found
+
+    for name, arr in g.arrays():
+        assert names(arr.metadata.to_dict()["codecs"]) <= PORTABLE, name
+    assert "sharding_indexed" in {c["name"] for c in g["text_states"].metadata.to_dict()["codecs"]}
+
+
+def test_visual_offsets_align_each_shard_group():
+    offsets, shard_tokens, total = visual_offsets([3, 4, 0, 2, 5], 2, 4)
+    assert offsets == (0, 3, 8, 8, 16)
+    assert shard_tokens == 8 and total == 24
+
+
+def test_unknown_schema_version_refused(tmp_path):
+    layout = small_layout()
+    roundtrip(tmp_path / "s.zarr", layout, [])
+    g = zarr.open_group(tmp_path / "s.zarr", mode="r+")
+    g.attrs["schema_version"] = 99
+    with pytest.raises(SchemaVersionError, match="schema_version 99"):
+        open_store(tmp_path / "s.zarr")
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="No gapcache store"):
+        open_store(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(StoreError, match="not a gapcache store"):
+        open_store(tmp_path / "plain.zarr")
+
+
+def test_pending_and_info_counts(tmp_path):
+    layout = small_layout()
+    payloads = [p for p in random_payloads(layout) if not (p.condition == 1 and p.shard == 2)]
+    payloads[0].status[1] = 2
+    roundtrip(tmp_path / "s.zarr", layout, payloads)
+    from gapcache.store import StoreWriter
+
+    with StoreWriter(tmp_path / "s.zarr") as w:
+        assert w.pending(0) == [] and w.pending(1) == [2]
+    d = info(tmp_path / "s.zarr")
+    assert d["conditions"]["original"] == {"done": 4, "failed": 1, "pending": 0}
+    assert d["conditions"]["blind_black"]["pending"] == 1
+    assert d["complete"] is False and d["n_samples"] == 5
+    json.dumps(d)
+
+
+def test_writer_error_surfaces_and_resume_check(tmp_path):
+    layout = small_layout()
+    roundtrip(tmp_path / "s.zarr", layout, [])
+    from gapcache.store import StoreWriter
+
+    bad = random_payloads(layout)[0]
+    bad.text_states = bad.text_states[:, :, :1]  # wrong shape
+    with pytest.raises(StoreError, match="Writing to"):
+        with StoreWriter(tmp_path / "s.zarr") as w:
+            w.submit(bad)
+    with pytest.raises(IncompatibleStoreError, match="'model'"):
+        check_compatible(tmp_path / "s.zarr", {"model": {"id": "other"}}, ["model"])
