@@ -165,8 +165,19 @@ class Extraction:
             check_compatible(self.store_path, attrs, COMPAT_KEYS)
             return False
         self.out.mkdir(parents=True, exist_ok=True)
-        create(self.store_path, self.layout(), attrs, self.sample_meta())
+        layout = self.layout()
+        group = create(self.store_path, layout, attrs, self.sample_meta())
+        if self.cfg.extract.visual.mode != "all":
+            group["vtoken_position"][...] = self.vtoken_positions(layout)
         return True
+
+    def vtoken_positions(self, layout) -> np.ndarray:
+        """Index within the visual span of each recorded row (subset), or of its pool's first token."""
+        pos = np.full(layout.n_vtokens, -1, np.int32)
+        for i, sel in enumerate(self.visual_select):
+            first = [g[0] for g in sel] if isinstance(sel, list) else list(sel)
+            pos[layout.visual_offsets[i] : layout.visual_offsets[i] + len(first)] = first
+        return pos
 
     # ------------------------------------------------------------------ run
     def run(self, show=True):

@@ -16,7 +16,7 @@ sample (coord)        (sample,)                                   sample ids
 site_position         (sample, site)                              token index of each text site
 visual_offset/length  (sample,)                                   the sample's rows of ``vtoken``
 vtoken_sample         (vtoken,)                                   owning sample index, -1 = padding
-vtoken_position       (vtoken,)                                   index of the token in its sample's span
+vtoken_position       (vtoken,)                                   index in the span (subset: the kept token; pool: first token of the pool)
 ====================  ==========================================  =====================================
 
 Layer convention: ``layer`` = i is the residual stream *entering* decoder layer i (i = 0: the

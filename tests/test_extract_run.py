@@ -153,3 +153,38 @@ def test_unknown_family_and_condition_on_the_command_line(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     r = cli("extract", tmp_path / "bad.yaml", "--out", tmp_path / "run")
     assert r.returncode == 1 and "blind_white" in r.stderr
+
+
+@pytest.mark.parametrize("mode", ["subset", "pool"])
+def test_visual_budget_is_recorded_and_matches_the_full_span(tmp_path, mode):
+    full_cfg = write_config(tmp_path, conditions=["original"])
+    assert main(["extract", str(full_cfg), "--out", str(tmp_path / "full")]) == 0
+    cfg = write_config(tmp_path, conditions=["original"], visual={"mode": mode, "k": 5, "seed": 3})
+    assert main(["extract", str(cfg), "--out", str(tmp_path / "budget")]) == 0
+    from gapcache.store import visual_span
+
+    full, small = open_store(tmp_path / "full" / "store.zarr"), open_store(tmp_path / "budget" / "store.zarr")
+    assert small.attrs["visual"] == {"mode": mode, "k": 5, "seed": 3}
+    assert (small.visual_length.values == 5).all()
+    for i in range(3):
+        f = visual_span(full, i).isel(visual_condition=0).values  # (16, layer, hidden)
+        s = visual_span(small, i).isel(visual_condition=0)
+        pos = s.vtoken_position.values
+        if mode == "subset":
+            assert len(set(pos)) == 5 and (np.diff(pos) > 0).all()
+            np.testing.assert_allclose(s.values, f[pos], rtol=1e-5, atol=1e-6)
+        else:
+            assert pos.tolist() == [0, 4, 7, 10, 13]  # np.array_split(16, 5) group starts
+            bounds = pos.tolist() + [16]
+            want = np.stack([f[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])])
+            np.testing.assert_allclose(s.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_generation_is_recorded_when_enabled(tmp_path):
+    cfg = write_config(tmp_path, conditions=["original", "truncated"], truncation_layers=[0],
+                       truncation_strategies=["zero"], generate={"enabled": True, "max_new_tokens": 3})
+    assert main(["extract", str(cfg), "--out", str(tmp_path / "g")]) == 0
+    ds = open_store(tmp_path / "g" / "store.zarr")
+    gens = ds.generation.sel(condition="original").values
+    assert all(isinstance(g, str) for g in gens) and any(len(g) > 0 for g in gens)
+    assert (ds.generation.sel(condition="truncated_zero_L0").values == "").all()  # not generated under truncation
