@@ -296,9 +296,9 @@ def _visual_index(group) -> dict[int, int]:
 
 def check_compatible(path, attrs: dict, keys) -> None:
     """Refuse to resume into a store created from a different config (names the differing field)."""
-    import zarr
+    from gapcache.store.reader import root_attrs
 
-    existing = zarr.open_group(str(path), mode="r", zarr_format=3).attrs.asdict()
+    existing = root_attrs(path)  # refuses an unknown schema version first
     for key in keys:
         if existing.get(key) != attrs.get(key):
             raise IncompatibleStoreError(

@@ -1,0 +1,533 @@
+"""Extraction throughput benchmark: two targets, reported as ratios, in one run.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 GAPCACHE_CACHE=$(mktemp -d) python benchmarks/bench_extract.py --json bench.json
+
+    # only one part, bigger sizes, another disk:
+    ... bench_extract.py --skip-io --batches 16
+    ... bench_extract.py --skip-compute --io-mb 2048 --workdir /scratch/$USER/bench
+
+1. **compute-bound** (target ``run / bare <= 1.05``): a random-weight LLaVA-style model
+   (``build_tiny_checkpoint("llava", hidden 512, 8 layers, CLIP 128 px / patch 8``) -> 256 visual
+   tokens per image). (a) a bare loop of ``model(**inputs, use_cache=False)`` over the same processed
+   batches (no hooks, no store), timed before and after every (b); (b) ``Extraction.run()`` over
+   the same samples, condition ``original``, store on local disk (a fresh Extraction sharing the
+   loaded model each repeat), timed after ``load()`` and ``plan()``; (c, diagnostic)
+   ``Extraction.forward`` over the same batches without a store. The ratio is best (b) / best (a)
+   (medians also reported) and, robust to other processes on a shared machine, the same ratio of
+   process CPU seconds. A breakdown of (b) (store creation, processor, model forward, the rest of
+   ``forward``, waits on the writer) comes from wrappers installed by this script, not the library.
+
+2. **I/O-bound** (target ``writer MB/s / raw MB/s >= 0.9`` and ``<= 2`` bytes on disk per bf16 value):
+   no model. Shard payloads shaped like Qwen3-VL-30B-A3B with a visual budget (hidden 2048, 49
+   recorded layers, 64 visual tokens per sample, 32 samples per shard: ~424 MB a shard) of bf16
+   bits (``codec.encode_bf16`` of float32 normal * 2) go through ``StoreWriter``; timed from the
+   first ``submit`` to ``close()`` plus ``os.sync()``. Compared with a raw sequential write of the
+   same bytes (64 MB ``os.write`` blocks, ``fsync``, ``os.sync``) in the same directory, run before
+   every variant (the median is the reference). Variants: ``zstd1`` (the library's default),
+   ``none`` (compression disabled: the benchmark swaps ``codec.state_codecs`` for one returning no
+   compressor while it creates the store) and, with ``+wec``, the same with zarr's
+   ``array.write_empty_chunks=True`` set around the writer (the proposed fix: skips zarr's
+   "is this chunk all fill value" scan).
+
+Payload data: one pool of 2**25 random bf16 values; each shard is the pool rotated by a
+shard-specific offset and tiled, so no two 256 KB zarr chunks are identical and zstd sees
+realistic bf16 entropy (about 1.57 bytes a value at level 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MB = 1e6
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sync_tree(path: Path):
+    """fsync every file under path (and the directories), then os.sync()."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.sync()
+
+
+def _tree_bytes(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of all files under path."""
+    apparent = allocated = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+class Timer:
+    def __init__(self):
+        self.total = 0.0
+        self.calls = 0
+
+    def wrap(self, fn):
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.total += time.perf_counter() - t
+                self.calls += 1
+
+        return timed
+
+
+# --------------------------------------------------------------------------- 1. compute-bound
+
+
+def bench_compute(args, work: Path) -> dict:
+    import torch
+
+    from gapcache.config import load_config
+    from gapcache.extract import runner as runner_mod
+    from gapcache.extract.runner import Extraction
+    from gapcache.extract.tiny import build_tiny_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    side, patch = args.image_size, args.patch_size
+    n_vis = (side // patch) ** 2
+    t0 = time.perf_counter()
+    ckpt = build_tiny_checkpoint(
+        "llava", work / "ckpt", seed=0, hidden_size=args.hidden, num_layers=args.layers,
+        vision_config={"image_size": side, "patch_size": patch},
+        image_processor={"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}},
+        image_seq_length=n_vis,
+    )
+    build_s = time.perf_counter() - t0
+    n = args.batches * args.batch_size
+    cfg = load_config({
+        "name": "bench",
+        "model": {"family": "llava", "id": str(ckpt), "dtype": args.dtype},
+        "data": {"dataset": "synthetic", "split": "test", "options": {"n": n, "image_size": side, "seed": 0}},
+        "extract": {"conditions": ["original"], "batch_size": args.batch_size,
+                    "samples_per_shard": args.samples_per_shard, "max_length": 4096},
+    })
+    ext = Extraction(cfg, work / "run")
+    t0 = time.perf_counter()
+    ext.load()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ext.plan(show=False)
+    plan_s = time.perf_counter() - t0
+    bad = [p.failure for p in ext.planned if not p.ok]
+    if bad:
+        raise SystemExit(f"planning failed for {len(bad)} samples, e.g. {bad[0]}")
+    vis_len = {p.visual_length for p in ext.planned}
+    cond = ext.conditions[0]
+    model = ext.model
+
+    # the batches run() makes: per shard, consecutive groups of batch_size
+    layout = ext.layout()
+    batches = []
+    for shard in range(layout.n_shards):
+        idx = list(layout.shard_samples(shard))
+        batches += [idx[b: b + args.batch_size] for b in range(0, len(idx), args.batch_size)]
+    inputs = [ext.batch_inputs(b, cond) for b in batches]
+    seq = sorted({int(x["input_ids"].shape[1]) for x in inputs})
+
+    cpu = {"bare": [], "run": []}
+
+    def bare():
+        c0 = time.process_time()
+        times = []
+        with torch.inference_mode():
+            for x in inputs:
+                t = time.perf_counter()
+                model(**x, use_cache=False)
+                times.append(time.perf_counter() - t)
+        cpu["bare"].append(time.process_time() - c0)
+        return times
+
+    with torch.inference_mode():  # warm-up (allocator, kernels), outside every timing
+        for _ in range(args.warmup):
+            model(**inputs[0], use_cache=False)
+
+    def hooked():
+        """(c) diagnostic: Extraction.forward (processor + hooks + post-processing), no store."""
+        t = time.perf_counter()
+        for b in batches:
+            ext.forward(b, cond)
+        return time.perf_counter() - t
+
+    def timed_run(i):
+        """(b) a fresh Extraction sharing the loaded model; run() timed after load() and plan()."""
+        e = Extraction(cfg, work / f"run{i}", model=model, processor=ext.processor)
+        e.load()
+        e.plan(show=False)
+        t_fwd, t_model, t_inputs, t_submit, t_close, t_create = (Timer() for _ in range(6))
+        e.forward = t_fwd.wrap(e.forward)
+        e.batch_inputs = t_inputs.wrap(e.batch_inputs)
+        e.open_or_create = t_create.wrap(e.open_or_create)
+        model.forward = t_model.wrap(model.forward)
+        writer_cls = runner_mod.StoreWriter
+
+        class TimedWriter(writer_cls):
+            def submit(self, payload):
+                t = time.perf_counter()
+                try:
+                    return super().submit(payload)
+                finally:
+                    t_submit.total += time.perf_counter() - t
+
+            def close(self):
+                t = time.perf_counter()
+                try:
+                    return super().close()
+                finally:
+                    t_close.total += time.perf_counter() - t
+
+        runner_mod.StoreWriter = TimedWriter
+        try:
+            t0, c0 = time.perf_counter(), time.process_time()
+            e.run(show=False)
+            run_s = time.perf_counter() - t0
+            cpu["run"].append(time.process_time() - c0)
+        finally:
+            runner_mod.StoreWriter = writer_cls
+            del model.forward  # back to the class method
+        accounted = t_create.total + t_fwd.total + t_submit.total + t_close.total
+        breakdown = {
+            "store_create": t_create.total,
+            "forward_total": t_fwd.total,
+            "  batch_inputs (processor)": t_inputs.total,
+            "  model.forward (hooked)": t_model.total,
+            "  rest of forward (hooks setup, gather, log_softmax, to_storage)":
+                t_fwd.total - t_inputs.total - t_model.total,
+            "submit (blocked on writer queue)": t_submit.total,
+            "close (drain writer)": t_close.total,
+            "other (payload alloc, pending(), bookkeeping)": run_s - accounted,
+        }
+        return run_s, breakdown, e.store_path
+
+    load_before = os.getloadavg()
+    bares, runs, hooks = [], [], []
+    bares.append(bare())
+    for i in range(args.repeats):
+        if args.diagnose:
+            hooks.append(hooked())
+        runs.append(timed_run(i))
+        bares.append(bare())
+    load_after = os.getloadavg()
+    bare_totals = [sum(b) for b in bares]
+    run_totals = [r[0] for r in runs]
+    best = min(range(len(runs)), key=lambda i: run_totals[i])
+    run_s, breakdown, store = runs[best]
+    bare_s = min(bare_totals)
+    apparent, allocated = _tree_bytes(store)
+    import zarr
+
+    st = zarr.open_group(str(store), mode="r")["status"][0, :]
+    nb = len(batches)
+    return {
+        "config": {"hidden": args.hidden, "layers": args.layers, "image_size": side, "patch_size": patch,
+                   "visual_tokens": sorted(vis_len), "seq_len": seq, "batch_size": args.batch_size,
+                   "batches": nb, "samples": n, "samples_per_shard": args.samples_per_shard,
+                   "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
+                   "repeats": args.repeats},
+        "loadavg_before": load_before, "loadavg_after": load_after,
+        "build_s": build_s, "load_s": load_s, "plan_s": plan_s,
+        "bare_s": bare_s, "bare_all_s": bare_totals, "bare_per_batch_s": bare_s / nb,
+        "bare_batch_times_s": [[round(x, 4) for x in b] for b in bares],
+        "run_s": run_s, "run_all_s": run_totals, "run_per_batch_s": run_s / nb,
+        "hooked_forward_all_s": hooks, "hooked_forward_s": min(hooks) if hooks else None,
+        "ratio": run_s / bare_s,
+        "ratio_median": statistics.median(run_totals) / statistics.median(bare_totals),
+        "ratio_internal": run_s / breakdown["  model.forward (hooked)"],
+        "cpu_s": cpu,
+        "ratio_cpu": min(cpu["run"]) / min(cpu["bare"]),
+        "ratio_hooked_forward": min(hooks) / bare_s if hooks else None,
+        "target": 1.05,
+        "breakdown_s": breakdown,
+        "store_bytes": apparent, "store_bytes_allocated": allocated,
+        "samples_done": int((st == 1).sum()),
+    }
+
+
+# --------------------------------------------------------------------------- 2. I/O-bound
+
+
+def _payloads(args):
+    from gapcache.store import ShardPayload, codec
+
+    spc, nl, h, v = args.io_samples_per_shard, args.io_layers, args.io_hidden, args.io_vtokens
+    shard_values = spc * (2 * nl * h + v * nl * h)
+    n_shards = max(1, round(args.io_mb * MB / (2 * shard_values)))
+    rng = np.random.default_rng(args.seed)
+    pool = codec.encode_bf16(rng.standard_normal(1 << 25, dtype=np.float32) * 2.0)
+
+    def take(shape, offset):
+        return np.resize(np.roll(pool, -(offset % pool.size)), int(np.prod(shape))).reshape(shape)
+
+    k = 2
+    pays = []
+    for s in range(n_shards):
+        pays.append(ShardPayload(
+            condition=0, shard=s,
+            text_states=take((spc, 2, nl, h), 7919 * s + 1),
+            visual_states=take((spc * v, nl, h), 1_000_003 * s + 13),
+            gold_logprob=rng.standard_normal(spc).astype(np.float32),
+            candidate_logprob=rng.standard_normal((spc, k)).astype(np.float32),
+            status=np.ones(spc, np.uint8), error=np.array([""] * spc, dtype=object),
+        ))
+    return pays, n_shards
+
+
+def _raw_write(pays, directory: Path, block: int) -> float:
+    path = directory / "raw.bin"
+    os.sync()
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for p in pays:
+            for a in (p.text_states, p.visual_states):
+                mv = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+                for i in range(0, len(mv), block):
+                    chunk = mv[i: i + block]
+                    while len(chunk):
+                        chunk = chunk[os.write(fd, chunk):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    os.sync()
+    dt = time.perf_counter() - t0
+    path.unlink()
+    os.sync()
+    return dt
+
+
+def _store_write(pays, n_shards, args, directory: Path, variant: str) -> dict:
+    import zarr
+
+    from gapcache.conditions import Condition
+    from gapcache.store import Layout, StoreWriter, create
+    from gapcache.store import writer as writer_mod
+
+    level_name, _, extra = variant.partition("+")
+    spc = args.io_samples_per_shard
+    n = n_shards * spc
+    layout = Layout(
+        sample_ids=tuple(f"s{i:06d}" for i in range(n)), conditions=(Condition("original"),),
+        layers=tuple(range(args.io_layers)), hidden=args.io_hidden, model_dtype="bfloat16",
+        candidates=("yes", "no"), visual_lengths=(args.io_vtokens,) * n, samples_per_shard=spc,
+        visual_chunk_tokens=64, compression_level=1 if level_name == "none" else int(level_name.removeprefix("zstd")),
+    )
+    path = directory / "store.zarr"
+    orig = writer_mod.codec.state_codecs
+    if level_name == "none":
+        writer_mod.codec.state_codecs = lambda level=1: None
+    try:
+        create(path, layout, {"bench": True}, {"label": np.zeros(n, np.int32)})
+    finally:
+        writer_mod.codec.state_codecs = orig
+    os.sync()
+    meta_bytes = _tree_bytes(path)[0]
+    wec = extra == "wec"
+    ctx = zarr.config.set({"array.write_empty_chunks": True}) if wec else contextlib.nullcontext()
+    with ctx:
+        writer = StoreWriter(path)
+        t0 = time.perf_counter()
+        submit_s = 0.0
+        for p in pays:
+            t = time.perf_counter()
+            writer.submit(p)
+            submit_s += time.perf_counter() - t
+        writer.close()
+        t_close = time.perf_counter()
+        _sync_tree(path)
+        dt = time.perf_counter() - t0
+    apparent, allocated = _tree_bytes(path)
+    values = sum(p.text_states.size + p.visual_states.size for p in pays)
+    comp = zarr.open_group(str(path), mode="r")["visual_states"].compressors
+    shutil.rmtree(path)
+    os.sync()
+    return {"seconds": dt, "write_s": t_close - t0, "sync_s": dt - (t_close - t0),
+            "store_bytes": apparent, "store_bytes_allocated": allocated, "metadata_bytes": meta_bytes,
+            "values": values, "bytes_per_value": apparent / values, "compressors": repr(comp)}
+
+
+def bench_io(args, work: Path) -> dict:
+    directory = work / "io"
+    directory.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pays, n_shards = _payloads(args)
+    gen_s = time.perf_counter() - t0
+    nbytes = sum(p.text_states.nbytes + p.visual_states.nbytes for p in pays)
+    block = int(args.block_mb * (1 << 20))
+    raws, variants = [], {}
+    for rep in range(args.io_repeats):
+        for variant in args.io_variants.split(","):
+            raws.append(_raw_write(pays, directory, block))
+            r = _store_write(pays, n_shards, args, directory, variant)
+            variants.setdefault(variant, []).append(r)
+    raws.append(_raw_write(pays, directory, block))
+    raw_mb_s = [nbytes / s / MB for s in raws]
+    raw_ref = statistics.median(raw_mb_s)
+    out = {}
+    for variant, runs in variants.items():
+        best = min(runs, key=lambda r: r["seconds"])
+        mb_s = [nbytes / r["seconds"] / MB for r in runs]
+        out[variant] = {**best, "mb_s": statistics.median(mb_s), "mb_s_all": [round(x, 1) for x in mb_s],
+                        "ratio": statistics.median(mb_s) / raw_ref}
+    return {
+        "config": {"hidden": args.io_hidden, "layers": args.io_layers, "visual_tokens_per_sample": args.io_vtokens,
+                   "samples_per_shard": args.io_samples_per_shard, "shards": n_shards,
+                   "payload_bytes": nbytes, "raw_block_bytes": block, "repeats": args.io_repeats,
+                   "directory": str(directory)},
+        "payload_gen_s": gen_s,
+        "raw_mb_s": statistics.median(raw_mb_s), "raw_mb_s_all": [round(x, 1) for x in raw_mb_s],
+        "variants": out, "target_ratio": 0.9, "target_bytes_per_value": 2.0,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _print(res: dict):
+    out = []
+    c = res.get("compute")
+    if c:
+        cc = c["config"]
+        out.append(f"\n== compute-bound: llava hidden {cc['hidden']} x {cc['layers']} layers, {cc['visual_tokens']} visual "
+                   f"tokens, seq {cc['seq_len']}, batch {cc['batch_size']} x {cc['batches']}, {cc['dtype']}, "
+                   f"{cc['torch_threads']} torch threads")
+        out.append(f"  (a) bare forward loop   {c['bare_s']:8.2f} s  ({c['bare_per_batch_s']:.3f} s/batch)  "
+                   f"all: {[round(x, 2) for x in c['bare_all_s']]}")
+        out.append(f"  (b) Extraction.run()    {c['run_s']:8.2f} s  ({c['run_per_batch_s']:.3f} s/batch)  "
+                   f"all: {[round(x, 2) for x in c['run_all_s']]}")
+        if c["hooked_forward_s"] is not None:
+            out.append(f"  (c) Extraction.forward  {c['hooked_forward_s']:8.2f} s  (processor + hooks, no store; "
+                       f"/bare = {c['ratio_hooked_forward']:.3f})  all: {[round(x, 2) for x in c['hooked_forward_all_s']]}")
+        ok = "PASS" if c["ratio"] <= c["target"] else "MISS"
+        out.append(f"  ratio (b)/(a), best of each {c['ratio']:.3f}  (medians {c['ratio_median']:.3f}; "
+                   f"target <= {c['target']}) {ok}")
+        out.append(f"  run() / its own model.forward time {c['ratio_internal']:.3f} (same time window: robust to load "
+                   "drift between phases; an upper bound of (b)/(a) since hooks are inside model.forward)")
+        out.append(f"  CPU seconds (process, all threads): bare {[round(x, 1) for x in c['cpu_s']['bare']]}, "
+                   f"run {[round(x, 1) for x in c['cpu_s']['run']]}; ratio of minima {c['ratio_cpu']:.3f} "
+                   "(robust to other processes on the machine)")
+        out.append(f"  load average before {tuple(round(x, 2) for x in c['loadavg_before'])}, "
+                   f"after {tuple(round(x, 2) for x in c['loadavg_after'])} (>{os.cpu_count()}: other processes "
+                   "competed for the CPU)")
+        out.append("  breakdown of the best run():")
+        for k, v in c["breakdown_s"].items():
+            out.append(f"    {k:<66s} {v:8.2f} s")
+        out.append(f"  store {c['store_bytes'] / MB:.1f} MB, {c['samples_done']} samples done; "
+                   f"load {c['load_s']:.1f} s, plan {c['plan_s']:.1f} s (not timed)")
+    io = res.get("io")
+    if io:
+        ic = io["config"]
+        out.append(f"\n== I/O-bound: hidden {ic['hidden']}, {ic['layers']} layers, {ic['visual_tokens_per_sample']} vis "
+                   f"tokens/sample, {ic['samples_per_shard']} samples/shard, {ic['shards']} shards = "
+                   f"{ic['payload_bytes'] / MB:.0f} MB of bf16, in {ic['directory']}")
+        out.append(f"  raw sequential write (os.write {ic['raw_block_bytes'] >> 20} MiB + fsync): "
+                   f"{io['raw_mb_s']:.0f} MB/s median of {io['raw_mb_s_all']}")
+        out.append(f"  {'variant':<12s} {'MB/s':>8s} {'ratio':>7s} {'B/value':>8s} {'write s':>8s} {'sync s':>7s}  all MB/s")
+        for name, v in io["variants"].items():
+            ok = "PASS" if v["ratio"] >= io["target_ratio"] else "MISS"
+            bok = "PASS" if v["bytes_per_value"] <= io["target_bytes_per_value"] * 1.01 else "MISS"  # 1%: shard index + metadata
+            out.append(f"  {name:<12s} {v['mb_s']:8.0f} {v['ratio']:7.3f} {v['bytes_per_value']:8.4f} "
+                       f"{v['write_s']:8.2f} {v['sync_s']:7.2f}  {v['mb_s_all']}  ratio {ok}, bytes {bok}")
+    print("\n".join(out))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--workdir", type=Path, help="scratch directory (default: a new temp dir, removed after)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--skip-compute", action="store_true")
+    ap.add_argument("--skip-io", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    g = ap.add_argument_group("compute-bound")
+    g.add_argument("--hidden", type=int, default=512)
+    g.add_argument("--layers", type=int, default=8)
+    g.add_argument("--image-size", type=int, default=128)
+    g.add_argument("--patch-size", type=int, default=8, help="the LLaVA processor's patch is 8; keep it")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batches", type=int, default=8)
+    g.add_argument("--samples-per-shard", type=int, default=32)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--warmup", type=int, default=1)
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--repeats", type=int, default=2, help="run() repeats; bare loops before and after each")
+    g.add_argument("--no-diagnose", dest="diagnose", action="store_false",
+                   help="skip (c), the Extraction.forward loop without a store")
+    g = ap.add_argument_group("I/O-bound")
+    g.add_argument("--io-mb", type=float, default=1536, help="payload size to push through the writer (MB)")
+    g.add_argument("--io-hidden", type=int, default=2048)
+    g.add_argument("--io-layers", type=int, default=49)
+    g.add_argument("--io-vtokens", type=int, default=64)
+    g.add_argument("--io-samples-per-shard", type=int, default=32)
+    g.add_argument("--io-variants", default="zstd1,none,zstd1+wec,none+wec",
+                   help="comma list of zstdN | none, each optionally +wec (write_empty_chunks=True)")
+    g.add_argument("--io-repeats", type=int, default=1)
+    g.add_argument("--block-mb", type=float, default=64, help="raw write block (MiB)")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="gapcache-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if "GAPCACHE_CACHE" not in os.environ:
+        os.environ["GAPCACHE_CACHE"] = str(work / "cache")
+    import zarr
+
+    res = {"argv": sys.argv, "host": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                      "platform": platform.platform(), "zarr": zarr.__version__}}
+    try:
+        if not args.skip_compute:
+            import torch
+            import transformers
+
+            res["host"].update(torch=torch.__version__, transformers=transformers.__version__)
+            res["compute"] = bench_compute(args, work / "compute")
+            _print({"compute": res["compute"]})
+        if not args.skip_io:
+            res["io"] = bench_io(args, work)
+            _print({"io": res["io"]})
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+        print(f"\nwrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
