@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class Extraction:
         self.adapter = get_adapter(cfg.model.family)
         self.model, self.processor = model, processor
         self.store_path = self.out / STORE_NAME
+        self._processor_lock = threading.Lock()
 
     # ------------------------------------------------------------------ setup
     def load(self):
@@ -209,9 +211,9 @@ class Extraction:
         gen = np.array([""] * n, dtype=object) if self.cfg.extract.generate.enabled else None
         todo = [j for j, i in enumerate(idx) if self.planned[i].ok]
         bs = self.cfg.extract.batch_size
-        for b0 in range(0, len(todo), bs):
-            rows = todo[b0 : b0 + bs]
-            for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond)):
+        batches = [todo[b0 : b0 + bs] for b0 in range(0, len(todo), bs)]
+        for rows, inputs in self.prefetched(batches, idx, cond):
+            for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond, inputs)):
                 if isinstance(res, SampleError):
                     error[j] = res.reason
                     continue
@@ -223,10 +225,31 @@ class Extraction:
                 status[j] = STATUS_DONE
         return ShardPayload(ci, shard, text, vis, gold, cand, status, error, gen)
 
-    def forward_safe(self, indices, cond):
+    def prefetched(self, batches, idx, cond):
+        """Yield (rows, inputs) with the next batch's images and processor run in a thread,
+        overlapping the current forward. A failed preparation yields its exception as inputs."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def prepare(rows):
+            try:
+                return self.batch_inputs([idx[j] for j in rows], cond)
+            except Exception as err:  # handed to forward_safe, which retries one by one
+                return err
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gapcache-prefetch") as pool:
+            future = pool.submit(prepare, batches[0]) if batches else None
+            for k, rows in enumerate(batches):
+                inputs = future.result()
+                if k + 1 < len(batches):
+                    future = pool.submit(prepare, batches[k + 1])
+                yield rows, inputs
+
+    def forward_safe(self, indices, cond, inputs=None):
         """Batched forward; if the batch fails, retry one by one so one bad sample fails alone."""
         try:
-            return self.forward(indices, cond)
+            if isinstance(inputs, Exception):
+                raise inputs
+            return self.forward(indices, cond, inputs)
         except SampleError:
             pass
         except (RuntimeError, ValueError) as err:
@@ -262,7 +285,8 @@ class Extraction:
         """Processed batch with each row's gold answer appended after its prompt (right padded)."""
         P = [self.planned[i] for i in indices]
         images = [self.condition_image(i, cond) for i in indices]
-        inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
+        with self._processor_lock:  # generate() flips the padding side; the prefetch thread must not see it
+            inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
         ids = inputs["input_ids"]  # (batch, seq)
         for r, p in enumerate(P):
             if ids[r, : len(p.prompt_ids)].tolist() != p.prompt_ids:
@@ -297,9 +321,9 @@ class Extraction:
         return (text_rows, text_pos), (torch.tensor(vrows, dtype=torch.long), torch.tensor(vpos, dtype=torch.long))
 
     @torch.inference_mode()
-    def forward(self, indices, cond):
+    def forward(self, indices, cond, inputs=None):
         P = [self.planned[i] for i in indices]
-        inputs = self.batch_inputs(indices, cond)
+        inputs = self.batch_inputs(indices, cond) if inputs is None else inputs
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
         capture = Capture(layers, self.adapter.final_norm(self.model), self.record)
@@ -359,11 +383,12 @@ class Extraction:
         tok = self.processor.tokenizer
         P = [self.planned[i] for i in indices]
         images = [self.condition_image(i, cond) for i in indices]
-        tok.padding_side = "left"
-        try:
-            inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
-        finally:
-            tok.padding_side = "right"
+        with self._processor_lock:
+            tok.padding_side = "left"
+            try:
+                inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
+            finally:
+                tok.padding_side = "right"
         inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.cfg.extract.generate.max_new_tokens,
                                   pad_token_id=tok.pad_token_id)
