@@ -171,7 +171,43 @@ class Extraction:
         group = create(self.store_path, layout, attrs, self.sample_meta())
         if self.cfg.extract.visual.mode != "all":
             group["vtoken_position"][...] = self.vtoken_positions(layout)
+        self.write_lens(group)
         return True
+
+    def write_lens(self, group):
+        """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates.
+
+        ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = w * h / sqrt(mean(h**2) + eps)`` gives the
+        logit of ``lens_token_id[t]``; ``candidate_lens_token[i, c]`` is the row scoring candidate c
+        of sample i (its first distinguishing token; -1 if c is not among the sample's candidates).
+        """
+        from gapcache.store.writer import _consolidate
+
+        norm = self.adapter.final_norm(self.model)
+        head = self.model.get_output_embeddings().weight  # (vocab, hidden)
+        tokens = sorted({t for p in self.planned for t in p.cand_tokens})
+        row = {t: r for r, t in enumerate(tokens)}
+        which = np.full(self.cand_mask.shape, -1, np.int32)
+        for p in self.planned:
+            for c, t in zip(p.cand_columns, p.cand_tokens):
+                which[p.index, c] = row[t]
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
+        attrs = {"norm_class": type(norm).__name__, "eps": eps,
+                 "formula": "logits = lens_unembed @ (w * h / sqrt(mean(h**2) + eps))"}
+        h = head.shape[1]
+        arrays = {
+            "lens_norm_weight": (("hidden",), norm.weight.detach().float().cpu().numpy(), (h,)),
+            "lens_token_id": (("lens_token",), np.array(tokens, np.int64), (max(1, len(tokens)),)),
+            "lens_unembed": (("lens_token", "hidden"), head[tokens].detach().float().cpu().numpy().reshape(len(tokens), h),
+                             (max(1, len(tokens)), h)),
+            "candidate_lens_token": (("sample", "candidate"), which, (self.cfg.extract.samples_per_shard, max(1, which.shape[1]))),
+        }
+        for name, (dims, values, chunks) in arrays.items():
+            arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks,
+                                     dimension_names=dims, attributes=attrs if name == "lens_norm_weight" else {})
+            if values.size:
+                arr[...] = values
+        _consolidate(self.store_path)
 
     def vtoken_positions(self, layout) -> np.ndarray:
         """Index within the visual span of each recorded row (subset), or of its pool's first token."""

@@ -188,3 +188,27 @@ def test_generation_is_recorded_when_enabled(tmp_path):
     gens = ds.generation.sel(condition="original").values
     assert all(isinstance(g, str) for g in gens) and any(len(g) > 0 for g in gens)
     assert (ds.generation.sel(condition="truncated_zero_L0").values == "").all()  # not generated under truncation
+
+
+def test_logit_lens_from_the_store_matches_the_models_own_scores(tmp_path):
+    """At the last layer, the CPU lens (stored norm + unembedding rows) reproduces the logits."""
+    cfg = write_config(tmp_path, conditions=["original"])
+    assert main(["extract", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    ds = open_store(tmp_path / "run" / "store.zarr")
+    h = ds.text_states.sel(condition="original", site="prediction").isel(layer=-1).values  # (sample, hidden)
+    w, eps = ds.lens_norm_weight.values, ds.lens_norm_weight.attrs["eps"]
+    normed = w * h / np.sqrt((h.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps)
+    logits = normed @ ds.lens_unembed.values.T  # (sample, lens_token)
+    which = ds.candidate_lens_token.values
+    prefix = ds.candidate_prefix_tokens.values
+    cand = ds.candidate_logprob.sel(condition="original").values
+    checked = 0
+    for i in range(len(h)):
+        cols = np.flatnonzero(which[i] >= 0)
+        if prefix[i] or len(cols) < 2:
+            continue
+        lens = logits[i, which[i, cols]]
+        # log-probs differ from logits by the log-partition; differences between candidates are equal
+        np.testing.assert_allclose(np.diff(lens), np.diff(cand[i, cols]), rtol=1e-3, atol=1e-4)
+        checked += 1
+    assert checked >= 5
