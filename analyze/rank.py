@@ -1,0 +1,227 @@
+"""Effective rank of hidden-state matrices (Roy & Vetterli 2007). numpy/xarray/dask only, no torch.
+
+For a matrix H (tokens x hidden), centred over tokens (Hc = H - mean over rows), with singular
+values s_1 >= s_2 >= ... ::
+
+    p_i = s_i / sum_j s_j            over the nonzero s_i
+    ER  = exp(-sum_i p_i log p_i)
+
+"Nonzero" is ``s_i > rtol * s_1`` with ``rtol = sqrt(max(tokens, hidden) * eps)`` by default
+(eps = float64 machine epsilon). That is numpy's ``matrix_rank`` rule (tolerance max(shape) * eps)
+applied to the eigenvalues of the Gram matrix Hc Hc^T, i.e. the numerical floor of the Gram path;
+the SVD path uses the same rule so that both paths count the same singular values. Values below
+it change ER by less than about 1e-5 each. A matrix with no nonzero singular value (a constant H,
+hence Hc = 0, or a single token) has ER = 0.0, its rank; a sample without visual tokens gets NaN.
+
+Usage::
+
+    from gapcache.analyze.rank import effective_rank, visual_effective_rank, text_effective_rank, er_ratio
+    er = effective_rank(h)                     # h: (..., tokens, hidden) -> (...)
+    ds = open_store("run/store.zarr")
+    er_vis = visual_effective_rank(ds)          # (visual_condition, sample, layer), lazy
+    er_txt = text_effective_rank(ds.text_states)  # (condition, site, layer): across samples
+    er_ratio(er_vis.mean("sample"), cliff=12)   # mean ER after layer 12 / mean ER up to 12
+
+Speed: when tokens < hidden the singular values come from the tokens x tokens Gram matrix,
+``s = sqrt(max(eigvalsh(Hc Hc^T), 0))``; ``benchmarks/bench_rank.py`` measures it against
+``np.linalg.svd(compute_uv=False)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gapcache.errors import ConfigError
+
+METHODS = ("auto", "gram", "svd")
+
+
+def default_rtol(tokens: int, hidden: int) -> float:
+    """rtol = sqrt(max(tokens, hidden) * eps_float64): the relative cut of "nonzero" singular values."""
+    return float(np.sqrt(max(tokens, hidden) * np.finfo(np.float64).eps))
+
+
+def center(h, valid=None) -> np.ndarray:
+    """Hc = H - mean over tokens (axis -2), in float64; rows where ``valid`` is False are set to 0.
+
+    With ``valid`` (..., tokens) the mean is over the valid rows only, so a ragged span padded with
+    any values has exactly the singular values of its valid rows (plus zeros, which ER ignores).
+    """
+    h = np.asarray(h, dtype=np.float64)
+    if valid is None:
+        return h - h.mean(axis=-2, keepdims=True)
+    w = np.asarray(valid, dtype=bool)[..., None]
+    n = np.maximum(w.sum(axis=-2, keepdims=True), 1)
+    mean = np.where(w, h, 0.0).sum(axis=-2, keepdims=True) / n
+    return np.where(w, h - mean, 0.0)
+
+
+def singular_values(h, method: str = "auto") -> np.ndarray:
+    """Singular values of the last two axes of ``h`` (not centred), descending, shape (..., min(t, d)).
+
+    ``gram``: s = sqrt(max(eigvalsh(G), 0)) with G = H H^T (t <= d) or H^T H (t > d).
+    ``svd``: ``np.linalg.svd(H, compute_uv=False)``. ``auto``: gram when tokens < hidden, else svd.
+    """
+    if method not in METHODS:
+        raise ConfigError(
+            f"The 'method' parameter of singular_values must be one of {list(METHODS)}. Got {method!r} instead."
+        )
+    h = np.asarray(h, dtype=np.float64)
+    if h.ndim < 2:
+        raise ConfigError(
+            "The 'h' parameter of singular_values must have at least 2 dimensions (..., tokens, hidden). "
+            f"Got shape {h.shape} instead."
+        )
+    t, d = h.shape[-2:]
+    if method == "svd" or (method == "auto" and t >= d):
+        return np.linalg.svd(h, compute_uv=False)
+    ht = np.swapaxes(h, -1, -2)
+    gram = h @ ht if t <= d else ht @ h
+    eig = np.linalg.eigvalsh(gram)[..., ::-1]
+    return np.sqrt(np.maximum(eig, 0.0))
+
+
+def entropy_rank(s, rtol: float) -> np.ndarray:
+    """ER = exp(-sum p_i log p_i), p_i = s_i / sum_j s_j over s_i > rtol * max(s); 0.0 if none."""
+    s = np.asarray(s, dtype=np.float64)
+    top = s.max(axis=-1, keepdims=True) if s.shape[-1] else np.zeros(s.shape[:-1] + (1,))
+    keep = (s > rtol * top) & (s > 0)
+    total = np.where(keep, s, 0.0).sum(axis=-1, keepdims=True)
+    p = np.where(keep, s / np.where(total > 0, total, 1.0), 1.0)
+    ent = -(np.where(keep, p * np.log(p), 0.0)).sum(axis=-1)
+    return np.where(keep.any(axis=-1), np.exp(ent), 0.0)
+
+
+def effective_rank(h, *, valid=None, method: str = "auto", rtol: float | None = None,
+                   centered: bool = False) -> np.ndarray:
+    """Effective rank of each (tokens, hidden) matrix in the stack ``h`` (..., tokens, hidden) -> (...).
+
+    ER = exp(-sum p_i log p_i), p_i = s_i / sum_j s_j over the nonzero singular values of
+    Hc = H - mean over tokens (skipped when ``centered``). ``valid`` (..., tokens) marks real
+    rows of padded ragged spans. Pure and batched: a dask ``map_blocks`` over (sample, layer)
+    chunks can call it on each block (see :func:`effective_rank_dask`).
+    """
+    h = np.asarray(h)
+    if h.ndim < 2:
+        raise ConfigError(
+            "The 'h' parameter of effective_rank must have at least 2 dimensions (..., tokens, hidden). "
+            f"Got shape {h.shape} instead."
+        )
+    hc = np.asarray(h, dtype=np.float64) if centered and valid is None else center(h, valid)
+    if rtol is None:
+        rtol = default_rtol(*h.shape[-2:])
+    if rtol < 0:
+        raise ConfigError(f"The 'rtol' parameter of effective_rank must be >= 0. Got {rtol} instead.")
+    return entropy_rank(singular_values(hc, method), rtol)
+
+
+def effective_rank_dask(h, *, method: str = "auto", rtol: float | None = None):
+    """Lazy :func:`effective_rank` of a dask array (..., tokens, hidden) -> (...), one task per block.
+
+    The tokens and hidden axes are merged into single chunks; leading axes keep their chunks.
+    """
+    import dask.array as da
+
+    h = da.asarray(h)
+    h = h.rechunk(h.chunks[:-2] + (-1, -1))
+    return da.map_blocks(
+        lambda b: effective_rank(b, method=method, rtol=rtol), h,
+        drop_axis=[h.ndim - 2, h.ndim - 1], dtype=np.float64,
+    )
+
+
+def text_effective_rank(states, *, sample_dim: str = "sample", hidden_dim: str = "hidden",
+                        method: str = "auto", rtol=None):
+    """ER across samples at a text site: H = (sample x hidden) per remaining coordinate.
+
+    ``states`` is a DataArray like the store's ``text_states`` (condition, sample, site, layer,
+    hidden); the result has dims (condition, site, layer). Select done samples first.
+    """
+    import xarray as xr
+
+    for dim in (sample_dim, hidden_dim):
+        if dim not in states.dims:
+            raise ConfigError(
+                f"The 'states' parameter of text_effective_rank must have a {dim!r} dimension. "
+                f"Got dims {states.dims} instead."
+            )
+    return xr.apply_ufunc(
+        lambda a: effective_rank(a, method=method, rtol=rtol), states,
+        input_core_dims=[[sample_dim, hidden_dim]], dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"allow_rechunk": True},
+    ).rename("effective_rank")
+
+
+def _visual_block(block, offsets, lengths, start, method, rtol):
+    """ER of each sample whose rows lie in ``block`` (cond, vtoken, layer, hidden) -> (cond, n, layer)."""
+    out = np.full((block.shape[0], len(offsets), block.shape[2]), np.nan)
+    for i, (off, n) in enumerate(zip(offsets, lengths)):
+        if n > 0:
+            rows = np.moveaxis(block[:, off - start : off - start + n], 1, 2)  # (cond, layer, n, hidden)
+            out[:, i] = effective_rank(rows, method=method, rtol=rtol)
+    return out
+
+
+def _groups(offsets, lengths, group_size: int):
+    """Sample groups of ``group_size`` (in order of offset) and the vtoken chunk boundaries holding them."""
+    offsets, lengths = np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+    if len(offsets) > 1 and np.any(np.diff(offsets) < 0):
+        raise ConfigError(
+            "The 'visual_offset' values must be non-decreasing (the store's layout). Got unsorted offsets instead."
+        )
+    starts = list(range(0, len(offsets), group_size))
+    bounds = [int(offsets[s]) for s in starts]
+    bounds[0] = 0
+    return starts, bounds
+
+
+def visual_effective_rank(ds, *, method: str = "auto", rtol: float | None = None, group_size: int = 32):
+    """ER per (visual_condition, sample, layer) of each sample's visual span, lazily (dask).
+
+    ``ds`` is the Dataset of ``gapcache.store.open_store`` (``visual_states`` (visual_condition,
+    vtoken, layer, hidden); ``visual_offset``/``visual_length`` (sample,)). Each task reads the
+    vtoken rows of ``group_size`` consecutive samples and one layer. Samples with no visual tokens
+    (failed) get NaN.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    vs = ds["visual_states"]
+    offsets, lengths = np.asarray(ds["visual_offset"].values), np.asarray(ds["visual_length"].values)
+    starts, bounds = _groups(offsets, lengths, group_size)
+    sizes = tuple(np.diff(bounds + [vs.sizes["vtoken"]]).tolist())
+    arr = da.asarray(vs.data).rechunk((1, sizes, 1, -1))
+    n_per = tuple(min(group_size, len(offsets) - s) for s in starts)
+
+    def block_fn(block, block_info=None):
+        g = block_info[0]["chunk-location"][1]
+        sl = slice(starts[g], starts[g] + n_per[g])
+        return _visual_block(block, offsets[sl], lengths[sl], bounds[g], method, rtol)
+
+    out = da.map_blocks(
+        block_fn, arr, drop_axis=3, chunks=(arr.chunks[0], n_per, arr.chunks[2]), dtype=np.float64,
+    )
+    dims = ("visual_condition", "sample", "layer")
+    coords = {d: ds[d] for d in dims if d in ds.coords}
+    return xr.DataArray(out, dims=dims, coords=coords, name="effective_rank")
+
+
+def er_ratio(er, cliff: int, *, layer_dim: str = "layer"):
+    """ER ratio = mean ER over layers > cliff / mean ER over layers <= cliff (along ``layer_dim``).
+
+    ``er`` is a DataArray with a ``layer`` coordinate (e.g. the sample-mean of
+    :func:`visual_effective_rank`). The cliff layer itself counts as "before": it is the last layer
+    that still reads the image's states in the truncation convention.
+    """
+    if layer_dim not in er.dims:
+        raise ConfigError(
+            f"The 'er' parameter of er_ratio must have a {layer_dim!r} dimension. Got dims {er.dims} instead."
+        )
+    layer = er[layer_dim]
+    before, after = er.where(layer <= cliff, drop=True), er.where(layer > cliff, drop=True)
+    if before.sizes[layer_dim] == 0 or after.sizes[layer_dim] == 0:
+        raise ConfigError(
+            f"The 'cliff' parameter of er_ratio must leave layers on both sides of it. Got {cliff} with "
+            f"layers {layer.values.min()}..{layer.values.max()} instead."
+        )
+    return (after.mean(layer_dim) / before.mean(layer_dim)).rename("er_ratio")
