@@ -7,6 +7,7 @@ Usage::
     gapcache extract CONFIG --out DIR --check 3         # sites and decoded tokens, writes nothing
     gapcache extract CONFIG --out DIR --dry-run         # store size and write bandwidth needed
     gapcache info runs/q25/store.zarr [--json]
+    gapcache analyze runs/q25/store.zarr --out runs/q25/analysis [--cliff-layer 11] [--scheduler slurm]
 
 Exit codes: 0 ok, 1 a gapcache error (message on stderr), 2 bad command line.
 """
@@ -20,6 +21,8 @@ import sys
 
 from gapcache import __version__
 from gapcache.errors import GapcacheError
+
+METRIC_NAMES = ("accuracy", "truncation", "evd", "rank", "probes", "lens")  # = gapcache.analyze.pipeline.METRICS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
+    an = sub.add_parser("analyze", help="CPU tier: metrics, CIs, figures and a report from store(s)")
+    an.add_argument("stores", nargs="+", help="one or more stores (two or more: EVD gaps between them)")
+    an.add_argument("--out", required=True, help="directory for summary.json, results, figures, report.html")
+    an.add_argument("--metrics", default=",".join(METRIC_NAMES), help=f"comma list of {','.join(METRIC_NAMES)}")
+    an.add_argument("--cliff-layer", type=int, help="fix the cliff layer for every metric and figure")
+    an.add_argument("--cliff-method", default="steepest", choices=["median_evd", "steepest", "first_crossing"])
+    an.add_argument("--strategy", default="zero", help="truncation strategy that defines Delta/EVD (zero|drop)")
+    an.add_argument("--tau", type=float, help="fixed EVD threshold (default: adaptive)")
+    an.add_argument("--tau-ratio", type=float, default=0.1, help="adaptive tau = ratio x max of the mean Delta curve")
+    an.add_argument("--n-resamples", type=int, default=1999, help="bootstrap resamples per interval")
+    an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
+
     demo = sub.add_parser("demo", help="extract the built-in synthetic data with the built-in model")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
@@ -50,7 +67,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo}[args.command](args)
+        commands = {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo, "analyze": cmd_analyze}
+        return commands[args.command](args)
     except GapcacheError as err:
         print(f"gapcache {args.command}: error: {err}", file=sys.stderr)
         return 1
@@ -117,6 +135,25 @@ def format_info(path, data=None) -> str:
     return "\n".join(lines)
 
 
+def cmd_analyze(args) -> int:
+    from gapcache.analyze.pipeline import AnalysisParams, run_analysis
+
+    p = AnalysisParams(
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), tau=args.tau, tau_ratio=args.tau_ratio,
+        cliff_method=args.cliff_method, cliff_layer=args.cliff_layer, strategy=args.strategy,
+        n_resamples=args.n_resamples, ci_method=args.ci_method, seed=args.seed, scheduler=args.scheduler,
+    )
+    summary = run_analysis(args.stores, args.out, p)
+    from gapcache.analyze.report import key_numbers
+
+    for name, s in summary["stores"].items():
+        print(f"[{name}] {s['path']}")
+        for k, v in key_numbers(s):
+            print(f"  {k:<48} {v}")
+    print(f"\nsummary: {args.out}/summary.json\nreport:  {args.out}/report.html")
+    return 0
+
+
 def cmd_demo(args) -> int:
     import copy
     from pathlib import Path
@@ -134,6 +171,16 @@ def cmd_demo(args) -> int:
     ex = Extraction(cfg, out).load()
     path = ex.run()
     print(format_info(path))
+    from gapcache.analyze.pipeline import AnalysisParams, run_analysis
+    from gapcache.analyze.report import key_numbers
+
+    print("analysing (CPU tier) ...", file=sys.stderr)
+    summary = run_analysis([path], out / "analysis", AnalysisParams())
+    print("\nkey numbers:")
+    for k, v in key_numbers(summary["stores"]["store"]):
+        print(f"  {k:<48} {v}")
+    print(f"\nreport:   {out / 'analysis' / 'report.html'}")
+    print(f"summary:  {out / 'analysis' / 'summary.json'}")
     print(f"\nopen it:  python -c \"import gapcache.store as s; print(s.open_store('{path}'))\"")
     print(f"or plain: python -c \"import xarray as xr; print(xr.open_zarr('{path}'))\"")
     return 0

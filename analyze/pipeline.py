@@ -1,0 +1,370 @@
+"""``gapcache analyze``: every metric from the store(s) alone, lazily, with sample-level CIs.
+
+Usage::
+
+    gapcache analyze runs/q3/store.zarr --out runs/q3/analysis [--metrics accuracy,evd,rank,probes,lens]
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    summary, results = analyze_store(open_store(path), AnalysisParams(cliff_layer=11))
+
+Writes ``OUT/summary.json`` (per metric: estimates with CIs, n, parameters), ``OUT/results.zarr``
+(the labelled curves, an xarray Dataset per store), figures (PNG and PDF) and ``OUT/report.html``.
+Every CI resamples samples (paired by sample id between conditions / stores); method, level,
+resamples and seed are recorded with each interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gapcache.analyze import evd as evd_mod
+from gapcache.analyze import stats
+from gapcache.errors import ConfigError, DataError, GapcacheError
+
+log = logging.getLogger(__name__)
+METRICS = ("accuracy", "truncation", "evd", "rank", "probes", "lens")
+BLIND = ("blind_black", "blind_mean", "blind_randomimage")
+
+
+@dataclasses.dataclass
+class AnalysisParams:
+    metrics: tuple = METRICS
+    tau: float | None = None  # fixed tau; None = adaptive (tau_ratio x max of the pilot mean Delta curve)
+    tau_ratio: float = 0.1
+    n_pilot: int | None = None
+    cliff_method: str = "steepest"  # median_evd | steepest | first_crossing
+    cliff_layer: int | None = None  # fixes the cliff for every metric and figure
+    strategy: str = "zero"  # truncation strategy whose Delta defines EVD and the cliff
+    level: float = 0.95
+    ci_method: str = "percentile"
+    n_resamples: int = 1999
+    seed: int = 0
+    n_splits: int = 5
+    correction: str = "holm"
+    alpha: float = 0.05
+    scheduler: str = "threads"
+
+    def validate(self):
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad:
+            raise ConfigError(f"The 'metrics' parameter must be a subset of {list(METRICS)}. Got {bad} instead.")
+        if self.cliff_method not in ("median_evd", "steepest", "first_crossing"):
+            raise ConfigError("The 'cliff_method' parameter must be one of ['median_evd', 'steepest', "
+                              f"'first_crossing']. Got {self.cliff_method!r} instead.")
+        return self
+
+
+def _progress(items, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+
+
+def _ci(x, p: AnalysisParams):
+    return stats.mean_ci(x, level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
+
+
+def strs(da) -> np.ndarray:
+    """A string coordinate/variable as a plain numpy str array (zarr gives numpy StringDType)."""
+    return np.array([str(v) for v in np.asarray(da.values, dtype=object).ravel()])
+
+
+def done_mask(ds, condition) -> np.ndarray:
+    return ds.status.sel(condition=condition).values == 1
+
+
+# ------------------------------------------------------------------------------------- metrics
+def accuracy(ds, p: AnalysisParams, results: dict) -> dict:
+    """Forced-choice accuracy per condition (and per category), and blind minus original, paired."""
+    from gapcache.analyze.scoring import forced_choice_correct, gold_candidate_index
+
+    gold = gold_candidate_index(ds.answer.values, ds.candidate.values)
+    correct = forced_choice_correct(ds.candidate_logprob.values, ds.candidate_mask.values, gold)  # (cond, sample)
+    conds = [str(c) for c in ds.condition.values]
+    results["forced_choice_correct"] = (("condition", "sample"), correct)
+    out = {"per_condition": {}, "vs_original": {}, "per_category": {}}
+    cats = strs(ds.category)
+    for k, c in enumerate(conds):
+        ok = np.isfinite(correct[k])
+        if ok.sum() < 2:
+            continue
+        out["per_condition"][c] = _ci(correct[k][ok], p).to_dict()
+        for cat in sorted(set(cats[ok]) - {""}):
+            sel = ok & (cats == cat)
+            if sel.sum() >= 2:
+                out["per_category"].setdefault(c, {})[cat] = _ci(correct[k][sel], p).to_dict()
+    if "original" in conds:
+        o = conds.index("original")
+        for k, c in enumerate(conds):
+            both = np.isfinite(correct[k]) & np.isfinite(correct[o])
+            if c != "original" and both.sum() >= 2:
+                out["vs_original"][c] = stats.mean_diff_ci(
+                    correct[k][both], correct[o][both], level=p.level, method=p.ci_method,
+                    n_resamples=p.n_resamples, seed=p.seed).to_dict()
+    return out
+
+
+def truncation(ds, p: AnalysisParams, results: dict) -> dict:
+    from gapcache.analyze.scoring import gold_candidate_index
+
+    if "truncated" not in set(ds.condition_kind.values.tolist()):
+        return {"skipped": "no truncated condition in the store"}
+    gold_idx = gold_candidate_index(ds.answer.values, ds.candidate.values)
+    curves = evd_mod.truncation_curves(ds.gold_logprob.load(), ds.candidate_logprob.values,
+                                       ds.candidate_mask.values, gold_idx)
+    results["delta"] = (("strategy", "trunc_layer", "sample"), curves.delta.values)
+    results.setdefault("_coords", {}).update(strategy=curves.strategy.values.tolist(),
+                                             trunc_layer=curves.layer.values.tolist())
+    out = {}
+    for s in curves.strategy.values.tolist():
+        d = curves.delta.sel(strategy=s).transpose("sample", "layer").values
+        keep = np.isfinite(d).all(axis=1)
+        entry = {"layers": curves.layer.values.tolist(), "n": int(keep.sum()),
+                 "mean_delta": _ci(d[keep], p).to_dict()}
+        if "accuracy" in curves:
+            entry["accuracy"] = curves.accuracy.sel(strategy=s).values.tolist()
+            entry["clean_accuracy"] = float(curves.clean_accuracy)
+        out[s] = entry
+    return out
+
+
+def evd(ds, p: AnalysisParams, results: dict) -> dict:
+    """EVD per sample (strategy p.strategy), tau rule, the three cliffs, hard-vs-easy EVD gap."""
+    if "truncated" not in set(ds.condition_kind.values.tolist()):
+        return {"skipped": "no truncated condition in the store"}
+    deltas = evd_mod.truncation_deltas(ds.gold_logprob.load())
+    if p.strategy not in deltas.strategy.values:
+        raise ConfigError(f"The 'strategy' parameter must be one of {deltas.strategy.values.tolist()} (the store's "
+                          f"truncation strategies). Got {p.strategy!r} instead.")
+    d = deltas.sel(strategy=p.strategy).transpose("sample", "layer")
+    keep = np.isfinite(d.values).all(axis=1)
+    dv, layers = d.values[keep], d.layer.values
+    tau = evd_mod.fixed_tau(p.tau) if p.tau is not None else evd_mod.adaptive_tau(dv, p.tau_ratio, p.n_pilot, p.seed)
+    e = evd_mod.evd(dv, layers, tau.value)
+    cliffs = {m: evd_mod.cliff(dv, layers, tau.value, method=m) for m in ("median_evd", "steepest", "first_crossing")}
+    chosen = p.cliff_layer if p.cliff_layer is not None else cliffs[p.cliff_method].layer
+    full = np.full(len(d.sample), np.nan)
+    full[keep] = e
+    results["evd"] = (("sample",), full)
+    out = {"strategy": p.strategy, "tau": _jsonable(tau), "n": int(keep.sum()),
+           "n_never_reach_tau": int(np.isnan(e).sum()),
+           "cliffs": {m: _jsonable(c) for m, c in cliffs.items()},
+           "cliff_layer": None if chosen is None or not np.isfinite(chosen) else float(chosen),
+           "cliff_source": "fixed (--cliff-layer)" if p.cliff_layer is not None else p.cliff_method,
+           "area": _ci(evd_mod.evd_area(dv, layers, tau.value), p).to_dict()}
+    fin = np.isfinite(e)
+    if fin.sum() >= 2:
+        out["mean_evd"] = _ci(e[fin], p).to_dict()
+    cats = strs(ds.category)[keep]
+    if {"hard", "easy"} <= set(cats[fin]):
+        a, b = e[fin & (cats == "hard")], e[fin & (cats == "easy")]
+        if len(a) >= 2 and len(b) >= 2:
+            ci = stats.bootstrap_ci((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=False,
+                                    level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed,
+                                    name="evd_gap_hard_minus_easy")
+            out["gap_hard_minus_easy"] = ci.to_dict()
+    return out
+
+
+def rank(ds, p: AnalysisParams, results: dict, cliff_layer) -> dict:
+    from gapcache.analyze.rank import er_ratio, text_effective_rank, visual_effective_rank
+
+    er = visual_effective_rank(ds).compute()  # (visual_condition, sample, layer); lazy until here
+    results["visual_er"] = (("visual_condition", "sample", "layer"), er.values)
+    out = {"visual": {}, "text": {}}
+    for vc in er.visual_condition.values.tolist():
+        x = er.sel(visual_condition=vc).transpose("sample", "layer")
+        ok = np.isfinite(x.values).all(axis=1)
+        if ok.sum() < 2:
+            continue
+        entry = {"layers": x.layer.values.tolist(), "mean": _ci(x.values[ok], p).to_dict()}
+        if cliff_layer is not None:
+            per_sample = np.array([float(er_ratio(x.isel(sample=i), int(np.floor(cliff_layer)))) for i in np.flatnonzero(ok)])
+            fin = np.isfinite(per_sample)
+            if fin.sum() >= 2:
+                entry["er_ratio"] = _ci(per_sample[fin], p).to_dict()
+                entry["er_ratio_cliff_layer"] = int(np.floor(cliff_layer))
+        out["visual"][vc] = entry
+    done = ds.status.values.min(axis=0) == 1
+    text = text_effective_rank(ds.text_states.isel(sample=np.flatnonzero(done))).compute()
+    results["text_er"] = (("condition", "site", "layer"), text.transpose("condition", "site", "layer").values)
+    out["text"] = {"note": "ER across samples (one value per condition, site, layer; no CI)",
+                   "values": {str(c): {str(s): text.sel(condition=c, site=s).values.tolist() for s in text.site.values}
+                              for c in text.condition.values}}
+    return out
+
+
+def probe_groups(ds, min_per_class: int):
+    """Samples grouped by their candidate set (one probe task per set): {name: (indices, labels)}."""
+    mask, labels = ds.candidate_mask.values, ds.label.values
+    cands = ds.candidate.values
+    groups: dict = {}
+    for i, row in enumerate(mask):
+        if labels[i] >= 0 and row.any():
+            groups.setdefault("/".join(str(c) for c in cands[row]), []).append(i)
+    out = {}
+    for name, idx in groups.items():
+        y = labels[idx]
+        counts = np.bincount(y)
+        counts = counts[counts > 0]
+        if len(counts) >= 2 and counts.min() >= min_per_class:
+            out[name] = (np.array(idx), y)
+    return out
+
+
+def probes(ds, p: AnalysisParams, results: dict) -> dict:
+    from gapcache.analyze.probes import probe_accuracy_ci, probe_layers
+
+    groups = probe_groups(ds, p.n_splits)
+    if not groups:
+        return {"skipped": f"no candidate set with >= 2 classes and >= {p.n_splits} samples per class"}
+    conds = [c for c in ds.condition.values.tolist() if c == "original" or c in BLIND]
+    out = {}
+    for task, (idx, y) in groups.items():
+        out[task] = {}
+        oof_correct = {}
+        for c in _progress(conds, f"probes {task}"):
+            ok = done_mask(ds, c)[idx]
+            for site in ds.site.values.tolist():
+                X = ds.text_states.sel(condition=c, site=site).isel(sample=idx[ok])  # (sample, layer, hidden), lazy
+                res = probe_layers(X, y[ok], n_splits=p.n_splits, seed=p.seed)
+                ci = probe_accuracy_ci(res, level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
+                sel = probe_accuracy_ci(res, which="selectivity", level=p.level, method=p.ci_method,
+                                        n_resamples=p.n_resamples, seed=p.seed)
+                out[task].setdefault(c, {})[site] = {**res.to_dict(), "accuracy_ci": ci.to_dict(),
+                                                     "selectivity_ci": sel.to_dict()}
+                oof_correct[(c, site)] = _correct_by_id(res, ds.sample.values[idx[ok]])
+        out[task]["vs_original"] = _probe_differences(oof_correct, p)
+    return out
+
+
+def _correct_by_id(res, ids):
+    import xarray as xr
+
+    return xr.DataArray((res.oof == res.y).T.astype(float), dims=("sample", "layer"),
+                        coords={"sample": np.array([str(i) for i in ids]), "layer": list(res.layers)})
+
+
+def _probe_differences(oof_correct: dict, p: AnalysisParams) -> dict:
+    """condition - original probe correctness per layer, paired by sample id, Holm/BH across layers."""
+    out = {}
+    for (c, site), corr in oof_correct.items():
+        if c == "original" or ("original", site) not in oof_correct:
+            continue
+        cmp = stats.compare_paired(corr, oof_correct[("original", site)], correction=p.correction, alpha=p.alpha,
+                                   level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
+        out.setdefault(c, {})[site] = cmp.to_dict()
+    return out
+
+
+def lens(ds, p: AnalysisParams, results: dict) -> dict:
+    from gapcache.analyze.lens import logit_lens_correct
+
+    try:
+        correct = logit_lens_correct(ds).compute()  # (condition, layer, sample)
+    except GapcacheError as err:
+        return {"skipped": str(err)}
+    results["lens_correct"] = (("condition", "layer", "sample"), correct.values)
+    out = {}
+    for c in correct.condition.values.tolist():
+        x = correct.sel(condition=c).transpose("sample", "layer").values
+        ok = np.isfinite(x).all(axis=1)
+        if ok.sum() >= 2:
+            out[c] = {"layers": correct.layer.values.tolist(), "accuracy": _ci(x[ok], p).to_dict()}
+    return out
+
+
+# ------------------------------------------------------------------------------------- driver
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return stats._jsonable(obj)
+
+
+def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
+    """(summary dict, results xarray.Dataset) of one store; every metric in p.metrics."""
+    import xarray as xr
+
+    p.validate()
+    results: dict = {}
+    summary = {"store": {k: ds.attrs.get(k) for k in ("model", "dataset", "provenance", "config_hash")},
+               "params": dataclasses.asdict(p), "metrics": {}, "timing_s": {}}
+    cliff = p.cliff_layer
+    steps = [m for m in ("accuracy", "truncation", "evd", "rank", "probes", "lens") if m in p.metrics]
+    for m in steps:
+        t0 = time.perf_counter()
+        fn = {"accuracy": accuracy, "truncation": truncation, "evd": evd, "probes": probes, "lens": lens}.get(m)
+        summary["metrics"][m] = rank(ds, p, results, cliff) if m == "rank" else fn(ds, p, results)
+        if m == "evd" and cliff is None:
+            cliff = summary["metrics"]["evd"].get("cliff_layer")
+        summary["timing_s"][m] = round(time.perf_counter() - t0, 3)
+        log.info("%s done in %.1f s", m, summary["timing_s"][m])
+    summary["cliff_layer"] = cliff
+    coords = {"sample": strs(ds.sample), "condition": strs(ds.condition),
+              "layer": ds.layer.values, "site": strs(ds.site),
+              "visual_condition": strs(ds.visual_condition), **results.pop("_coords", {})}
+    data = {k: v for k, v in results.items()}
+    res = xr.Dataset(data, coords={k: v for k, v in coords.items()
+                                   if any(k in dims for dims, _ in data.values())})
+    return summary, res
+
+
+def run_analysis(paths, out, p: AnalysisParams) -> dict:
+    """Analyse each store, compare stores pairwise (EVD gap, paired by sample id), write everything."""
+    from gapcache.analyze.scheduler import scheduler
+    from gapcache.store import open_store
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"stores": {}, "comparisons": {}}
+    evds, all_results = {}, {}
+    with scheduler(p.scheduler):
+        for k, path in enumerate(paths):
+            name = f"store{k}" if len(paths) > 1 else "store"
+            ds = open_store(path)
+            s, res = analyze_store(ds, p)
+            s["path"] = str(path)
+            summary["stores"][name] = s
+            res.attrs = {"source": str(path)}
+            _write_results(res, out / f"results_{name}.zarr")
+            all_results[name] = res
+            if "evd" in res:
+                evds[name] = res.evd
+    for a, b in _pairs(list(evds)):
+        x, y = evds[a], evds[b]
+        try:
+            al = stats.align_samples(x, y)
+            ok = np.isfinite(al.a.values) & np.isfinite(al.b.values)
+            ci = stats.mean_diff_ci(al.a.values[ok], al.b.values[ok], level=p.level, method=p.ci_method,
+                                    n_resamples=p.n_resamples, seed=p.seed)
+            summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {**ci.to_dict(), "paired_by": "sample id",
+                                                                "n_dropped_unmatched": int(al.dropped_a + al.dropped_b)}
+        except (DataError, GapcacheError) as err:
+            summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {"skipped": str(err)}
+    summary = _jsonable(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    from gapcache.analyze.report import write_report
+
+    write_report(summary, out, all_results)
+    return summary
+
+
+def _write_results(res, path):
+    """Results store (Zarr): string coordinates as variable-length strings, the portable kind."""
+    import warnings
+
+    res = res.assign_coords({k: np.array([str(x) for x in v.values], dtype=object)
+                             for k, v in res.coords.items() if v.dtype.kind in "UOT"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: consolidated metadata is not in the v3 spec
+        res.to_zarr(path, mode="w", consolidated=True)
+
+
+def _pairs(names):
+    return [(names[0], n) for n in names[1:]]

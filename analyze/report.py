@@ -1,0 +1,215 @@
+"""Figures (PNG + PDF) and a one-page ``report.html`` from an analysis summary. No torch.
+
+Usage::
+
+    from gapcache.analyze.report import write_report
+    write_report(summary, out_dir)          # summary = run_analysis(...) / summary.json
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _band(ax, x, ci, label):
+    est, lo, hi = (np.asarray(ci[k], float) for k in ("estimate", "low", "high"))
+    line = ax.plot(x, est, marker="o", ms=3, label=label)[0]
+    ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+
+
+def _save(fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"{name}.{ext}", dpi=130)
+    _plt().close(fig)
+    return f"{name}.png"
+
+
+def _mark_cliff(ax, cliff):
+    if cliff is not None and np.isfinite(cliff):
+        ax.axvline(cliff, color="k", ls="--", lw=1, label=f"cliff L={cliff:g}")
+
+
+def fig_accuracy(m, out):
+    acc = m.get("accuracy", {}).get("per_condition", {})
+    if not acc:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(acc)
+    est = np.array([acc[n]["estimate"] for n in names])
+    err = np.array([[est[i] - acc[n]["low"], acc[n]["high"] - est[i]] for i, n in enumerate(names)]).T
+    ax.bar(range(len(names)), est, yerr=err, capsize=3, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("forced-choice accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy by condition (95% CI over samples)")
+    return _save(fig, out, "accuracy")
+
+
+def fig_truncation(m, out, cliff):
+    tr = {k: v for k, v in m.get("truncation", {}).items() if isinstance(v, dict) and "layers" in v}
+    if not tr:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for s, v in tr.items():
+        _band(axes[0], v["layers"], v["mean_delta"], s)
+        if "accuracy" in v:
+            axes[1].plot(v["layers"], v["accuracy"], marker="o", ms=3, label=s)
+            axes[1].axhline(v["clean_accuracy"], color="gray", lw=0.8)
+    axes[0].set(xlabel="truncation layer L", ylabel="mean Delta (log-prob)", title="Delta(L) = s_clean - s_trunc(L)")
+    axes[1].set(xlabel="truncation layer L", ylabel="accuracy", title="Truncation curve (gray: original)")
+    for ax in axes:
+        _mark_cliff(ax, cliff)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "truncation")
+
+
+def fig_evd(m, results, out, cliff):
+    e = m.get("evd", {})
+    if "tau" not in e or results is None or "delta" not in results:
+        return None
+    plt = _plt()
+    d = results["delta"].sel(strategy=e["strategy"]).transpose("sample", "trunc_layer").values
+    layers = results["trunc_layer"].values
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    curve = e["cliffs"]["steepest"]["mean_curve"]
+    axes[0].plot(layers, curve, marker="o", ms=3)
+    axes[0].axhline(e["tau"]["value"], color="r", lw=1, label=f"tau={e['tau']['value']:.3g} ({e['tau']['rule']})")
+    _mark_cliff(axes[0], cliff)
+    axes[0].set(xlabel="L", ylabel="mean Delta", title=f"Mean Delta ({e['strategy']})")
+    axes[0].legend(fontsize=7)
+    evd = results["evd"].values
+    axes[1].hist(evd[np.isfinite(evd)], bins=np.arange(layers.min() - 0.5, layers.max() + 1.5), rwidth=0.9)
+    axes[1].set(xlabel="EVD (layer)", ylabel="samples", title=f"EVD distribution ({e['n_never_reach_tau']} never reach tau)")
+    fin = d[np.isfinite(d)]
+    axes[2].hist(fin, bins=50)
+    axes[2].axvline(e["tau"]["value"], color="r", lw=1)
+    axes[2].set(xlabel="Delta", ylabel="count", title="Delta distribution (choose tau)")
+    return _save(fig, out, "delta_evd")
+
+
+def fig_rank(m, out, cliff):
+    vis = m.get("rank", {}).get("visual", {})
+    if not vis:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for c, v in vis.items():
+        _band(ax, v["layers"], v["mean"], c)
+    _mark_cliff(ax, cliff)
+    ax.set(xlabel="layer (stream entering)", ylabel="effective rank", title="Visual-span effective rank (95% CI)")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "effective_rank")
+
+
+def fig_probes(m, out, cliff):
+    pr = {k: v for k, v in m.get("probes", {}).items() if isinstance(v, dict) and "original" in v}
+    if not pr:
+        return None
+    plt = _plt()
+    tasks = list(pr)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3 * len(tasks)), squeeze=False)
+    for r, t in enumerate(tasks):
+        for c, sites in pr[t].items():
+            if c == "vs_original":
+                continue
+            for site, v in sites.items():
+                _band(axes[r, 0], v["layers"], v["accuracy_ci"], f"{c}/{site}")
+        for c, sites in pr[t].get("vs_original", {}).items():
+            for site, v in sites.items():
+                ci = v["interval"]
+                _band(axes[r, 1], ci["coords"]["layer"], ci, f"{c} - original/{site}")
+        axes[r, 0].set(title=f"probe accuracy [{t}]", xlabel="layer", ylabel="balanced accuracy")
+        axes[r, 1].set(title="difference from original (paired)", xlabel="layer")
+        axes[r, 1].axhline(0, color="k", lw=0.8)
+        for ax in axes[r]:
+            _mark_cliff(ax, cliff)
+            ax.legend(fontsize=6)
+    return _save(fig, out, "probes")
+
+
+def fig_lens(m, out, cliff):
+    ln = {k: v for k, v in m.get("lens", {}).items() if isinstance(v, dict) and "layers" in v}
+    if not ln:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for c, v in ln.items():
+        if not c.startswith("truncated"):
+            _band(ax, v["layers"], v["accuracy"], c)
+    _mark_cliff(ax, cliff)
+    ax.set(xlabel="layer", ylabel="lens accuracy", title="Logit lens at the prediction site")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "logit_lens")
+
+
+def _fmt(ci):
+    return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] (n={ci['n']})" if ci else "–"
+
+
+def key_numbers(s) -> list[tuple[str, str]]:
+    m = s["metrics"]
+    rows = []
+    for c, ci in m.get("accuracy", {}).get("per_condition", {}).items():
+        if not c.startswith("truncated"):
+            rows.append((f"accuracy {c}", _fmt(ci)))
+    for c, ci in m.get("accuracy", {}).get("vs_original", {}).items():
+        if not c.startswith("truncated"):
+            rows.append((f"accuracy {c} - original (paired)", _fmt(ci)))
+    e = m.get("evd", {})
+    if "tau" in e:
+        rows.append(("tau", f"{e['tau']['value']:.4g} ({e['tau']['rule']})"))
+        rows.append(("cliff layer", f"{s.get('cliff_layer')} ({e['cliff_source']}); "
+                     + ", ".join(f"{k}={v['layer']}" for k, v in e["cliffs"].items())))
+        rows.append(("mean EVD", _fmt(e.get("mean_evd"))))
+        rows.append(("EVD gap hard - easy", _fmt(e.get("gap_hard_minus_easy"))))
+    for c, v in m.get("rank", {}).get("visual", {}).items():
+        if "er_ratio" in v:
+            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})", _fmt(v["er_ratio"])))
+    return rows
+
+
+def write_report(summary: dict, out, results: dict | None = None) -> Path:
+    """Figures for every store in ``summary`` and one report.html beside them."""
+    out = Path(out)
+    parts = ["<html><head><meta charset='utf-8'><title>gapcache report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}"
+             "img{max-width:100%}</style></head><body><h1>gapcache analysis</h1>"]
+    for name, s in summary["stores"].items():
+        fig_dir = out / name
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        res = (results or {}).get(name)
+        cliff = s.get("cliff_layer")
+        figs = [f(s["metrics"], fig_dir, cliff) if f is not fig_accuracy else f(s["metrics"], fig_dir)
+                for f in (fig_accuracy, fig_truncation, fig_rank, fig_probes, fig_lens)]
+        figs.insert(2, fig_evd(s["metrics"], res, fig_dir, cliff))
+        model = s["store"].get("model") or {}
+        parts.append(f"<h2>{html.escape(name)}: {html.escape(str(model.get('id')))} "
+                     f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")
+        parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+                                         for k, v in key_numbers(s)) + "</table>")
+        parts += [f"<img src='{name}/{f}'>" for f in figs if f]
+        prov = {"path": s.get("path"), "model": model, "provenance": s["store"].get("provenance"),
+                "config_hash": s["store"].get("config_hash"), "params": s["params"], "timing_s": s["timing_s"]}
+        parts.append("<h3>Provenance</h3><pre>" + html.escape(json.dumps(prov, indent=1, default=str)) + "</pre>")
+    if summary.get("comparisons"):
+        parts.append("<h2>Between stores</h2><pre>" + html.escape(json.dumps(summary["comparisons"], indent=1)) + "</pre>")
+    parts.append("</body></html>")
+    path = out / "report.html"
+    path.write_text("\n".join(parts))
+    return path

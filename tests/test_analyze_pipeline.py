@@ -1,0 +1,80 @@
+"""Integration: `gapcache analyze` on a store written by the real extraction path."""
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from gapcache.cli import METRIC_NAMES, main
+from gapcache.analyze.pipeline import METRICS
+from gapcache.store import open_store
+from test_extract_run import write_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("an")
+    cfg = write_config(tmp, conditions=["original", "blind_black", "truncated"], truncation_layers=[-1, 0, 1, 2, 3],
+                       truncation_strategies=["zero", "drop"])
+    assert main(["extract", str(cfg), "--out", str(tmp / "run")]) == 0
+    return tmp / "run" / "store.zarr"
+
+
+def test_metric_names_agree():
+    assert tuple(METRIC_NAMES) == tuple(METRICS)
+
+
+def test_analyze_writes_summary_results_figures_and_report(store, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["analyze", str(store), "--out", str(out), "--n-resamples", "199", "--cliff-layer", "1",
+                 "--metrics", "accuracy,truncation,evd,rank,lens"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())["stores"]["store"]
+    assert s["cliff_layer"] == 1 and s["metrics"]["evd"]["cliff_source"] == "fixed (--cliff-layer)"
+    ci = s["metrics"]["accuracy"]["per_condition"]["original"]
+    assert {"estimate", "low", "high", "n", "level", "method", "n_resamples", "seed"} <= set(ci)
+    assert ci["n"] == 24 and ci["n_resamples"] == 199 and ci["low"] <= ci["estimate"] <= ci["high"]
+    assert s["metrics"]["rank"]["visual"]["original"]["er_ratio_cliff_layer"] == 1
+    tr = s["metrics"]["truncation"]
+    assert set(tr) == {"zero", "drop"} and tr["zero"]["layers"] == [-1, 0, 1, 2, 3]
+    # truncating after the last layer changes nothing: Delta is exactly 0 there
+    assert tr["zero"]["mean_delta"]["estimate"][-1] == 0.0
+    for name in ("accuracy", "truncation", "delta_evd", "effective_rank", "logit_lens"):
+        assert (out / "store" / f"{name}.png").is_file() and (out / "store" / f"{name}.pdf").is_file()
+    html = (out / "report.html").read_text()
+    assert "cliff layer" in html and "Provenance" in html and "store/truncation.png" in html
+    res = xr.open_zarr(out / "results_store.zarr")
+    assert res.delta.dims == ("strategy", "trunc_layer", "sample") and res.evd.sizes["sample"] == 24
+
+
+def test_lazy_and_eager_logit_lens_agree(store):
+    from gapcache.analyze.lens import lens_choice_correct, logit_lens_correct
+    from gapcache.analyze.scoring import gold_candidate_index
+
+    ds = open_store(store)
+    lazy = logit_lens_correct(ds).compute().values
+    eager_ds = ds.load()
+    gold = gold_candidate_index(eager_ds.answer.values, eager_ds.candidate.values)
+    for c in range(ds.sizes["condition"]):
+        for li in range(ds.sizes["layer"]):
+            h = eager_ds.text_states.values[c, :, 1, li]
+            want = lens_choice_correct(h, eager_ds.lens_norm_weight.values, eager_ds.lens_norm_weight.attrs["eps"],
+                                       eager_ds.lens_unembed.values, eager_ds.candidate_lens_token.values, gold)
+            np.testing.assert_array_equal(lazy[c, li], want)
+
+
+def test_probes_run_per_candidate_set(store, tmp_path):
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+
+    summary, res = analyze_store(open_store(store), AnalysisParams(metrics=("probes",), n_resamples=99, n_splits=2))
+    pr = summary["metrics"]["probes"]
+    assert pr, "no probe task"
+    for task, entry in pr.items():
+        if "skipped" in entry:
+            continue
+        orig = entry["original"]["prediction"]
+        assert len(orig["accuracy"]) == 5 and orig["accuracy_ci"]["n"] == orig["n"]
+        assert "blind_black" in entry["vs_original"]
