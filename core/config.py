@@ -67,7 +67,7 @@ class ExtractConfig:
     max_length: int = 4096
     samples_per_shard: int = 32
     visual_chunk_tokens: int = 64
-    compression_level: int = 1
+    compression_level: int = 1  # zstd level of the state arrays; 0 = none (fastest on few cores)
     seed: int = 0  # derangement of blind_randomimage
     disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
@@ -207,8 +207,8 @@ def validate(cfg: Config) -> None:
     for name in ("batch_size", "max_length", "samples_per_shard", "visual_chunk_tokens"):
         value = getattr(e, name)
         _check(_is_int(value) and value > 0, f"extract.{name}", "a positive int", value)
-    _check(_is_int(e.compression_level) and 1 <= e.compression_level <= 22, "extract.compression_level",
-           "an int in [1, 22]", e.compression_level)
+    _check(_is_int(e.compression_level) and 0 <= e.compression_level <= 22, "extract.compression_level",
+           "an int in [0, 22] (0 = no compression)", e.compression_level)
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,

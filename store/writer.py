@@ -3,18 +3,24 @@
 Usage::
 
     create(path, layout, attrs, sample_meta)        # once: shapes, provenance, per-sample metadata
-    with StoreWriter(path) as w:                    # a background thread does the zarr writes
+    with StoreWriter(path) as w:                    # background threads do the writes
         for shard in w.pending(condition_index):    # resume: shards not yet done
             w.submit(ShardPayload(...))             # returns at once unless `max_pending` are queued
 
 A shard is written whole (zarr rewrites a whole shard on any partial write, so buffering a shard
 avoids write amplification), states first and its ``status`` flags last: a process killed at any
 point leaves the shard pending, and the rerun rewrites it. Nothing is done twice once flagged.
+
+Hidden-state shards of a local store are encoded and written by :mod:`gapcache.store.shardio`
+(the Zarr v3 sharding format, each shard file atomic and fsynced before its flags are written);
+other stores, or codecs shardio does not implement, go through zarr-python.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -30,6 +36,8 @@ from gapcache.store.schema import (
     STATUS_PENDING,
     Layout,
 )
+
+log = logging.getLogger(__name__)
 
 STR = str  # zarr v3 variable-length UTF-8 strings (vlen-utf8)
 
@@ -208,25 +216,55 @@ class ShardPayload:
     generation: np.ndarray | None = None  # (n,) object (str)
 
 
-class StoreWriter:
-    """Writes ShardPayloads to an existing store in a background thread (bounded queue)."""
+#: per-sample arrays StoreWriter fills besides the hidden states (``status`` last)
+SCORE_ARRAYS = ("gold_logprob", "candidate_logprob", "generation", "error", "status")
+STATE_ARRAYS = ("text_states", "visual_states")
 
-    def __init__(self, path, max_pending: int = 2):
+
+class StoreWriter:
+    """Writes ShardPayloads to an existing store in a background thread (bounded queue).
+
+    Hidden states go straight to their shard files (:mod:`gapcache.store.shardio`: the Zarr v3
+    ``sharding_indexed`` format, atomic and fsynced, inner chunks compressed on ``threads``
+    threads) when the store is a local directory whose state arrays use codecs shardio
+    implements; otherwise, or with ``direct=False``, through zarr-python. ``direct`` maps each
+    state array to its direct writer and ``fallback`` to the reason it goes through zarr.
+    """
+
+    def __init__(self, path, max_pending: int = 2, *, direct: bool = True, threads: int | None = None):
         import zarr
 
         self.path = str(path)
         self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self.arrays = {name: self.group[name] for name in (*STATE_ARRAYS, *SCORE_ARRAYS)}
         self.visual_index = _visual_index(self.group)
         self.spc = int(self.group.attrs["samples_per_shard"])
         self.vshard = int(self.group.attrs["visual_shard_tokens"])
+        self.direct: dict = {}
+        self.fallback: dict[str, str] = {}
+        for name, shard_len in (("text_states", self.spc), ("visual_states", self.vshard)):
+            if not direct:
+                self.fallback[name] = "direct shard writes disabled (direct=False)"
+                continue
+            try:
+                self.direct[name] = _direct_writer(self.arrays[name], shard_len)
+            except StoreError as err:
+                self.fallback[name] = str(err)
+                log.info("Writing %s through zarr-python: %s", name, err)
+        self._pool = None
+        if any(sa.compressed for sa in self.direct.values()):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(threads or _cpu_count(), thread_name_prefix="gapcache-encode")
+        self.bytes_written = 0  # payload bytes of hidden states written
+        self.bytes_stored = 0  # shard file bytes written directly (zarr-path writes not counted)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gapcache-writer", daemon=True)
         self._thread.start()
-        self.bytes_written = 0
 
     def status(self, condition: int) -> np.ndarray:
-        return self.group["status"][condition, :]
+        return self.arrays["status"][condition, :]
 
     def pending(self, condition: int) -> list[int]:
         """Shards of ``condition`` with at least one sample not yet flagged done or failed."""
@@ -243,6 +281,9 @@ class StoreWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._raise()
 
     def __enter__(self):
@@ -257,34 +298,130 @@ class StoreWriter:
             raise StoreError(f"Writing to {self.path} failed: {err!r}") from err
 
     def _run(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is None:
+        """Writer thread: stages shard k+1 (encode, write) while the committer makes shard k durable."""
+        commits: queue.Queue = queue.Queue()
+        slots = threading.Semaphore(2)  # at most one shard committing and one being staged
+        committer = threading.Thread(target=self._run_commits, args=(commits, slots), name="gapcache-commit",
+                                     daemon=True)
+        committer.start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                slots.acquire()
+                if self._error is not None:
+                    slots.release()
+                    continue
                 try:
-                    self.write(item)
+                    staged = self._stage(item)
                 except BaseException as err:  # surfaced on the next submit/close
                     self._error = err
+                    slots.release()
+                    continue
+                commits.put((item, staged))
+        finally:
+            commits.put(None)
+            committer.join()
+
+    def _run_commits(self, commits: queue.Queue, slots: threading.Semaphore):
+        while True:
+            job = commits.get()
+            if job is None:
+                return
+            item, staged = job
+            try:
+                if self._error is None:
+                    self._commit(item, staged)
+                else:
+                    _abort(staged)
+            except BaseException as err:
+                self._error = err
+            finally:
+                slots.release()
 
     def write(self, p: ShardPayload):
-        """Write one shard synchronously: states, scores, then the status flags."""
-        g, s0 = self.group, p.shard * self.spc
+        """Write one shard synchronously: states (durable on return when direct), scores, then the status flags."""
+        self._commit(p, self._stage(p))
+
+    def _stage(self, p: ShardPayload) -> list:
+        """Write the states of ``p``: direct shards to temporary files (returned), else through zarr."""
+        staged = []
+        try:
+            staged.append(self._put_states("text_states", p.condition, p.shard, self.spc, p.text_states))
+            vis = self.visual_index.get(p.condition)
+            if vis is not None and p.visual_states is not None and p.visual_states.shape[0]:
+                staged.append(self._put_states("visual_states", vis, p.shard, self.vshard, p.visual_states))
+        except BaseException:
+            _abort(staged)
+            raise
+        return [s for s in staged if s is not None]
+
+    def _commit(self, p: ShardPayload, staged: list):
+        """Make the staged shards durable and in place, then write the scores and, last, the status flags."""
+        for i, s in enumerate(staged):
+            try:
+                self.bytes_stored += s.commit()
+            except BaseException:
+                _abort(staged[i + 1 :])
+                raise
+        a, s0 = self.arrays, p.shard * self.spc
         s1 = s0 + p.text_states.shape[0]
-        g["text_states"][p.condition, s0:s1] = p.text_states
-        self.bytes_written += p.text_states.nbytes
-        vis = self.visual_index.get(p.condition)
-        if vis is not None and p.visual_states is not None and p.visual_states.shape[0]:
-            v0 = p.shard * self.vshard
-            g["visual_states"][vis, v0 : v0 + p.visual_states.shape[0]] = p.visual_states
-            self.bytes_written += p.visual_states.nbytes
-        g["gold_logprob"][p.condition, s0:s1] = p.gold_logprob
+        a["gold_logprob"][p.condition, s0:s1] = p.gold_logprob
         if p.candidate_logprob.shape[1]:
-            g["candidate_logprob"][p.condition, s0:s1] = p.candidate_logprob
+            a["candidate_logprob"][p.condition, s0:s1] = p.candidate_logprob
         if p.generation is not None:
-            g["generation"][p.condition, s0:s1] = p.generation
-        g["error"][p.condition, s0:s1] = p.error
-        g["status"][p.condition, s0:s1] = p.status
+            a["generation"][p.condition, s0:s1] = p.generation
+        a["error"][p.condition, s0:s1] = p.error
+        a["status"][p.condition, s0:s1] = p.status
+
+    def _put_states(self, name: str, lead: int, shard: int, shard_len: int, rows: np.ndarray):
+        """Rows of one whole shard (``lead``, rows from ``shard * shard_len``); the rest of it is padding.
+
+        Direct: returns the staged shard (not yet in place). Through zarr: written now, returns None.
+        """
+        arr = self.arrays[name]
+        rows = np.asarray(rows)
+        start = shard * shard_len
+        if rows.ndim != arr.ndim - 1 or rows.shape[1:] != arr.shape[2:] or rows.shape[0] > shard_len \
+                or start + rows.shape[0] > arr.shape[1]:
+            raise StoreError(
+                f"The {name} rows of shard {shard} must have shape (<= {min(shard_len, arr.shape[1] - start)}, "
+                f"{', '.join(map(str, arr.shape[2:]))}). Got {rows.shape} instead."
+            )
+        self.bytes_written += rows.nbytes
+        sa = self.direct.get(name)
+        if sa is not None:
+            return sa.stage((lead, shard) + (0,) * (arr.ndim - 2), rows[None], self._pool)
+        arr[lead, start : start + rows.shape[0]] = rows
+        return None
+
+
+def _abort(staged):
+    for s in staged:
+        if s is not None:
+            s.abort()
+
+
+def _direct_writer(arr, shard_len: int):
+    """shardio writer of a state array whose shards each hold exactly one payload's rows."""
+    from gapcache.store.shardio import ShardArray, UnsupportedShardFormat
+
+    sa = ShardArray.open(arr)
+    want = (1, shard_len) + tuple(arr.shape[2:])
+    if sa.shape != tuple(arr.shape) or sa.shard_shape != want:
+        raise UnsupportedShardFormat(
+            f"{arr.path}: shards of shape {sa.shard_shape} (array {sa.shape}) do not hold one shard payload "
+            f"each; expected shard shape {want}."
+        )
+    return sa
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _visual_index(group) -> dict[int, int]:

@@ -144,3 +144,24 @@ def test_writer_error_surfaces_and_resume_check(tmp_path):
             w.submit(bad)
     with pytest.raises(IncompatibleStoreError, match="'model'"):
         check_compatible(tmp_path / "s.zarr", {"model": {"id": "other"}}, ["model"])
+
+
+def test_uncompressed_states_roundtrip_and_cost_two_bytes(tmp_path):
+    """compression_level 0: no compressor in the chain, bf16 states at 2 bytes a value (+ the index)."""
+    import dataclasses
+
+    from gapcache.store import Layout
+    from gapcache.store.reader import size_on_disk
+
+    base = small_layout("bfloat16", lengths=(64,) * 4, spc=2)
+    kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(Layout) if f.init}
+    layout = Layout(**{**kw, "compression_level": 0, "hidden": 256})
+    payloads = random_payloads(layout)
+    ds = roundtrip(tmp_path / "s.zarr", layout, payloads)
+    codecs = zarr.open_group(tmp_path / "s.zarr", mode="r")["visual_states"].metadata.to_dict()["codecs"]
+    inner = [c["name"] for c in codecs[0]["configuration"]["codecs"]]
+    assert inner == ["bytes"]
+    vis = tmp_path / "s.zarr" / "visual_states"
+    n_values = sum(p.visual_states.size for p in payloads if p.visual_states is not None)
+    assert size_on_disk(vis) / n_values < 2.01
+    np.testing.assert_array_equal(ds.visual_states.values[0, :64], codec.decode_bf16(payloads[0].visual_states[:64]))
