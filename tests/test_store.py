@@ -155,7 +155,7 @@ def test_uncompressed_states_roundtrip_and_cost_two_bytes(tmp_path):
 
     base = small_layout("bfloat16", lengths=(64,) * 4, spc=2)
     kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(Layout) if f.init}
-    layout = Layout(**{**kw, "compression_level": 0, "hidden": 256})
+    layout = Layout(**{**kw, "compression_level": 0, "hidden": 256, "visual_chunk_tokens": 64})
     payloads = random_payloads(layout)
     ds = roundtrip(tmp_path / "s.zarr", layout, payloads)
     codecs = zarr.open_group(tmp_path / "s.zarr", mode="r")["visual_states"].metadata.to_dict()["codecs"]
