@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("config", help="YAML config (see configs/)")
     ex.add_argument("--out", required=True, help="run directory; the store is OUT/store.zarr")
     ex.add_argument("--limit", type=int, help="only the first N samples (overrides data.limit)")
+    ex.add_argument("--task-index", type=int, help="this task's index in an array of --n-tasks (Slurm array)")
+    ex.add_argument("--n-tasks", type=int, help="number of tasks sharing the (condition, shard) units")
     mode = ex.add_mutually_exclusive_group()
     mode.add_argument("--check", type=int, metavar="N", help="print sites of N samples and time one batch; no writes")
     mode.add_argument("--dry-run", action="store_true", help="print the store size and bandwidth the config needs")
@@ -99,7 +101,7 @@ def cmd_extract(args) -> int:
 
         print(check(ex, args.check))
         return 0
-    path = ex.run()
+    path = ex.run(task_index=args.task_index, n_tasks=args.n_tasks)
     print(f"store written: {path}")
     print(format_info(path))
     return 0

@@ -13,7 +13,9 @@ ShardPayload handed to the StoreWriter's background thread, so the model never w
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -161,20 +163,30 @@ class Extraction:
         }
 
     def open_or_create(self):
-        """Create the store, or check that an existing one was made by this same config (resume)."""
-        attrs = self.store_attrs()
-        if (self.store_path / "zarr.json").is_file():
-            check_compatible(self.store_path, attrs, COMPAT_KEYS)
-            return False
-        self.out.mkdir(parents=True, exist_ok=True)
-        layout = self.layout()
-        group = create(self.store_path, layout, attrs, self.sample_meta())
-        if self.cfg.extract.visual.mode != "all":
-            group["vtoken_position"][...] = self.vtoken_positions(layout)
-        self.write_lens(group)
-        return True
+        """Create the store, or check that an existing one was made by this same config (resume).
 
-    def write_lens(self, group):
+        Creation is atomic: the store is built in a temporary directory and renamed into place, so
+        that concurrent array tasks racing to create it end with exactly one complete store.
+        """
+        attrs = self.store_attrs()
+        if not (self.store_path / "zarr.json").is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / f".{STORE_NAME}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            layout = self.layout()
+            group = create(tmp, layout, attrs, self.sample_meta())
+            if self.cfg.extract.visual.mode != "all":
+                group["vtoken_position"][...] = self.vtoken_positions(layout)
+            self.write_lens(group, tmp)
+            try:
+                os.rename(tmp, self.store_path)
+                return True
+            except OSError:  # another task created it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        check_compatible(self.store_path, attrs, COMPAT_KEYS)
+        return False
+
+    def write_lens(self, group, path):
         """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates.
 
         ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = w * h / sqrt(mean(h**2) + eps)`` gives the
@@ -207,7 +219,7 @@ class Extraction:
                                      dimension_names=dims, attributes=attrs if name == "lens_norm_weight" else {})
             if values.size:
                 arr[...] = values
-        _consolidate(self.store_path)
+        _consolidate(path)
 
     def vtoken_positions(self, layout) -> np.ndarray:
         """Index within the visual span of each recorded row (subset), or of its pool's first token."""
@@ -218,17 +230,32 @@ class Extraction:
         return pos
 
     # ------------------------------------------------------------------ run
-    def run(self, show=True):
+    def units(self, layout, task_index: int | None = None, n_tasks: int | None = None) -> list[tuple[int, int]]:
+        """(condition index, shard) work units, in order; a task of an array takes every n-th one."""
+        all_units = [(ci, shard) for ci in range(len(self.conditions)) for shard in range(layout.n_shards)]
+        if task_index is None:
+            return all_units
+        if not (n_tasks and 0 <= task_index < n_tasks):
+            raise StoreError(f"The task index must lie in [0, n_tasks). Got task {task_index} of {n_tasks} instead.")
+        return all_units[task_index::n_tasks]
+
+    def run(self, show=True, task_index: int | None = None, n_tasks: int | None = None):
+        """Extract every pending (condition, shard) unit of this task; rerun to resume."""
+        from gapcache.store.locks import ShardLocks
+
         if not hasattr(self, "planned"):
             self.load().plan(show=show)
         self.open_or_create()
         layout = self.layout()
-        with StoreWriter(self.store_path) as writer:
-            for ci, cond in enumerate(self.conditions):
-                shards = writer.pending(ci)
-                bar = progress(shards, desc=cond.label, disable=not show, unit="shard")
-                for shard in bar:
-                    writer.submit(self.shard_payload(ci, cond, shard, layout))
+        mine = self.units(layout, task_index, n_tasks)
+        # the writer closes (flushing every shard) before the locks are released
+        with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path) as writer:
+            pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in mine}}
+            todo = [(ci, shard) for ci, shard in mine if shard in pending[ci]]
+            for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
+                cond = self.conditions[ci]
+                locks.acquire(f"{cond.label}.shard{shard:05d}")
+                writer.submit(self.shard_payload(ci, cond, shard, layout))
         return self.store_path
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:

@@ -212,3 +212,38 @@ def test_logit_lens_from_the_store_matches_the_models_own_scores(tmp_path):
         np.testing.assert_allclose(np.diff(lens), np.diff(cand[i, cols]), rtol=1e-3, atol=1e-4)
         checked += 1
     assert checked >= 5
+
+
+def test_tasks_of_an_array_split_the_units_and_give_the_same_store(tmp_path):
+    cfg = write_config(tmp_path)
+    assert main(["extract", str(cfg), "--out", str(tmp_path / "one")]) == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "gapcache.cli", "extract", str(cfg), "--out", str(tmp_path / "arr"),
+                               "--task-index", str(i), "--n-tasks", "3"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate()
+        assert p.returncode == 0, err
+    assert info(tmp_path / "arr" / "store.zarr")["complete"]
+    assert not list((tmp_path / "arr").glob(".store.zarr.*.tmp"))  # losers of the creation race cleaned up
+    assert not list((tmp_path / "arr" / "locks").glob("*.lock"))
+    assert_stores_equal(tmp_path / "one" / "store.zarr", tmp_path / "arr" / "store.zarr")
+
+
+def test_second_task_on_the_same_shard_refuses(tmp_path):
+    from gapcache.errors import StoreLockedError
+    from gapcache.store.locks import ShardLocks
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "locks").mkdir()
+        (tmp_path / "locks" / "original.shard00000.lock").write_text(
+            json.dumps({"host": os.uname().nodename, "pid": other.pid, "job": "", "array_task": ""}))
+        with pytest.raises(StoreLockedError, match="being written by another task.*delete the lock"):
+            ShardLocks(tmp_path / "locks").acquire("original.shard00000")
+    finally:
+        other.kill()
+        other.wait()
+    with ShardLocks(tmp_path / "locks") as locks:  # the owner is dead now: the stale lock is taken over
+        locks.acquire("original.shard00000")
+        assert (tmp_path / "locks" / "original.shard00000.lock").is_file()
+    assert not (tmp_path / "locks" / "original.shard00000.lock").exists()
