@@ -581,8 +581,8 @@ def _fetch_hint(spec: _HFSpec, split: str) -> str:
     return (f"Fetch a local copy on a machine with internet access:\n"
             f"  python -c \"import datasets; datasets.load_dataset('{spec.hub_id}'{cfg}, "
             f"split='{split}').save_to_disk('{dest}')\"\n"
-            f"then point gapcache at it: load_dataset('{spec.name}', split='{split}', "
-            f"path='{dest}') (the 'path' of the dataset in a gapcache config).")
+            f"then point gapcache at it: in the config set data.dataset: {spec.name}, data.split: {split}, "
+            f"data.path: {dest}  (Python: load_dataset('{spec.name}', split='{split}', path='{dest}')).")
 
 
 def _open_local(spec: _HFSpec, path: Path, split: str):
