@@ -324,7 +324,7 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"stores": {}, "comparisons": {}}
     evds, all_results = {}, {}
-    with scheduler(p.scheduler):
+    with scheduler(p.scheduler, slurm=_slurm_section(paths[0]) if p.scheduler == "slurm" else None):
         for k, path in enumerate(paths):
             name = f"store{k}" if len(paths) > 1 else "store"
             ds = open_store(path)
@@ -364,6 +364,16 @@ def _write_results(res, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: consolidated metadata is not in the v3 spec
         res.to_zarr(path, mode="w", consolidated=True)
+
+
+def _slurm_section(path):
+    """The slurm section of the config snapshot the store carries (for --scheduler slurm)."""
+    from gapcache.config import SlurmConfig
+    from gapcache.store import root_attrs
+
+    snap = (root_attrs(path).get("config") or {}).get("slurm") or {}
+    known = {f.name for f in dataclasses.fields(SlurmConfig)}
+    return SlurmConfig(**{k: v for k, v in snap.items() if k in known})
 
 
 def _pairs(names):

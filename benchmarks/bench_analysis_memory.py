@@ -31,14 +31,17 @@ from gapcache.analyze.pipeline import AnalysisParams, analyze_store
 from gapcache.analyze.scheduler import scheduler
 from gapcache.store import open_store
 cap = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+if cap > 0:
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 t0 = time.perf_counter()
 with scheduler("threads"):
     summary, _ = analyze_store(open_store(sys.argv[1]), AnalysisParams(metrics=("rank", "probes"), n_resamples=199))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = open("/proc/self/status").read()
+vm_peak = int(status.split("VmPeak:")[1].split()[0]) * 1024
 task = next(iter(summary["metrics"]["probes"]))
 acc = summary["metrics"]["probes"][task]["original"]["prediction"]["accuracy"]
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": peak, "probe_accuracy": acc,
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": peak, "vm_peak": vm_peak, "probe_accuracy": acc,
                   "timing_s": summary["timing_s"]}))
 """
 
@@ -75,23 +78,26 @@ def build_store(path: Path, gb: float, hidden: int, layers: int, tokens: int, sp
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--store-gb", type=float, default=6.0)
-    ap.add_argument("--cap-gb", type=float, default=2.0)
+    ap.add_argument("--cap-gb", type=float, default=2.0, help="address-space cap of the analysis; 0 = none")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--samples-per-shard", type=int, default=16)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--store", help="reuse a store written by an earlier --keep run")
     args = ap.parse_args()
     from gapcache.store.reader import size_on_disk
 
     tmp = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
-        path = tmp / "big.zarr"
+        path = Path(args.store) if args.store else tmp / "big.zarr"
         t0 = time.perf_counter()
-        n = build_store(path, args.store_gb, args.hidden, args.layers, args.tokens, args.samples_per_shard)
+        if not args.store:
+            n = build_store(path, args.store_gb, args.hidden, args.layers, args.tokens, args.samples_per_shard)
+            print(f"store: {n} samples, written in {time.perf_counter() - t0:.0f} s at {path}")
         size = size_on_disk(path)
-        print(f"store: {n} samples, {size / 1e9:.2f} GB on disk, written in {time.perf_counter() - t0:.0f} s")
+        print(f"store: {size / 1e9:.2f} GB on disk")
         cap = int(args.cap_gb * 1e9)
         env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
         r = subprocess.run([sys.executable, "-c", CHILD, str(path), str(cap)], capture_output=True, text=True, env=env)
@@ -100,8 +106,9 @@ def main():
             print(f"FAILED under a {args.cap_gb} GB cap (exit {r.returncode})")
             sys.exit(1)
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"analysis (rank + probes) under RLIMIT_AS={args.cap_gb:.1f} GB: completed in {res['seconds']:.0f} s, "
-              f"peak RSS {res['peak_rss'] / 1e9:.2f} GB = {res['peak_rss'] / size:.2f} x the store size; "
+        print(f"analysis (rank + probes) under RLIMIT_AS={args.cap_gb:.1f} GB (0 = none): completed in "
+              f"{res['seconds']:.0f} s, peak RSS {res['peak_rss'] / 1e9:.2f} GB = {res['peak_rss'] / size:.2f} x the "
+              f"store size, peak virtual {res['vm_peak'] / 1e9:.2f} GB; "
               f"timing {res['timing_s']}")
         print(f"probe accuracy by layer (signal planted from layer {args.layers // 2}): "
               f"{[round(a, 2) for a in res['probe_accuracy']]}")

@@ -8,6 +8,8 @@ Usage::
     gapcache extract CONFIG --out DIR --dry-run         # store size and write bandwidth needed
     gapcache info runs/q25/store.zarr [--json]
     gapcache analyze runs/q25/store.zarr --out runs/q25/analysis [--cliff-layer 11] [--scheduler slurm]
+    gapcache slurm plan|submit CONFIG [--out RUN]     # GPU array over (condition, shard) + chained CPU analysis
+    gapcache slurm status RUN
 
 Exit codes: 0 ok, 1 a gapcache error (message on stderr), 2 bad command line.
 """
@@ -62,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="extract the built-in synthetic data with the built-in model")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
+
+    from gapcache.slurm.cli import register as register_slurm
+
+    register_slurm(sub)
     return p
 
 
@@ -69,7 +75,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        commands = {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo, "analyze": cmd_analyze}
+        commands = {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo, "analyze": cmd_analyze,
+                    "slurm": lambda a: a.func(a)}
         return commands[args.command](args)
     except GapcacheError as err:
         print(f"gapcache {args.command}: error: {err}", file=sys.stderr)

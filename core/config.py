@@ -75,18 +75,34 @@ class ExtractConfig:
 
 @dataclass
 class SlurmConfig:
-    partition: str = "gpu"
+    """How ``gapcache slurm plan|submit`` writes the jobs (see ``gapcache.slurm.plan``).
+
+    null omits an option (partition, account, gpus, mem, time: the cluster's defaults apply)."""
+
+    partition: str | None = "gpu"
     account: str | None = None
-    gpus: str | None = "gpu:1"
+    gpus: str | None = "gpu:1"  # --gres value; null = no --gres (CPU-only clusters, test clusters)
     cpus_per_task: int = 8
-    mem: str = "64G"
-    time: str = "04:00:00"
+    mem: str | None = "64G"
+    time: str | None = "04:00:00"
+    array_tasks: int | None = None  # array size; null = ceil(units / shards_per_task), units = conditions x shards
     shards_per_task: int = 1
+    max_parallel: int | None = None  # at most this many array tasks at once (--array=0-N%K)
+    requeue: bool = True  # --requeue, and requeue the task itself when signalled before its time limit
+    signal_seconds: int = 120  # --signal=B:USR1@this: the warning before the time limit
+    max_requeues: int = 20  # stop requeueing a task after this many restarts
     setup: list = field(default_factory=list)  # lines run before gapcache (module load, source venv)
-    extra_sbatch: list = field(default_factory=list)
-    analysis_partition: str = "cpu"
-    analysis_mem: str = "16G"
-    analysis_time: str = "02:00:00"
+    extra_sbatch: list = field(default_factory=list)  # extra "#SBATCH ..." options of the extraction array
+    gapcache: str | None = None  # the gapcache command in jobs; null = this installation's absolute path
+    results_dir: str = "results"  # default run directory: results/{model}/{dataset}/{name}
+    analysis: bool = True  # chain the CPU analysis job after the array
+    analysis_partition: str | None = "cpu"
+    analysis_cpus: int = 4
+    analysis_mem: str | None = "16G"
+    analysis_time: str | None = "02:00:00"
+    analysis_scheduler: str = "threads"  # gapcache analyze --scheduler
+    analysis_args: list = field(default_factory=list)  # extra gapcache analyze arguments, e.g. ["--cliff-layer", "11"]
+    analysis_extra_sbatch: list = field(default_factory=list)
 
 
 @dataclass
@@ -213,3 +229,30 @@ def validate(cfg: Config) -> None:
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
+    validate_slurm(cfg.slurm)
+
+
+def validate_slurm(s: SlurmConfig) -> None:
+    for name in ("partition", "account", "gpus", "mem", "time", "gapcache", "analysis_partition", "analysis_mem",
+                 "analysis_time"):
+        value = getattr(s, name)
+        _check(value is None or (isinstance(value, str) and value.strip() and "\n" not in value), f"slurm.{name}",
+               "a non-empty one-line string or null", value)
+    for name in ("cpus_per_task", "shards_per_task", "analysis_cpus", "max_requeues"):
+        value = getattr(s, name)
+        _check(_is_int(value) and value > (-1 if name == "max_requeues" else 0), f"slurm.{name}",
+               "a non-negative int" if name == "max_requeues" else "a positive int", value)
+    for name in ("array_tasks", "max_parallel"):
+        value = getattr(s, name)
+        _check(value is None or (_is_int(value) and value > 0), f"slurm.{name}", "a positive int or null", value)
+    _check(_is_int(s.signal_seconds) and 0 < s.signal_seconds <= 65535, "slurm.signal_seconds",
+           "an int in [1, 65535] (seconds before the time limit)", s.signal_seconds)
+    for name in ("requeue", "analysis"):
+        _check(isinstance(getattr(s, name), bool), f"slurm.{name}", "true or false", getattr(s, name))
+    for name in ("setup", "extra_sbatch", "analysis_args", "analysis_extra_sbatch"):
+        value = getattr(s, name)
+        _check(isinstance(value, list) and all(isinstance(x, str) and "\n" not in x for x in value),
+               f"slurm.{name}", "a list of one-line strings", value)
+    _check(isinstance(s.results_dir, str) and bool(s.results_dir), "slurm.results_dir", "a directory", s.results_dir)
+    _check(isinstance(s.analysis_scheduler, str) and bool(s.analysis_scheduler), "slurm.analysis_scheduler",
+           "threads | processes | ADDRESS | slurm", s.analysis_scheduler)
