@@ -10,6 +10,7 @@ Usage::
     gapcache analyze runs/q25/store.zarr --out runs/q25/analysis [--cliff-layer 11] [--scheduler slurm]
     gapcache slurm plan|submit CONFIG [--out RUN]     # GPU array over (condition, shard) + chained CPU analysis
     gapcache slurm status RUN
+    gapcache verify STORE | gapcache merge A B --out C | gapcache freeze STORE
 
 Exit codes: 0 ok, 1 a gapcache error (message on stderr), 2 bad command line.
 """
@@ -66,8 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
 
     from gapcache.slurm.cli import register as register_slurm
+    from gapcache.store.cli import register as register_store_commands
 
     register_slurm(sub)
+    register_store_commands(sub)  # verify, merge, freeze
     return p
 
 
@@ -75,8 +78,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        commands = {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo, "analyze": cmd_analyze,
-                    "slurm": lambda a: a.func(a)}
+        if getattr(args, "func", None) is not None:  # subcommands registered by slurm/ and store/
+            return args.func(args)
+        commands = {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo, "analyze": cmd_analyze}
         return commands[args.command](args)
     except GapcacheError as err:
         print(f"gapcache {args.command}: error: {err}", file=sys.stderr)
@@ -135,7 +139,8 @@ def format_info(path, data=None) -> str:
         f"{d['n_failed_samples']} with a failure",
         f"states     {len(d['layers'])} layers x {d['hidden']} hidden, {d['state_dtype']} ({d['state_encoding']}), "
         f"sites {', '.join(d['sites'])} + visual ({d['visual'].get('mode')})",
-        f"size       {d['size_bytes'] / 1e6:.1f} MB on disk",
+        f"size       {d['size_bytes'] / 1e6:.1f} MB on disk" if d["size_bytes"] is not None
+        else "size       unknown (remote store that cannot be listed)",
         f"complete   {'yes' if d['complete'] else 'no'}",
         "conditions:",
     ]

@@ -31,12 +31,17 @@ from gapcache.store.schema import (
 STATE_ARRAYS = ("text_states", "visual_states")
 
 
-def root_attrs(path) -> dict:
-    """The store's root attributes, after checking it is a gapcache store of a known schema."""
+def root_attrs(path, storage_options: dict | None = None) -> dict:
+    """The store's root attributes, after checking it is a gapcache store of a known schema.
+
+    ``path`` may be a URL (``http://``, ``s3://``, ...: opened read-only through fsspec).
+    """
     import zarr
 
+    from gapcache.store.remote import zarr_store
+
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        group = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
         raise StoreError(f"No gapcache store at {path}: {err}. Expected a directory written by `gapcache extract`.") from None
     attrs = group.attrs.asdict()
@@ -52,14 +57,28 @@ def root_attrs(path) -> dict:
     return attrs
 
 
-def open_store(path, decode: bool = True):
-    """Lazy xarray view of a store; hidden states decoded to float32 when ``decode``."""
+def open_store(path, decode: bool = True, storage_options: dict | None = None):
+    """Lazy xarray view of a store; hidden states decoded to float32 when ``decode``.
+
+    ``path`` may be a URL: ``http(s)://.../store.zarr`` or ``s3://bucket/store.zarr`` (credentials and
+    ``endpoint_url`` in ``storage_options``); remote stores are opened read-only, without copying,
+    from their consolidated metadata when they have it (HTTP cannot list directories).
+    """
     import xarray as xr
 
-    attrs = root_attrs(path)
+    from gapcache.store.remote import is_url, zarr_store
+
+    attrs = root_attrs(path, storage_options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # "failed to open consolidated"
-        ds = xr.open_zarr(str(path), consolidated=False, chunks={})
+        if is_url(path):
+            store = zarr_store(path, storage_options)
+            try:
+                ds = xr.open_zarr(store, consolidated=True, chunks={}, zarr_format=3)
+            except (KeyError, FileNotFoundError, ValueError):  # no consolidated metadata: list the store
+                ds = xr.open_zarr(store, consolidated=False, chunks={}, zarr_format=3)
+        else:
+            ds = xr.open_zarr(str(path), consolidated=False, chunks={}, zarr_format=3)
     ds.attrs = attrs
     if decode:
         for name in STATE_ARRAYS:
@@ -84,12 +103,25 @@ def size_on_disk(path) -> int:
     return total
 
 
-def info(path) -> dict:
-    """Summary of a store: the keys `gapcache info --json` prints."""
+def _remote_size(path, storage_options) -> int | None:
+    """Bytes of a remote store, where its filesystem can list it (S3 yes, plain HTTP no)."""
+    from gapcache.store.remote import fs_and_root
+
+    try:
+        fs, root = fs_and_root(path, storage_options)
+        return int(fs.du(root))
+    except Exception:  # noqa: BLE001 - HTTP servers without listings
+        return None
+
+
+def info(path, storage_options: dict | None = None) -> dict:
+    """Summary of a store: the keys `gapcache info --json` prints (``path`` may be a URL)."""
     import zarr
 
-    attrs = root_attrs(path)
-    g = zarr.open_group(str(path), mode="r", zarr_format=3)
+    from gapcache.store.remote import is_url, zarr_store
+
+    attrs = root_attrs(path, storage_options)
+    g = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
     status = g["status"][...]
     labels = [str(x) for x in g["condition"][...]]
     per_cond = {
@@ -101,7 +133,7 @@ def info(path) -> dict:
         for i, label in enumerate(labels)
     }
     return {
-        "path": str(Path(path).resolve()),
+        "path": str(path) if is_url(path) else str(Path(path).resolve()),
         "schema_version": attrs["schema_version"],
         "gapcache_version": attrs.get("gapcache_version"),
         "model": attrs.get("model", {}),
@@ -116,6 +148,7 @@ def info(path) -> dict:
         "state_dtype": str(g["text_states"].dtype),
         "state_encoding": g["text_states"].attrs.get(codec.ENCODING_ATTR),
         "visual": attrs.get("visual", {}),
-        "size_bytes": size_on_disk(path),
+        "size_bytes": _remote_size(path, storage_options) if is_url(path) else size_on_disk(path),
+        "frozen": attrs.get("frozen"),
         "provenance": attrs.get("provenance", {}),
     }

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gapcache.errors import IncompatibleStoreError, StoreError
-from gapcache.store import codec
+from gapcache.store import checksums, codec
 from gapcache.store.schema import (
     LAYER_CONVENTION,
     SCHEMA_VERSION,
@@ -61,6 +61,8 @@ def create(path, layout: Layout, attrs: dict, sample_meta: dict, overwrite: bool
     """
     import zarr
 
+    if overwrite:
+        refuse_frozen(path)
     g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
     g.attrs.update(_root_attrs(layout, attrs))
     _create_coords(g, layout)
@@ -101,8 +103,11 @@ def _consolidate(path):
 def _root_attrs(layout: Layout, attrs: dict) -> dict:
     from gapcache import __version__
 
+    from gapcache.store import checksums
+
     base = {
         "schema_version": SCHEMA_VERSION,
+        "checksums": checksums.ATTR_VALUE,
         "gapcache_version": __version__,
         "layer_convention": LAYER_CONVENTION,
         "sites": list(SITES),
@@ -235,6 +240,7 @@ class StoreWriter:
         import zarr
 
         self.path = str(path)
+        refuse_frozen(self.path)
         self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
         self.arrays = {name: self.group[name] for name in (*STATE_ARRAYS, *SCORE_ARRAYS)}
         self.visual_index = _visual_index(self.group)
@@ -251,6 +257,7 @@ class StoreWriter:
             except StoreError as err:
                 self.fallback[name] = str(err)
                 log.info("Writing %s through zarr-python: %s", name, err)
+        self._root = _local_root(self.group)  # checksum records: local stores only
         self._pool = None
         if any(sa.compressed for sa in self.direct.values()):
             from concurrent.futures import ThreadPoolExecutor
@@ -365,6 +372,7 @@ class StoreWriter:
             except BaseException:
                 _abort(staged[i + 1 :])
                 raise
+            self._record(*s.gapcache_record)
         a, s0 = self.arrays, p.shard * self.spc
         s1 = s0 + p.text_states.shape[0]
         a["gold_logprob"][p.condition, s0:s1] = p.gold_logprob
@@ -373,6 +381,14 @@ class StoreWriter:
         if p.generation is not None:
             a["generation"][p.condition, s0:s1] = p.generation
         a["error"][p.condition, s0:s1] = p.error
+        if self._root is not None:  # records of the score chunks, before the flags that make the unit done
+            for name in ("gold_logprob", "candidate_logprob", "generation", "error"):
+                if name == "candidate_logprob" and not p.candidate_logprob.shape[1]:
+                    continue
+                if name == "generation" and p.generation is None:
+                    continue
+                arr = a[name]
+                self._record(name, arr.metadata.encode_chunk_key((p.condition, p.shard) + (0,) * (arr.ndim - 2)))
         a["status"][p.condition, s0:s1] = p.status
 
     def _put_states(self, name: str, lead: int, shard: int, shard_len: int, rows: np.ndarray):
@@ -391,10 +407,26 @@ class StoreWriter:
             )
         self.bytes_written += rows.nbytes
         sa = self.direct.get(name)
+        coords = (lead, shard) + (0,) * (arr.ndim - 2)
         if sa is not None:
-            return sa.stage((lead, shard) + (0,) * (arr.ndim - 2), rows[None], self._pool)
+            staged = sa.stage(coords, rows[None], self._pool)
+            # checksum of the staged file (page cache, off the commit thread); recorded once it is in place
+            found = None if staged.tmp is None or self._root is None else checksums.file_crc32c(staged.tmp)
+            staged.gapcache_record = (name, sa.shard_key(coords), found)
+            return staged
         arr[lead, start : start + rows.shape[0]] = rows
+        self._record(name, arr.metadata.encode_chunk_key(coords))
         return None
+
+    def _record(self, name: str, key: str, found=False):
+        """Write the checksum record of ``key`` of array ``name`` (``found`` False: checksum the file now)."""
+        if self._root is None:
+            return
+        array_dir = self._root / self.arrays[name].path
+        if found is False:
+            checksums.record_file(array_dir, key)
+        else:
+            checksums.write_record(array_dir, key, found)
 
 
 def _abort(staged):
@@ -429,6 +461,35 @@ def _visual_index(group) -> dict[int, int]:
     labels = list(group["condition"][:])
     vlabels = list(group["visual_condition"][:])
     return {labels.index(v): i for i, v in enumerate(vlabels) if v in labels}
+
+
+class StoreFrozenError(StoreError):
+    """The store was frozen read-only by ``gapcache freeze``; no writer may change it."""
+
+
+def refuse_frozen(path) -> None:
+    """Raise StoreFrozenError if the store at ``path`` (local) carries the ``frozen`` attribute."""
+    meta = os.path.join(str(path), "zarr.json")
+    try:
+        with open(meta) as f:
+            frozen = (json.load(f).get("attributes") or {}).get("frozen")
+    except (OSError, ValueError):
+        return
+    if frozen:
+        raise StoreFrozenError(
+            f"The store at {path} is frozen read-only (frozen {frozen.get('at', '?')} by `gapcache freeze`); "
+            "writers refuse it. Extract into a new --out directory, or merge it with new stores into a new one "
+            "(`gapcache merge`)."
+        )
+
+
+def _local_root(group):
+    from pathlib import Path
+
+    from zarr.storage import LocalStore
+
+    store = getattr(group, "store", None)
+    return Path(store.root) if isinstance(store, LocalStore) and not store.read_only else None
 
 
 def check_compatible(path, attrs: dict, keys) -> None:

@@ -32,7 +32,7 @@ def _shard_files(path: Path, name: str) -> dict[str, bytes]:
     root = path / name
     return {
         str(f.relative_to(root)): f.read_bytes()
-        for f in sorted(root.rglob("*")) if f.is_file() and f.name != "zarr.json"
+        for f in sorted(root.rglob("*")) if f.is_file() and f.name != "zarr.json" and f.relative_to(root).parts[0] != "checksums"
     }
 
 

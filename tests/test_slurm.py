@@ -167,7 +167,8 @@ def slurm_cluster():
         yield cluster
     finally:
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("GAPCACHE_KEEP_SLURM"):  # keep the daemons' logs for debugging
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slurm

@@ -1,0 +1,84 @@
+"""Per-shard checksums, recorded when a shard is committed and checked by ``gapcache verify``.
+
+One small JSON record per (array, chunk/shard key), next to the array's chunks::
+
+    store.zarr/text_states/checksums/c.0.3.0.0.0.json   {"key": "c/0/3/0/0/0", "crc32c": 123, "nbytes": 4567}
+
+A writer only ever writes the records of the shards it owns (tmp file + rename, after the shard
+itself is in place and before the unit's ``status`` flags), so concurrent writers of different
+shards never touch the same file and a process killed at any point leaves either no record or a
+record of the shard file as it is on disk. A key that holds no data (an all-fill-value chunk that
+zarr does not store, or an empty shard) is recorded with ``"crc32c": null, "nbytes": 0``.
+
+Zarr readers never look inside an array's directory except at ``zarr.json`` and chunk keys
+(``c/...``), so the records are invisible to zarr and xarray and travel with the store (cp,
+rsync, S3 sync). Checksum: CRC-32C (Castagnoli) of the whole shard file, as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+ALGORITHM = "crc32c"
+DIRNAME = "checksums"
+ATTR = "checksums"  # root attribute describing the records (set by ``create``)
+ATTR_VALUE = {"algorithm": ALGORITHM, "scope": "whole shard/chunk file",
+              "location": "<array>/checksums/<key with '/' as '.'>.json, one per shard"}
+#: arrays whose chunks/shards get a record, written by StoreWriter per (condition, shard) unit
+RECORDED_ARRAYS = ("text_states", "visual_states", "gold_logprob", "candidate_logprob", "generation", "error")
+_BLOCK = 8 << 20
+
+
+def crc32c_update(data, value: int = 0) -> int:
+    from crc32c import crc32c as _crc
+
+    return int(_crc(data, value))
+
+
+def file_crc32c(path) -> tuple[int, int] | None:
+    """(crc32c, nbytes) of a file, streamed; None if it does not exist."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
+    crc, n = 0, 0
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with f:
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                break
+            crc = crc32c_update(view[:k], crc)
+            n += k
+    return crc, n
+
+
+def record_name(key: str) -> str:
+    return key.replace("/", ".") + ".json"
+
+
+def record_path(array_dir, key: str) -> Path:
+    return Path(array_dir) / DIRNAME / record_name(key)
+
+
+def make_record(key: str, found: tuple[int, int] | None) -> dict:
+    crc, n = found if found is not None else (None, 0)
+    return {"key": key, ALGORITHM: crc, "nbytes": n}
+
+
+def write_record(array_dir, key: str, found: tuple[int, int] | None) -> None:
+    """Atomically write the record of ``key`` ((crc, nbytes), or None for a key holding no data)."""
+    path = record_path(array_dir, key)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps(make_record(key, found)))
+    os.replace(tmp, path)
+
+
+def record_file(array_dir, key: str) -> None:
+    """Checksum the file at ``key`` as it is now and record it."""
+    write_record(array_dir, key, file_crc32c(Path(array_dir).joinpath(*key.split("/"))))

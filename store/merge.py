@@ -1,0 +1,350 @@
+"""``gapcache merge A B ... --out C``: one store from stores of the same model and prompt template.
+
+Usage::
+
+    merge(["runs/part1/store.zarr", "runs/part2/store.zarr"], "runs/all/store.zarr")
+
+The inputs must agree on everything that makes their states comparable (``COMPAT_FIELDS``:
+schema version, model id/revision/family/dtype/layers/hidden, processor and chat-template
+hashes, layer convention, recorded layers, sites, candidates, visual recording, storage
+encoding); the first field that differs is named and nothing is written. They may differ in
+samples (union, first store's order first) and in conditions (union); a (condition, sample) cell
+may be done or failed in at most one input. A sample present in several inputs must have the same
+token layout there (visual length, site positions, image hash). Per-sample ``donor`` indices
+(blind_randomimage) are remapped to the merged sample order; ``blind_mean`` must use the same mean
+colour in every input that has it. The result is created next to ``--out`` and renamed into
+place, written through StoreWriter (checksums recorded), and is a normal store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from gapcache.conditions import Condition
+from gapcache.errors import IncompatibleStoreError, StoreError
+from gapcache.store.remote import is_url, zarr_store
+from gapcache.store.schema import STATUS_PENDING, Layout
+
+#: (name shown in errors, getter(attrs, group))
+COMPAT_FIELDS = (
+    ("schema_version", lambda a, g: a.get("schema_version")),
+    ("model.id", lambda a, g: a.get("model", {}).get("id")),
+    ("model.revision", lambda a, g: a.get("model", {}).get("revision")),
+    ("model.family", lambda a, g: a.get("model", {}).get("family")),
+    ("model.dtype", lambda a, g: a.get("model_dtype")),
+    ("model.n_layers", lambda a, g: a.get("model", {}).get("n_layers")),
+    ("provenance.processor_class", lambda a, g: a.get("provenance", {}).get("processor_class")),
+    ("provenance.chat_template_sha256", lambda a, g: a.get("provenance", {}).get("chat_template_sha256")),
+    ("provenance.tokenizer_vocab_sha256", lambda a, g: a.get("provenance", {}).get("tokenizer_vocab_sha256")),
+    ("provenance.image_processor_sha256", lambda a, g: a.get("provenance", {}).get("image_processor_sha256")),
+    ("layer_convention", lambda a, g: a.get("layer_convention")),
+    ("sites", lambda a, g: a.get("sites")),
+    ("answer_prefix", lambda a, g: a.get("answer_prefix")),
+    ("visual", lambda a, g: a.get("visual")),
+    ("candidates", lambda a, g: [str(x) for x in g["candidate"][...]] if g["candidate_logprob"].shape[2] else []),
+    ("layer (recorded hidden-state indices)", lambda a, g: [int(x) for x in g["layer"][...]]),
+    ("hidden", lambda a, g: int(g["text_states"].shape[-1])),
+    ("state storage (dtype, encoding)",
+     lambda a, g: [str(g["text_states"].dtype), g["text_states"].attrs.get("gapcache_encoding")]),
+)
+#: per-sample metadata that must agree where a sample appears in several inputs
+SAME_SAMPLE_FIELDS = ("visual_length", "site_position", "seq_len", "image_sha256", "question", "answer")
+#: arrays written by create/StoreWriter (not per-sample metadata to carry over)
+OWN_ARRAYS = {"text_states", "visual_states", "gold_logprob", "candidate_logprob", "generation", "status", "error",
+              "sample", "condition", "condition_kind", "truncation_layer", "truncation_strategy", "visual_condition",
+              "layer", "site", "candidate", "visual_offset", "visual_length", "vtoken_sample", "vtoken_position",
+              "lens_norm_weight", "lens_token_id", "lens_unembed", "candidate_lens_token"}
+RESERVED_ATTRS = {"schema_version", "checksums", "gapcache_version", "layer_convention", "sites", "samples_per_shard",
+                  "visual_shard_tokens", "model_dtype", "conditions", "frozen"}
+
+
+def safe_out(out) -> Path:
+    """An output store path: no '..' component, not a symlink, not an existing path."""
+    if is_url(out):
+        raise StoreError(f"--out must be a local directory; remote stores are read-only. Got {out} instead.")
+    p = Path(out)
+    if ".." in p.parts:
+        raise StoreError(f"--out must not contain '..' (it could write outside the run directory). Got {out} instead.")
+    if p.is_symlink():
+        raise StoreError(f"--out {out} is a symlink; give the real directory (a store never writes through links).")
+    if p.exists():
+        raise StoreError(f"--out {out} already exists; merge writes a new store. Remove it or choose another path.")
+    for parent in p.parents:
+        if parent.is_symlink() and parent != Path("/") and not parent.is_absolute() and str(parent) != ".":
+            raise StoreError(f"--out {out} goes through the symlink {parent}; give the real path.")
+    return p
+
+
+class _Source:
+    def __init__(self, path, storage_options=None):
+        import zarr
+
+        from gapcache.store.reader import root_attrs
+
+        self.path = str(path)
+        self.attrs = root_attrs(path, storage_options)
+        self.g = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
+        self.samples = [str(x) for x in self.g["sample"][...]]
+        self.index = {s: i for i, s in enumerate(self.samples)}
+        self.conds = [Condition(c["kind"], int(c["truncation_layer"]), c["strategy"]) for c in self.attrs["conditions"]]
+        self.labels = [c.label for c in self.conds]
+        self.vlabels = [str(x) for x in self.g["visual_condition"][...]] if len(self.g["visual_condition"].shape) else []
+        self.status = self.g["status"][...]
+        self.voff = self.g["visual_offset"][...]
+        self.vlen = self.g["visual_length"][...]
+        self.spc = int(self.attrs["samples_per_shard"])
+        self.meta_names = sorted(n for n, a in self.g.arrays() if n not in OWN_ARRAYS
+                                 and (a.metadata.dimension_names or ("",))[0] == "sample")
+        self._cache: dict = {}
+
+    def block(self, name, lead, s0, s1):
+        key = (name, lead, s0, s1)
+        if key not in self._cache:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = self.g[name][lead, s0:s1]
+        return self._cache[key]
+
+    def row(self, name, ci, i):
+        """Row i of array ``name`` at condition ci, through a per-shard read cache."""
+        s0 = (i // self.spc) * self.spc
+        return self.block(name, ci, s0, min(s0 + self.spc, len(self.samples)))[i - s0]
+
+
+def check_compatible_stores(sources) -> None:
+    first = sources[0]
+    for src in sources[1:]:
+        for name, get in COMPAT_FIELDS:
+            a, b = get(first.attrs, first.g), get(src.attrs, src.g)
+            if a != b:
+                raise IncompatibleStoreError(
+                    f"Cannot merge {src.path} into {first.path}: they differ in {name!r} "
+                    f"({first.path} has {a!r}, {src.path} has {b!r}). Only stores of the same model revision, prompt "
+                    "template and schema can be merged."
+                )
+    means = {}
+    for src in sources:
+        if "blind_mean" in src.labels:
+            means[src.path] = src.attrs.get("condition_params", {}).get("blind_mean", {}).get("mean_rgb")
+    if len({json.dumps(v) for v in means.values()}) > 1:
+        raise IncompatibleStoreError(
+            "Cannot merge: they differ in 'condition_params.blind_mean.mean_rgb' "
+            f"({means}); blind_mean fed a different image in each. Merge them without that condition's runs, "
+            "or re-extract blind_mean over the union of samples."
+        )
+    names = {src.path: src.meta_names for src in sources}
+    if len({tuple(v) for v in names.values()}) > 1:
+        raise IncompatibleStoreError(f"Cannot merge: the per-sample metadata arrays differ: {names}.")
+
+
+def merge(paths, out, storage_options: dict | None = None, show: bool = False) -> Path:
+    """Merge the stores at ``paths`` (local or URLs, read-only) into a new local store ``out``."""
+    from gapcache.store.writer import StoreWriter, _consolidate, create
+
+    if len(paths) < 2:
+        raise StoreError(f"merge needs at least two stores. Got {len(paths)} instead.")
+    out = safe_out(out)
+    sources = [_Source(p, storage_options) for p in paths]
+    check_compatible_stores(sources)
+    first = sources[0]
+
+    # samples and conditions: unions in order of first appearance
+    sample_ids, home = [], {}  # home: sample id -> (source, index there) of its metadata
+    for src in sources:
+        for i, s in enumerate(src.samples):
+            if s not in home:
+                home[s] = (src, i)
+                sample_ids.append(s)
+            else:
+                _same_sample(home[s], (src, i), s)
+    conds, seen = [], set()
+    for src in sources:
+        for c in src.conds:
+            if c.label not in seen:
+                seen.add(c.label)
+                conds.append(c)
+    # every (condition, sample) cell: the one source where it is done/failed
+    owner: dict = {}
+    for src in sources:
+        for sci, label in enumerate(src.labels):
+            for i in np.flatnonzero(src.status[sci] != STATUS_PENDING):
+                cell = (label, src.samples[i])
+                if cell in owner:
+                    raise IncompatibleStoreError(
+                        f"Cannot merge: condition {label!r} of sample {src.samples[i]!r} is written in both "
+                        f"{owner[cell][0].path} and {src.path}; each (condition, sample) may come from one store only."
+                    )
+                owner[cell] = (src, sci, int(i))
+
+    vchunk = int(first.g["visual_states"].chunks[1])
+    layout = Layout(
+        sample_ids=tuple(sample_ids), conditions=tuple(conds), layers=tuple(int(x) for x in first.g["layer"][...]),
+        hidden=int(first.g["text_states"].shape[-1]), model_dtype=first.attrs["model_dtype"],
+        candidates=tuple(COMPAT_FIELDS[14][1](first.attrs, first.g)),
+        visual_lengths=tuple(int(home[s][0].vlen[home[s][1]]) for s in sample_ids),
+        samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression_level=_zstd_level(first.g["text_states"]),
+    )
+    new_index = {s: i for i, s in enumerate(sample_ids)}
+    meta = {}
+    for name in first.meta_names:
+        cols = {src.path: src.g[name][...] for src in sources}
+        rows = [cols[home[s][0].path][home[s][1]] for s in sample_ids]
+        arr = np.array(rows, dtype=object if cols[first.path].dtype.kind in "OUST" else cols[first.path].dtype)
+        if name == "donor":  # index into the source's samples -> index into the merged samples
+            arr = np.array([new_index[home[s][0].samples[int(d)]] if int(d) >= 0 else -1
+                            for s, d in zip(sample_ids, rows)], np.int64)
+        meta[name] = arr
+    attrs = _merged_attrs(sources, layout, meta.get("donor"))
+
+    tmp = out.parent / f".{out.name}.{os.getpid()}.merge.tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = create(tmp, layout, attrs, meta)
+        _vtoken_positions(group, sources, home, sample_ids, layout)
+        _merge_lens(group, sources, home, sample_ids, layout)
+        _consolidate(tmp)
+        with StoreWriter(tmp) as w:
+            for ci, cond in enumerate(conds):
+                for shard in range(layout.n_shards):
+                    p = _payload(ci, cond, shard, layout, owner, sample_ids, group)
+                    if p is not None:
+                        w.submit(p)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _same_sample(a, b, sample_id) -> None:
+    (sa, ia), (sb, ib) = a, b
+    for name in SAME_SAMPLE_FIELDS:
+        if name in sa.g and name in sb.g:
+            x, y = np.asarray(sa.g[name][ia]), np.asarray(sb.g[name][ib])
+            if x.shape != y.shape or not (x == y).all():
+                raise IncompatibleStoreError(
+                    f"Cannot merge: sample {sample_id!r} differs in {name!r} between {sa.path} ({x.tolist()!r}) and "
+                    f"{sb.path} ({y.tolist()!r}); the same sample id must have the same token layout."
+                )
+
+
+def _zstd_level(arr) -> int:
+    cfg = arr.metadata.to_dict()["codecs"][0].get("configuration", {})
+    for c in cfg.get("codecs", []):
+        if isinstance(c, dict) and c.get("name") == "zstd":
+            return int(c.get("configuration", {}).get("level", 1))
+    return 0
+
+
+def _merged_attrs(sources, layout, donor) -> dict:
+    first = sources[0]
+    attrs = {k: v for k, v in first.attrs.items() if k not in RESERVED_ATTRS}
+    merged_from = [{"path": s.path, "config_hash": s.attrs.get("config_hash"), "n_samples": len(s.samples),
+                    "conditions": s.labels, "dataset": s.attrs.get("dataset"),
+                    "created": s.attrs.get("provenance", {}).get("created")} for s in sources]
+    attrs["merged_from"] = merged_from
+    attrs["config_hash"] = "merge:" + hashlib.sha256(
+        json.dumps([m["config_hash"] for m in merged_from]).encode()).hexdigest()[:16]
+    names = sorted({str((s.attrs.get("dataset") or {}).get("name")) for s in sources})
+    splits = sorted({str((s.attrs.get("dataset") or {}).get("split")) for s in sources})
+    attrs["dataset"] = {"name": "+".join(names), "split": "+".join(splits), "n_samples": layout.n_samples}
+    params = json.loads(json.dumps(attrs.get("condition_params") or {}))
+    if donor is not None and "blind_randomimage" in params:
+        params["blind_randomimage"]["donor"] = [int(x) for x in donor]
+    for s in sources[1:]:  # conditions only a later store has: take their parameters from it
+        for k, v in (s.attrs.get("condition_params") or {}).items():
+            params.setdefault(k, v)
+    attrs["condition_params"] = params
+    return attrs
+
+
+def _vtoken_positions(group, sources, home, sample_ids, layout) -> None:
+    pos = np.full(layout.n_vtokens, -1, np.int32)
+    cache = {}
+    for i, s in enumerate(sample_ids):
+        src, j = home[s]
+        if src.path not in cache:
+            cache[src.path] = src.g["vtoken_position"][...]
+        n = layout.visual_lengths[i]
+        o = int(src.voff[j])
+        pos[layout.visual_offsets[i] : layout.visual_offsets[i] + n] = cache[src.path][o : o + n]
+    group["vtoken_position"][...] = pos
+
+
+def _merge_lens(group, sources, home, sample_ids, layout) -> None:
+    """Union of the logit-lens rows (when every input has them; the model is the same, so rows agree)."""
+    if not all("lens_token_id" in s.g for s in sources):
+        return
+    first = sources[0]
+    weight = first.g["lens_norm_weight"]
+    rows = {}
+    for s in sources:
+        for r, t in enumerate(s.g["lens_token_id"][...]):
+            rows.setdefault(int(t), (s, r))
+    tokens = sorted(rows)
+    unembed = np.stack([rows[t][0].g["lens_unembed"][rows[t][1]] for t in tokens]) if tokens \
+        else np.zeros((0, layout.hidden), np.float32)
+    which = np.full((layout.n_samples, max(1, len(layout.candidates))), -1, np.int32)
+    new_row = {t: r for r, t in enumerate(tokens)}
+    for i, s in enumerate(sample_ids):
+        src, j = home[s]
+        old = src.g["candidate_lens_token"][j]
+        src_tokens = src.g["lens_token_id"][...]
+        which[i, : old.shape[0]] = [new_row[int(src_tokens[r])] if r >= 0 else -1 for r in old]
+    h, spc = layout.hidden, layout.samples_per_shard
+    arrays = {
+        "lens_norm_weight": (("hidden",), weight[...], (h,), weight.attrs.asdict()),
+        "lens_token_id": (("lens_token",), np.array(tokens, np.int64), (max(1, len(tokens)),), {}),
+        "lens_unembed": (("lens_token", "hidden"), unembed, (max(1, len(tokens)), h), {}),
+        "candidate_lens_token": (("sample", "candidate"), which, (spc, which.shape[1]), {}),
+    }
+    for name, (dims, values, chunks, attrs) in arrays.items():
+        arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, dimension_names=dims,
+                                 attributes=attrs)
+        if values.size:
+            arr[...] = values
+
+
+def _payload(ci, cond, shard, layout, owner, sample_ids, group):
+    from gapcache.store.writer import ShardPayload
+
+    idx = list(layout.shard_samples(shard))
+    cells = [owner.get((cond.label, sample_ids[i])) for i in idx]
+    if all(c is None for c in cells):
+        return None
+    n, k = len(idx), len(layout.candidates)
+    tdtype = group["text_states"].dtype
+    text = np.zeros((n, 2, len(layout.layers), layout.hidden), tdtype)
+    vis = None
+    if cond.records_visual:
+        vis = np.zeros((sum(layout.visual_lengths[i] for i in idx), len(layout.layers), layout.hidden), tdtype)
+    gold = np.full(n, np.nan, np.float32)
+    cand = np.full((n, k), np.nan, np.float32)
+    status = np.zeros(n, np.uint8)
+    error = np.array([""] * n, dtype=object)
+    gen = np.array([""] * n, dtype=object)
+    base = layout.visual_offsets[idx[0]]
+    for j, (i, cell) in enumerate(zip(idx, cells)):
+        if cell is None:
+            continue
+        src, sci, si = cell
+        text[j] = src.row("text_states", sci, si)
+        gold[j] = src.row("gold_logprob", sci, si)
+        if k:
+            cand[j] = src.row("candidate_logprob", sci, si)
+        status[j] = src.status[sci, si]
+        error[j] = str(src.row("error", sci, si))
+        gen[j] = str(src.row("generation", sci, si))
+        if vis is not None and layout.visual_lengths[i]:
+            vci = src.vlabels.index(cond.label)
+            o, m = int(src.voff[si]), int(src.vlen[si])
+            d = layout.visual_offsets[i] - base
+            vis[d : d + m] = src.g["visual_states"][vci, o : o + m]
+    return ShardPayload(ci, shard, text, vis, gold, cand, status, error, gen)
