@@ -161,14 +161,18 @@ def evd(ds, p: AnalysisParams, results: dict) -> dict:
     fin = np.isfinite(e)
     if fin.sum() >= 2:
         out["mean_evd"] = _ci(e[fin], p).to_dict()
+    # EVD gap: a sample whose Delta never reaches tau needs no layer's visual states; it counts as
+    # EVD = min(layers) - 1 (one below the earliest truncation point) instead of being dropped.
+    floor = float(np.min(layers)) - 1
+    e_gap = np.where(np.isnan(e), floor, e)
     cats = strs(ds.category)[keep]
-    if {"hard", "easy"} <= set(cats[fin]):
-        a, b = e[fin & (cats == "hard")], e[fin & (cats == "easy")]
-        if len(a) >= 2 and len(b) >= 2:
-            ci = stats.bootstrap_ci((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=False,
-                                    level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed,
-                                    name="evd_gap_hard_minus_easy")
-            out["gap_hard_minus_easy"] = ci.to_dict()
+    a, b = e_gap[cats == "hard"], e_gap[cats == "easy"]
+    if len(a) >= 2 and len(b) >= 2:
+        ci = stats.bootstrap_ci((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=False,
+                                level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed,
+                                name="evd_gap_hard_minus_easy")
+        out["gap_hard_minus_easy"] = {**ci.to_dict(), "n_hard": int(len(a)), "n_easy": int(len(b)),
+                                      "never_reach_tau_counts_as": floor}
     return out
 
 

@@ -338,7 +338,7 @@ def bootstrap_ci(data, statistic: Callable, *, paired: bool = True, level: float
     _check_same_ids(data, dim, func)
     parsed = [as_samples(x, dim, f"data[{i}]", func) for i, x in enumerate(data)]
     arrays = [p[0] for p in parsed]
-    if len({len(a) for a in arrays}) > 1:
+    if paired and len({len(a) for a in arrays}) > 1:
         raise DataError(
             f"The 'data' arrays of {func} must have the same number of samples. "
             f"Got {[len(a) for a in arrays]} instead."

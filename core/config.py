@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class ModelConfig:
     family: str = "llava"
-    id: str = ""  # hub id or local directory; "builtin:tiny-llava" = the package's own small model
+    id: str = ""  # hub id or local directory; "builtin:tiny-llava-shapes" = the shipped trained model, "builtin:tiny-llava" = random weights
     revision: str | None = None
     dtype: str = "float32"
     device_map: str | None = None  # e.g. "auto" (accelerate), "cuda:0"; None = CPU
@@ -126,7 +126,7 @@ class Config:
 
 DEMO = {
     "name": "demo",
-    "model": {"family": "llava", "id": "builtin:tiny-llava", "dtype": "float32"},
+    "model": {"family": "llava", "id": "builtin:tiny-llava-shapes", "dtype": "float32"},
     "data": {"dataset": "synthetic", "split": "test", "options": {"n": 96, "image_size": 64, "seed": 0}},
     "extract": {
         "conditions": ["original", "blind_black", "blind_mean", "blind_randomimage", "truncated"],

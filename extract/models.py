@@ -109,14 +109,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GAPCACHE_CACHE", Path.home() / ".cache" / "gapcache"))
 
 
+# Trained models shipped inside the package (core/builtin/<name>): name -> family.
+# ``tiny-llava-shapes`` is trained by ``python -m gapcache.extract.train_tiny`` on the synthetic shapes.
+SHIPPED = {"tiny-llava-shapes": "llava"}
+
+
+def shipped_dir() -> Path:
+    import gapcache
+
+    return Path(gapcache.__file__).resolve().parent / "builtin"
+
+
 def resolve_model_path(model_id: str, family: str) -> str:
-    """A hub id or directory as is; ``builtin:tiny-<family>`` built once into the gapcache cache."""
+    """A hub id or directory as is; ``builtin:tiny-llava-shapes`` the trained model shipped in the
+    package; ``builtin:tiny-<family>`` (random weights) built once into the gapcache cache."""
     if not model_id.startswith(BUILTIN_PREFIX):
         return model_id
     name = model_id[len(BUILTIN_PREFIX):]
+    if name in SHIPPED:
+        if family != SHIPPED[name]:
+            raise ConfigError(f"The builtin model {model_id!r} is a {SHIPPED[name]} model; set model.family to "
+                              f"{SHIPPED[name]!r}. Got {family!r} instead.")
+        path = shipped_dir() / name
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"The shipped model files of {model_id!r} are missing from '{path}'. Reinstall "
+                              "gapcache, or retrain them with `python -m gapcache.extract.train_tiny`.")
+        return str(path)
     fam = name.removeprefix("tiny-").replace("-", "_")
     if not name.startswith("tiny-") or fam not in ADAPTERS:
-        raise UnknownNameError("builtin model", model_id, [f"{BUILTIN_PREFIX}tiny-{f}" for f in ADAPTERS])
+        raise UnknownNameError("builtin model", model_id, [f"{BUILTIN_PREFIX}{n}" for n in SHIPPED]
+                               + [f"{BUILTIN_PREFIX}tiny-{f}" for f in ADAPTERS])
     from gapcache.extract.tiny import build_tiny_checkpoint
 
     out = cache_dir() / "builtin" / name

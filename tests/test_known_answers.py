@@ -1,0 +1,254 @@
+"""Known answers: the shipped trained model ``builtin:tiny-llava-shapes`` shows the effects gapcache
+is built to measure, through gapcache's own extraction and analysis functions.
+
+The model (LLaVA architecture, 4 decoder layers; trained by ``gapcache.extract.train_tiny``) answers
+the synthetic shapes questions. "hard" questions (presence / colour / count) need the image; "easy"
+ones (``*_text``) state their answer in the text. What each condition is expected to remove:
+
+* ``blind_black``: every visual fact -> hard questions at chance (1 / number of candidates), easy
+  ones unchanged;
+* ``blind_mean``: a uniform image of the mean colour. It carries no shapes, so counting is at
+  chance; a uniform colour is not blind to colour questions in general (a per-image mean of a
+  single-shape scene leaks its colour), so only counting is asserted to fall (measured with the
+  run-wide mean used here: presence and colour at chance too);
+* counting is learnt only partly by the shipped model (held-out ~0.6, above chance, below the 0.9
+  of presence and colour), so the 0.9 / transfer-layer / probe-decoding assertions use presence
+  and colour (``LEARNT``); every "falls to chance" assertion covers all three;
+* ``blind_randomimage``: the sample's own image, replaced by a donor's -> hard questions at chance
+  *for the sample*, and the answers follow the donor's image instead;
+* ``truncated`` after L (both strategies): layers > L lose the visual tokens. At the first layers
+  the image has not yet reached the text positions -> chance; once it has (the transfer layer),
+  truncation no longer hurts. The truncation curve, the EVD cliff and the prediction-site probes
+  locate that layer;
+* the text-answerable questions need no image: their EVD is lower than that of hard questions.
+"""
+
+import numpy as np
+import pytest
+
+from gapcache.analyze import pipeline, stats
+from gapcache.analyze.pipeline import AnalysisParams
+from gapcache.analyze.probes import probe_accuracy_ci, probe_layers
+from gapcache.config import load_config
+from gapcache.extract.data import SYNTHETIC_COLOURS, load_dataset
+from gapcache.extract.runner import Extraction
+from gapcache.store import open_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "builtin:tiny-llava-shapes"
+DATA = {"n": 480, "image_size": 64, "seed": 0}
+TRUNC = [-1, 0, 1, 2, 3]
+HARD = ("presence", "colour", "count")
+LEARNT = ("presence", "colour")  # >= 0.9 on held-out data; counting is learnt only partly (~0.66, see below)
+EASY = ("presence_text", "colour_text", "count_text")
+P = AnalysisParams(n_resamples=999, seed=0, level=0.95, ci_method="percentile")
+
+
+def kind_of(question: str, category: str) -> str:
+    base = "presence" if "Is there" in question else "colour" if "colour" in question else "count"
+    return base + ("_text" if category == "easy" else "")
+
+
+def image_answer(kind: str, question: str, image) -> str | None:
+    """The correct answer to a hard question about ``image``, read from its pixels (None: undefined)."""
+    a = np.asarray(image.convert("RGB")).astype(int)
+    present = [c for c, rgb in SYNTHETIC_COLOURS.items() if (a == rgb).all(-1).sum() >= 4]
+    half = a.shape[0] // 2
+    cells = [a[y:y + half, x:x + half] for y in (0, half) for x in (0, half)]
+    count = sum(bool((cell != 255).any()) for cell in cells)
+    if kind == "presence":
+        asked = question.split("Is there a ")[1].split(" ")[0]
+        return "yes" if asked in present else "no"
+    if kind == "colour":
+        return present[0] if count == 1 and len(present) == 1 else None
+    return str(count)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return extract_and_score(tmp_path_factory.mktemp("known"))
+
+
+def extract_and_score(out_dir) -> dict:
+    """Extract the held-out test samples under every condition; forced-choice scores and predictions."""
+    cfg = load_config({
+        "name": "known-answers",
+        "model": {"family": "llava", "id": MODEL, "dtype": "float32"},
+        "data": {"dataset": "synthetic", "split": "test", "options": DATA},
+        "extract": {"conditions": ["original", "blind_black", "blind_mean", "blind_randomimage", "truncated"],
+                    "truncation_layers": TRUNC, "truncation_strategies": ["zero", "drop"],
+                    "batch_size": 32, "samples_per_shard": 64},
+    })
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is fastest, and polite on shared cores
+    try:
+        ds = open_store(Extraction(cfg, out_dir).run(show=False))
+    finally:
+        torch.set_num_threads(threads)
+    assert (ds.status.values == 1).all(), "every sample must extract under every condition"
+    results: dict = {}
+    acc = pipeline.accuracy(ds, P, results)
+    conds = [str(c) for c in ds.condition.values]
+    correct = dict(zip(conds, results["forced_choice_correct"][1]))
+    kinds = np.array([kind_of(q, c) for q, c in zip(pipeline.strs(ds.question), pipeline.strs(ds.category))])
+    n_cand = ds.candidate_mask.values.sum(1)
+    cands = pipeline.strs(ds.candidate)
+    logp = np.where(ds.candidate_mask.values[None], ds.candidate_logprob.values, -np.inf)
+    pred = {c: cands[np.argmax(logp[k], axis=1)] for k, c in enumerate(conds)}
+    return dict(ds=ds, acc=acc, correct=correct, kinds=kinds, chance=1.0 / n_cand, pred=pred, conds=conds)
+
+
+def ci(x):
+    return stats.mean_ci(np.asarray(x, float), level=P.level, method=P.ci_method, n_resamples=P.n_resamples,
+                         seed=P.seed)
+
+
+def kind_ci(run, condition, kind):
+    sel = run["kinds"] == kind
+    return ci(run["correct"][condition][sel]), float(run["chance"][sel][0])
+
+
+def includes(interval, value) -> bool:
+    return float(interval.low) <= value <= float(interval.high)
+
+
+def test_original_answers_image_questions_from_the_image(run):
+    for kind in LEARNT + EASY:
+        c, _ = kind_ci(run, "original", kind)
+        assert c.estimate >= 0.9, (kind, c)
+    # counting: learnt only partly by the shipped model (held-out ~0.66); above chance, below 0.9
+    c, chance = kind_ci(run, "original", "count")
+    assert c.low > chance, c
+    per_cat = run["acc"]["per_category"]["original"]
+    assert per_cat["hard"]["n"] == DATA["n"] // 2 and per_cat["easy"]["estimate"] >= 0.9
+
+
+@pytest.mark.parametrize("condition", ["blind_black", "blind_mean", "blind_randomimage"])
+def test_blind_conditions_remove_what_they_should(run, condition):
+    # blind_mean keeps a colour, so only counting is expected to fall (see the module docstring)
+    removed = ("count",) if condition == "blind_mean" else HARD
+    for kind in removed:
+        c, chance = kind_ci(run, condition, kind)
+        assert includes(c, chance), (condition, kind, c, chance)
+    for kind in EASY:  # text-answerable: the image is not needed
+        c, _ = kind_ci(run, condition, kind)
+        assert c.estimate >= 0.9, (condition, kind, c)
+    # paired by sample: the loss on hard questions is real (CI of blind - original below zero)
+    hard = np.isin(run["kinds"], removed)
+    diff = stats.mean_diff_ci(run["correct"][condition][hard], run["correct"]["original"][hard], level=P.level,
+                              method=P.ci_method, n_resamples=P.n_resamples, seed=P.seed)
+    assert diff.high < 0, diff
+
+
+def test_randomimage_answers_follow_the_donor_image(run):
+    ds = run["ds"]
+    samples = load_dataset("synthetic", split="test", **DATA)
+    assert [s.id for s in samples] == pipeline.strs(ds.sample).tolist()
+    donor = ds.donor.values
+    follow, chance = [], []
+    for i, s in enumerate(samples):
+        kind = run["kinds"][i]
+        if kind not in HARD:
+            continue
+        want = image_answer(kind, s.question, samples[int(donor[i])].load_image())
+        assert image_answer(kind, s.question, s.load_image()) in (s.answer, None)  # the reader is right
+        if want is None:
+            continue
+        follow.append(float(run["pred"]["blind_randomimage"][i] == want))
+        chance.append(run["chance"][i])
+    follow, chance = np.array(follow), np.array(chance)
+    assert len(follow) >= 60
+    c = ci(follow - chance)  # how far above chance the answers agree with the donor's image
+    assert c.low > 0 and follow.mean() >= 0.75, (c, follow.mean())
+
+
+def hard_truncation_accuracy(run, strategy, kinds=HARD):
+    hard = np.isin(run["kinds"], kinds)
+    out = {}
+    for L in TRUNC:
+        label = f"truncated_{strategy}_L{'m1' if L == -1 else L}"
+        out[L] = ci(run["correct"][label][hard])
+    return out
+
+
+def transfer_layer(run, strategy="zero"):
+    """The first truncation layer after which accuracy on the learnt image questions is back to >= 0.9."""
+    curve = hard_truncation_accuracy(run, strategy, LEARNT)
+    return next(L for L in TRUNC if curve[L].estimate >= 0.9)
+
+
+@pytest.mark.parametrize("strategy", ["zero", "drop"])
+def test_truncation_curve_falls_to_chance_early_and_recovers_after_the_transfer(run, strategy):
+    hard = np.isin(run["kinds"], LEARNT)
+    chance = float(run["chance"][hard].mean())
+    curve = hard_truncation_accuracy(run, strategy, LEARNT)
+    T = transfer_layer(run, strategy)
+    assert T >= 0, "the visual information cannot reach the text before layer 0"
+    assert includes(curve[-1], chance), (curve[-1], chance)  # no layer reads the image
+    for L in TRUNC:
+        if L >= T:  # after the transfer: no loss against original, paired by sample
+            diff = stats.mean_diff_ci(run["correct"][f"truncated_{strategy}_L{L}"][hard],
+                                      run["correct"]["original"][hard], level=P.level, method=P.ci_method,
+                                      n_resamples=P.n_resamples, seed=P.seed)
+            assert diff.low <= 0 <= diff.high or diff.low > 0, (L, diff)
+    # the same curve as the analysis tier reports it (all samples): monotone recovery, exact at the end
+    tr = pipeline.truncation(run["ds"], P, {})
+    assert tr[strategy]["layers"] == TRUNC
+    assert tr[strategy]["mean_delta"]["estimate"][-1] == 0.0
+    assert tr[strategy]["accuracy"][0] < tr[strategy]["accuracy"][-1]
+
+
+def test_evd_locates_the_transfer_and_separates_hard_from_easy(run):
+    from gapcache.analyze import evd as evd_mod
+
+    params = AnalysisParams(n_resamples=P.n_resamples, seed=P.seed, cliff_method="median_evd")
+    out = pipeline.evd(run["ds"], params, {})
+    T = transfer_layer(run)
+    # EVD = the last layer after which truncation still costs >= tau: just before the transfer
+    assert T - 1 <= out["cliff_layer"] <= T, (out["cliff_layer"], T)
+    # easy questions never need the image (Delta < tau at every L), so the pipeline's gap, which
+    # compares finite EVDs only, has no easy sample; count "never" as EVD = first layer - 1
+    deltas = evd_mod.truncation_deltas(run["ds"].gold_logprob.load()).sel(strategy="zero")
+    d = deltas.transpose("sample", "layer").values
+    layers = deltas.layer.values
+    e = evd_mod.evd(d, layers, out["tau"]["value"])
+    easy, hard = np.isin(run["kinds"], EASY), np.isin(run["kinds"], LEARNT)
+    assert np.isnan(e[easy]).all() and out["n_never_reach_tau"] >= easy.sum()
+    assert np.isfinite(e[hard]).mean() >= 0.5  # ("no" to presence is also the blind default: Delta small)
+    e = np.where(np.isnan(e), layers.min() - 1, e)
+    hard = np.isin(run["kinds"], HARD)  # category "hard" (as many samples as "easy": bootstrap_ci needs equal n)
+    gap = stats.bootstrap_ci((e[hard], e[easy]), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=False,
+                             level=P.level, method=P.ci_method, n_resamples=P.n_resamples, seed=P.seed)
+    assert gap.low > 0, gap
+
+
+def test_prediction_site_probes_decode_the_answer_only_when_the_image_is_there(run):
+    ds = run["ds"]
+    T = transfer_layer(run)
+    for kind in HARD:
+        idx = np.flatnonzero(run["kinds"] == kind)
+        y = ds.label.values[idx]
+        for condition in ("original", "blind_black", "blind_mean", "blind_randomimage"):
+            X = ds.text_states.sel(condition=condition, site="prediction").isel(sample=idx)
+            res = probe_layers(X, y, n_splits=4, seed=0)
+            sel = probe_accuracy_ci(res, which="selectivity", level=P.level, method=P.ci_method,
+                                    n_resamples=P.n_resamples, seed=P.seed)
+            low, high = np.asarray(sel.low), np.asarray(sel.high)
+            layers = np.asarray(res.layers)
+            if condition == "original":
+                if kind in LEARNT:  # hidden-state index T+1 = the stream leaving layer T
+                    assert (low[layers >= T + 1] > 0).all(), (kind, res.accuracy, low)
+            else:
+                assert (low <= 0).all(), (kind, condition, res.accuracy, low)
+
+
+def test_training_is_deterministic(tmp_path):
+    from gapcache.extract.train_tiny import state_after
+
+    a, b = state_after(3, seed=0, tmp=tmp_path), state_after(3, seed=0, tmp=tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].equal(b[k]), k
