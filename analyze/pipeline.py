@@ -313,9 +313,8 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
     coords = {"sample": strs(ds.sample), "condition": strs(ds.condition),
               "layer": ds.layer.values, "site": strs(ds.site),
               "visual_condition": strs(ds.visual_condition), **results.pop("_coords", {})}
-    data = {k: v for k, v in results.items()}
-    res = xr.Dataset(data, coords={k: v for k, v in coords.items()
-                                   if any(k in dims for dims, _ in data.values())})
+    res = xr.Dataset(results, coords={k: v for k, v in coords.items()
+                                      if any(k in dims for dims, _ in results.values())})
     return summary, res
 
 

@@ -40,6 +40,7 @@ from gapcache.extract.runner import Extraction  # noqa: E402
 from gapcache.extract.tiny import build_tiny_checkpoint  # noqa: E402
 from gapcache.store import open_store, visual_span  # noqa: E402
 from gapcache.store.schema import SITES, STATUS_DONE  # noqa: E402
+from test_tiny import n_visual_features  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -129,17 +130,6 @@ def answer_ids(r, text):
     return r.tok(r.adapter.answer_prefix + text, add_special_tokens=False)["input_ids"]
 
 
-def n_inserted(model, batch) -> int:
-    """Rows the vision tower + projector produce, i.e. what the model scatters into the sequence."""
-    inner = model.model
-    with torch.no_grad():
-        if "image_grid_thw" in batch:
-            feats = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-        else:
-            feats = inner.get_image_features(
-                batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy)
-    return sum(f.shape[0] for f in feats.pooler_output)
 
 
 def reference_forward(r, indices, cond):
@@ -217,7 +207,7 @@ def test_sites_point_at_the_right_tokens(run):
         pos = np.flatnonzero(np.array(ids) == image_id)
         assert pos.size and np.array_equal(pos, np.arange(pos[0], pos[0] + pos.size))
         assert (int(r.vstart[i]), int(r.vlen[i]), int(r.ds.span_length[i])) == (pos[0], pos.size, pos.size)
-        assert pos.size == n_inserted(r.model, batch)
+        assert pos.size == n_visual_features(r.model, batch)
         if r.family == "llava":
             assert pos.size == 16
         else:
@@ -531,7 +521,7 @@ def test_blind_conditions_keep_the_token_layout(run):
         for i, p in enumerate(r.ex.planned):
             batch = r.processor(text=[p.prompt], images=[r.ex.condition_image(i, cond)], return_tensors="pt")
             assert batch["input_ids"][0].tolist() == p.prompt_ids, (label, i)
-            assert n_inserted(r.model, batch) == r.vlen[i]
+            assert n_visual_features(r.model, batch) == r.vlen[i]
         span = r.vis[r.vci(label)]
         for i in range(N_SAMPLES):  # every row of the span written, under every visual condition
             rows = span[r.voff[i] : r.voff[i] + r.vlen[i]]

@@ -40,7 +40,7 @@ def _batch(proc, size=(64, 64)):
     return text, proc(text=[text], images=[image], return_tensors="pt", padding=True)
 
 
-def _n_visual_features(model, batch) -> int:
+def n_visual_features(model, batch) -> int:
     """Rows the vision tower + projector produce, i.e. what the model scatters into the sequence."""
     inner = model.model
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_family_loads_and_runs(family, tmp_path):
         assert text.endswith("<|im_start|>assistant\n")
     with torch.no_grad():
         out = model(**batch, output_hidden_states=True)
-    assert _n_image_pads(model, batch) == _n_visual_features(model, batch) == 16
+    assert _n_image_pads(model, batch) == n_visual_features(model, batch) == 16
     assert len(out.hidden_states) == num_layers + 1
     assert out.hidden_states[0].shape == (1, batch["input_ids"].shape[1], model.config.text_config.hidden_size)
     assert out.logits.shape[-1] >= len(tok)
@@ -108,7 +108,7 @@ def test_qwen_dynamic_resolution_gives_ragged_spans(family, tmp_path):
     counts = []
     for size in [(64, 64), (96, 64)]:
         _, batch = _batch(proc, size)
-        assert _n_image_pads(model, batch) == _n_visual_features(model, batch)
+        assert _n_image_pads(model, batch) == n_visual_features(model, batch)
         counts.append(_n_image_pads(model, batch))
     assert counts == [16, 24]
 
