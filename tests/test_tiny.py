@@ -130,3 +130,17 @@ def test_build_tokenizer_byte_level_and_deterministic():
 def test_unknown_family_rejected(tmp_path):
     with pytest.raises(ValueError):
         build_tiny_checkpoint("gpt2", tmp_path)
+
+
+def test_train_tiny_curriculum_pools_add_kinds_phase_by_phase():
+    from gapcache.extract.train_tiny import curriculum_pools
+
+    kinds = ["count", "colour", "presence", "count", "colour"]
+    starts, pools = curriculum_pools("count@600,colour@1100", kinds)
+    assert starts == [0, 600, 1100]
+    assert [p.tolist() for p in pools] == [[0, 3], [0, 1, 3, 4], [0, 1, 2, 3, 4]]
+    assert curriculum_pools("", kinds)[0] == [0] and curriculum_pools("", kinds)[1][0].tolist() == [0, 1, 2, 3, 4]
+    for bad in ("shape@10", "count@600,colour@500", "count"):
+        with pytest.raises(ValueError, match="'curriculum' parameter of train_tiny"):
+            curriculum_pools(bad, kinds)
+
