@@ -17,7 +17,8 @@ Datasets (``DATASETS``; every loader takes ``split``, ``limit``, ``seed``, ``pat
 
 ``synthetic``
     Coloured shapes (circle, square, triangle; decoration only) in a 2x2 grid on a white
-    background, drawn from ``seed`` (options ``n=200``, ``image_size=64``, ``kinds``). Question
+    background, drawn from ``seed`` (options ``n=200``, ``image_size=64``, ``kinds``, ``placement``:
+    ``"free"`` anywhere in the cell, the default; ``"centre"`` near the cell's centre, see ``_draw``). Question
     kinds, each with a closed candidate set and answers balanced up to rounding:
     ``presence`` ("Is there a red shape?", yes/no), ``colour`` ("What colour is the shape?",
     one shape, candidates ``SYNTHETIC_COLOURS``), ``count`` ("How many shapes are there?",
@@ -264,20 +265,23 @@ def _kind_candidates(kind: str) -> tuple[str, ...]:
 @_register("synthetic")
 def _load_synthetic(
     *, split: str | None = None, limit: int | None = None, seed: int = 0, path: Any = None,
-    n: int = 200, image_size: int = 64, kinds: Sequence[str] = SYNTHETIC_KINDS,
+    n: int = 200, image_size: int = 64, kinds: Sequence[str] = SYNTHETIC_KINDS, placement: str = "free",
     shuffle: bool = False,
 ) -> list[Sample]:
     split = split or "test"
-    _check_synthetic_options(split, path, n, image_size, kinds)
+    _check_synthetic_options(split, path, n, image_size, kinds, placement)
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
     specs = _synthetic_specs(n, tuple(kinds))
     specs = [specs[i] for i in rng.permutation(len(specs))]
-    samples = [_synthetic_sample(i, kind, ans, split, image_size, rng)
+    samples = [_synthetic_sample(i, kind, ans, split, image_size, rng, placement)
                for i, (kind, ans) in enumerate(specs)]
     return _take(samples, limit, shuffle, seed)
 
 
-def _check_synthetic_options(split, path, n, image_size, kinds) -> None:
+def _check_synthetic_options(split, path, n, image_size, kinds, placement="free") -> None:
+    if placement not in _PLACEMENTS:
+        raise ConfigError(f"The 'placement' option of the synthetic dataset must be one of "
+                          f"{', '.join(_PLACEMENTS)}. Got {placement!r} instead.")
     if split not in _SPLIT_STREAM:
         raise ConfigError(f"The 'split' parameter of the synthetic dataset must be one of "
                           f"{', '.join(_SPLIT_STREAM)}. Got {split!r} instead.")
@@ -307,15 +311,30 @@ def _synthetic_specs(n: int, kinds: tuple[str, ...]) -> list[tuple[str, str]]:
     return specs
 
 
-def _draw(colours: list[str], size: int, rng: np.random.Generator) -> Image.Image:
-    """Shapes in distinct cells of a 2x2 grid, so that they never overlap."""
+_PLACEMENTS = ("free", "centre")
+
+
+def _draw(colours: list[str], size: int, rng: np.random.Generator, placement: str = "free") -> Image.Image:
+    """Shapes in distinct cells of a 2x2 grid, so that they never overlap.
+
+    Side ``d`` in [0.45, 0.8] of the cell. ``free``: anywhere in the cell. ``centre``: the centre
+    jittered by at most ``d // 10`` (clamped to the cell), so that every shape covers its cell's
+    centre point: at 2x2 patches per cell (the shipped model's 32 px / patch 8) a shape then colours
+    exactly its own cell's four patches and "how many shapes" is "coloured patches / 4", which a tiny
+    model learns in a few hundred steps (free placement colours 1 to 4 patches a shape)."""
     img = Image.new("RGB", (size, size), _BACKGROUND)
     draw = ImageDraw.Draw(img)
     cell = size // 2
     for colour, c in zip(colours, rng.permutation(4)[: len(colours)]):
         d = int(rng.integers(int(0.45 * cell), int(0.8 * cell) + 1))
-        x0 = (c % 2) * cell + int(rng.integers(0, cell - d + 1))
-        y0 = (c // 2) * cell + int(rng.integers(0, cell - d + 1))
+        x0, y0 = (c % 2) * cell, (c // 2) * cell
+        if placement == "centre":
+            j = d // 10
+            x0 += int(np.clip((cell - d) // 2 + rng.integers(-j, j + 1), 0, cell - d))
+            y0 += int(np.clip((cell - d) // 2 + rng.integers(-j, j + 1), 0, cell - d))
+        else:
+            x0 += int(rng.integers(0, cell - d + 1))
+            y0 += int(rng.integers(0, cell - d + 1))
         box = (x0, y0, x0 + d - 1, y0 + d - 1)
         shape = SYNTHETIC_SHAPES[int(rng.integers(0, len(SYNTHETIC_SHAPES)))]
         fill = SYNTHETIC_COLOURS[colour]
@@ -358,14 +377,14 @@ _SYNTHETIC_BUILDERS = {"presence": _presence, "colour": _colour, "count": _count
 
 
 def _synthetic_sample(i: int, kind: str, answer: str, split: str, size: int,
-                      rng: np.random.Generator) -> Sample:
+                      rng: np.random.Generator, placement: str = "free") -> Sample:
     text = kind.endswith("_text")
     colours, question = _SYNTHETIC_BUILDERS[kind.removesuffix("_text")](answer, text, rng)
     cands = _kind_candidates(kind)
     return Sample(
         id=f"synthetic-{i:06d}", question=question, answer=answer, answers=(answer,),
         dataset="synthetic", split=split, category="easy" if text else "hard",
-        label=cands.index(answer), candidates=cands, image=_draw(colours, size, rng),
+        label=cands.index(answer), candidates=cands, image=_draw(colours, size, rng, placement),
     )
 
 

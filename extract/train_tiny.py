@@ -54,9 +54,9 @@ BUILTIN_NAME = "tiny-llava-shapes"
 # each, and runs are very seed-dependent: the same recipe with another seed can stay at chance):
 # - shipped recipe (defaults): 0.99 / 1.0 / 0.68 after 3500 steps;
 # - n_train 36000, 2000 steps: 0.96 / 1.0 / 0.73 (more data helps counting a little);
-# - with shapes drawn near their cell's centre (an experimental change to extract/data.py::_draw, not kept) (each then colours exactly its cell's 4 patches:
+# - with shapes drawn near their cell's centre (--placement centre) (each then colours exactly its cell's 4 patches:
 #   count = coloured patches / 4) and counting alone, count 0.99 after 700 steps; free placement 0.78;
-# - centred shapes, --curriculum count@800, 5500 steps, seed 1: 0.71 / 1.0 / 1.0 (presence stalls,
+# - --placement centre --curriculum count@800 --n-train 36000, 5500 steps, seed 1: 0.71 / 1.0 / 1.0 (presence stalls,
 #   and colour_text under blind images fell to ~0.75); adding presence or colour as later phases
 #   made the earlier kinds collapse when the next phase starts (lr still high);
 # - a 4x4 grid (one shape per patch), a vision-feature layer of -1, a 3x vision learning rate, lr 6e-3:
@@ -88,6 +88,7 @@ class TrainArgs:
     n_train: int = 12000
     easy_fraction: float = 0.25
     image_size: int = 64
+    placement: str = "free"  # synthetic shapes "free" in their cell, or "centre" (then counting is learnable)
     steps: int = 3500
     batch_size: int = 32
     lr: float = 3e-3
@@ -232,7 +233,7 @@ def training_samples(args: TrainArgs):
     n_easy = int(round(args.n_train * args.easy_fraction))
     hard = args.mix.split(",")
     easy = [k for k in SYNTHETIC_KINDS if k.endswith("_text")]
-    common = dict(split="train", image_size=args.image_size)
+    common = dict(split="train", image_size=args.image_size, placement=args.placement)
     return (load_dataset("synthetic", n=args.n_train - n_easy, kinds=hard, seed=args.seed, **common)
             + load_dataset("synthetic", n=n_easy, kinds=easy, seed=args.seed + 1, **common))
 
@@ -289,7 +290,8 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
     train_set = training_samples(args)
     images, shown = training_images(train_set, args.blind_easy, args.seed)
     enc = encode(train_set, images, adapter, model, processor)
-    val_set = load_dataset("synthetic", split="validation", n=args.n_val, image_size=args.image_size, seed=args.seed)
+    val_set = load_dataset("synthetic", split="validation", n=args.n_val, image_size=args.image_size, seed=args.seed,
+                           placement=args.placement)
     val_enc = encode(val_set, [s.load_image() for s in val_set], adapter, model, processor)
     val_heads = candidate_heads(val_set, adapter, model, processor)
     val_kinds = np.array([question_kind(s) for s in val_set])
@@ -355,7 +357,7 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
         "args": vars(args),
         "architecture": {"family": "llava", **ARCH},
         "n_parameters": n_params,
-        "data": {"dataset": "synthetic", "split": "train", "n": args.n_train, "image_size": args.image_size,
+        "data": {"dataset": "synthetic", "split": "train", "n": args.n_train, "image_size": args.image_size, "placement": args.placement,
                  "seed": args.seed, "easy_fraction": args.easy_fraction, "streams": "hard kinds: seed; easy: seed+1", "easy_shown_blind": {k: shown.count(k) for k in sorted(set(shown))}},
         "objective": "teacher-forced cross-entropy on the answer tokens only (prompt = Planner.prompt, "
                      "answer = Planner.encode_answer), right padding",

@@ -144,3 +144,25 @@ def test_train_tiny_curriculum_pools_add_kinds_phase_by_phase():
         with pytest.raises(ValueError, match="'curriculum' parameter of train_tiny"):
             curriculum_pools(bad, kinds)
 
+
+
+def test_synthetic_centre_placement_covers_each_cell_centre():
+    """placement="centre": every shape colours all four quadrants of its own cell (its cell's 2x2 patches
+    at 32 px / patch 8), so the count is the number of coloured patches / 4; "free" does not promise it."""
+    import numpy as np
+
+    from gapcache.errors import ConfigError
+    from gapcache.extract.data import load_dataset
+
+    for s in load_dataset("synthetic", n=200, seed=3, kinds=["count"], placement="centre"):
+        a = np.asarray(s.load_image()).astype(int)
+        h, q = a.shape[0] // 2, a.shape[0] // 4
+        cells = [a[y:y + h, x:x + h] for y in (0, h) for x in (0, h)]
+        occupied = [c for c in cells if (c != 255).any()]
+        assert len(occupied) == int(s.answer)
+        for c in occupied:
+            assert all((c[y:y + q, x:x + q] != 255).any() for y in (0, q) for x in (0, q))
+    free = load_dataset("synthetic", n=6, seed=3)
+    assert [s.question for s in free] == [s.question for s in load_dataset("synthetic", n=6, seed=3, placement="centre")]
+    with pytest.raises(ConfigError, match="'placement' option of the synthetic dataset must be one of free, centre"):
+        load_dataset("synthetic", n=6, placement="middle")
