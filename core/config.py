@@ -238,10 +238,10 @@ def validate_slurm(s: SlurmConfig) -> None:
         value = getattr(s, name)
         _check(value is None or (isinstance(value, str) and value.strip() and "\n" not in value), f"slurm.{name}",
                "a non-empty one-line string or null", value)
-    for name in ("cpus_per_task", "shards_per_task", "analysis_cpus", "max_requeues"):
+    for name in ("cpus_per_task", "shards_per_task", "analysis_cpus"):
         value = getattr(s, name)
-        _check(_is_int(value) and value > (-1 if name == "max_requeues" else 0), f"slurm.{name}",
-               "a non-negative int" if name == "max_requeues" else "a positive int", value)
+        _check(_is_int(value) and value > 0, f"slurm.{name}", "a positive int", value)
+    _check(_is_int(s.max_requeues) and s.max_requeues >= 0, "slurm.max_requeues", "a non-negative int", s.max_requeues)
     for name in ("array_tasks", "max_parallel"):
         value = getattr(s, name)
         _check(value is None or (_is_int(value) and value > 0), f"slurm.{name}", "a positive int or null", value)

@@ -278,10 +278,7 @@ def _load_synthetic(
     return _take(samples, limit, shuffle, seed)
 
 
-def _check_synthetic_options(split, path, n, image_size, kinds, placement="free") -> None:
-    if placement not in _PLACEMENTS:
-        raise ConfigError(f"The 'placement' option of the synthetic dataset must be one of "
-                          f"{', '.join(_PLACEMENTS)}. Got {placement!r} instead.")
+def _check_synthetic_options(split, path, n, image_size, kinds, placement) -> None:
     if split not in _SPLIT_STREAM:
         raise ConfigError(f"The 'split' parameter of the synthetic dataset must be one of "
                           f"{', '.join(_SPLIT_STREAM)}. Got {split!r} instead.")
@@ -297,6 +294,9 @@ def _check_synthetic_options(split, path, n, image_size, kinds, placement="free"
     if bad or not kinds or isinstance(kinds, str):
         raise ConfigError(f"The 'kinds' option of the synthetic dataset must be a non-empty "
                           f"list of {', '.join(SYNTHETIC_KINDS)}. Got {kinds!r} instead.")
+    if placement not in _PLACEMENTS:
+        raise ConfigError(f"The 'placement' option of the synthetic dataset must be one of "
+                          f"{', '.join(_PLACEMENTS)}. Got {placement!r} instead.")
 
 
 def _synthetic_specs(n: int, kinds: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -314,7 +314,7 @@ def _synthetic_specs(n: int, kinds: tuple[str, ...]) -> list[tuple[str, str]]:
 _PLACEMENTS = ("free", "centre")
 
 
-def _draw(colours: list[str], size: int, rng: np.random.Generator, placement: str = "free") -> Image.Image:
+def _draw(colours: list[str], size: int, rng: np.random.Generator, placement: str) -> Image.Image:
     """Shapes in distinct cells of a 2x2 grid, so that they never overlap.
 
     Side ``d`` in [0.45, 0.8] of the cell. ``free``: anywhere in the cell. ``centre``: the centre
@@ -377,7 +377,7 @@ _SYNTHETIC_BUILDERS = {"presence": _presence, "colour": _colour, "count": _count
 
 
 def _synthetic_sample(i: int, kind: str, answer: str, split: str, size: int,
-                      rng: np.random.Generator, placement: str = "free") -> Sample:
+                      rng: np.random.Generator, placement: str) -> Sample:
     text = kind.endswith("_text")
     colours, question = _SYNTHETIC_BUILDERS[kind.removesuffix("_text")](answer, text, rng)
     cands = _kind_candidates(kind)

@@ -54,8 +54,8 @@ BUILTIN_NAME = "tiny-llava-shapes"
 # each, and runs are very seed-dependent: the same recipe with another seed can stay at chance):
 # - shipped recipe (defaults): 0.99 / 1.0 / 0.68 after 3500 steps;
 # - n_train 36000, 2000 steps: 0.96 / 1.0 / 0.73 (more data helps counting a little);
-# - with shapes drawn near their cell's centre (--placement centre) (each then colours exactly its cell's 4 patches:
-#   count = coloured patches / 4) and counting alone, count 0.99 after 700 steps; free placement 0.78;
+# - --placement centre (each shape then colours exactly its own cell's 4 patches: count = coloured
+#   patches / 4) and counting alone, count 0.99 after 700 steps; free placement 0.78;
 # - --placement centre --curriculum count@800 --n-train 36000, 5500 steps, seed 1: 0.71 / 1.0 / 1.0 (presence stalls,
 #   and colour_text under blind images fell to ~0.75); adding presence or colour as later phases
 #   made the earlier kinds collapse when the next phase starts (lr still high);
@@ -103,11 +103,10 @@ class TrainArgs:
     threads: int = 1  # 1 where the cores are shared (2 threads on 2 busy cores: ~10x slower); 2 on an idle 2-core machine is 1.7x faster
 
 
-def question_kind(sample) -> str:
-    """presence / colour / count (+ "_text" for the text-answerable controls) from the question."""
-    q = sample.question
-    base = "presence" if "Is there" in q else "colour" if "colour" in q else "count"
-    return base + ("_text" if sample.category == "easy" else "")
+def question_kind(question: str, category: str) -> str:
+    """presence / colour / count (+ "_text" for the text-answerable controls) of a synthetic question."""
+    base = "presence" if "Is there" in question else "colour" if "colour" in question else "count"
+    return base + ("_text" if category == "easy" else "")
 
 
 def build_initial(out: Path, seed: int, vision_feature_layer: int = -2) -> Path:
@@ -294,7 +293,7 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
                            placement=args.placement)
     val_enc = encode(val_set, [s.load_image() for s in val_set], adapter, model, processor)
     val_heads = candidate_heads(val_set, adapter, model, processor)
-    val_kinds = np.array([question_kind(s) for s in val_set])
+    val_kinds = np.array([question_kind(s.question, s.category) for s in val_set])
     log(f"model: {n_params} parameters; train {len(train_set)} samples (seq {enc['input_ids'].shape[1]}), "
         f"setup {time.perf_counter() - t0:.1f} s")
 
@@ -302,8 +301,8 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
 
     def lr_at(step):
         if step < args.warmup:
@@ -313,15 +312,13 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = np.random.default_rng([args.seed, 11])
-    order = np.array([], dtype=np.int64)
     history = []
-    n = enc["input_ids"].shape[0]
-    starts, pools = curriculum_pools(args.curriculum, [question_kind(s).removesuffix("_text") for s in train_set])
-    pool = pools[0]
+    base_kinds = [question_kind(s.question, s.category).removesuffix("_text") for s in train_set]
+    starts, pools = curriculum_pools(args.curriculum, base_kinds)
     t_train = time.perf_counter()
     running = 0.0
     for step in range(args.steps):
-        if step in starts:  # a new curriculum phase: its pool replaces what is left of the old order
+        if step in starts:  # step 0 or a new curriculum phase: its pool replaces what is left of the old order
             pool, order = pools[starts.index(step)], np.array([], dtype=np.int64)
         if order.size < args.batch_size:
             order = np.concatenate([order, pool[rng.permutation(len(pool))]])
@@ -357,7 +354,8 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
         "args": vars(args),
         "architecture": {"family": "llava", **ARCH},
         "n_parameters": n_params,
-        "data": {"dataset": "synthetic", "split": "train", "n": args.n_train, "image_size": args.image_size, "placement": args.placement,
+        "data": {"dataset": "synthetic", "split": "train", "n": args.n_train, "image_size": args.image_size,
+                 "placement": args.placement,
                  "seed": args.seed, "easy_fraction": args.easy_fraction, "streams": "hard kinds: seed; easy: seed+1", "easy_shown_blind": {k: shown.count(k) for k in sorted(set(shown))}},
         "objective": "teacher-forced cross-entropy on the answer tokens only (prompt = Planner.prompt, "
                      "answer = Planner.encode_answer), right padding",

@@ -10,6 +10,8 @@ RUN defaults to ``results/{model}/{dataset}/{name}`` (``slurm.results_dir``). Li
 
 from __future__ import annotations
 
+import argparse
+
 import json
 
 
@@ -32,19 +34,13 @@ def register(subparsers) -> None:
                                            "record the job ids in RUN/slurm/jobs.json")
     common(submit)
     submit.add_argument("--force", action="store_true", help="submit even if an earlier submission is still active")
-    submit.add_argument("--sbatch", default="sbatch", help=argparse_suppress())
+    submit.add_argument("--sbatch", default="sbatch", help=argparse.SUPPRESS)
     submit.set_defaults(func=cmd_submit)
 
     status = sub.add_parser("status", help="progress from the store and the queue (scontrol)")
     status.add_argument("run", help="run directory given to plan/submit")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def cmd_plan(args) -> int:

@@ -219,6 +219,7 @@ def extract_script(plan: Plan) -> str:
         f'echo "gapcache: array task ${{SLURM_ARRAY_TASK_ID:-?}} of {n} (job ${{SLURM_ARRAY_JOB_ID:-?}}, '
         'restart ${SLURM_RESTART_COUNT:-0}) on $(hostname) at $(date -Is)"',
     ]
+    cmd = f"{plan.gapcache} extract {_q(plan.config_path)} --out {_q(run)} --task-index {task} --n-tasks {n}"
     if s.requeue:
         lines += [
             "",
@@ -237,7 +238,7 @@ def extract_script(plan: Plan) -> str:
             "}",
             "trap on_signal USR1",
             "",
-            f"{plan.gapcache} extract {_q(plan.config_path)} --out {_q(run)} --task-index {task} --n-tasks {n} &",
+            f"{cmd} &",
             "child=$!",
             'wait "$child"',
             "rc=$?",
@@ -245,7 +246,7 @@ def extract_script(plan: Plan) -> str:
             "exit $rc",
         ]
     else:
-        lines += [f"{plan.gapcache} extract {_q(plan.config_path)} --out {_q(run)} --task-index {task} --n-tasks {n}"]
+        lines += [cmd]
     return "\n".join(lines) + "\n"
 
 
@@ -413,7 +414,7 @@ def status(run_dir, scontrol: str = "scontrol") -> dict:
         try:
             from gapcache.store import info
 
-            d = info(store)
+            d = info(store, size=False)  # no walk over every shard file on each poll
             totals = {k: sum(c[k] for c in d["conditions"].values()) for k in ("done", "failed", "pending")}
             st["store"] = {"path": str(store), "complete": d["complete"], "n_samples": d["n_samples"],
                            "conditions": d["conditions"], **totals}

@@ -28,7 +28,6 @@ ATTR = "checksums"  # root attribute describing the records (set by ``create``)
 ATTR_VALUE = {"algorithm": ALGORITHM, "scope": "whole shard/chunk file",
               "location": "<array>/checksums/<key with '/' as '.'>.json, one per shard"}
 #: arrays whose chunks/shards get a record, written by StoreWriter per (condition, shard) unit
-RECORDED_ARRAYS = ("text_states", "visual_states", "gold_logprob", "candidate_logprob", "generation", "error")
 _BLOCK = 8 << 20
 
 

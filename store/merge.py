@@ -91,7 +91,6 @@ class _Source:
         self.attrs = root_attrs(path, storage_options)
         self.g = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
         self.samples = [str(x) for x in self.g["sample"][...]]
-        self.index = {s: i for i, s in enumerate(self.samples)}
         self.conds = [Condition(c["kind"], int(c["truncation_layer"]), c["strategy"]) for c in self.attrs["conditions"]]
         self.labels = [c.label for c in self.conds]
         self.vlabels = [str(x) for x in self.g["visual_condition"][...]] if len(self.g["visual_condition"].shape) else []
@@ -285,8 +284,9 @@ def _merge_lens(group, sources, home, sample_ids, layout) -> None:
     first = sources[0]
     weight = first.g["lens_norm_weight"]
     rows = {}
+    tokens_of = {id(s): s.g["lens_token_id"][...] for s in sources}  # read once per source
     for s in sources:
-        for r, t in enumerate(s.g["lens_token_id"][...]):
+        for r, t in enumerate(tokens_of[id(s)]):
             rows.setdefault(int(t), (s, r))
     tokens = sorted(rows)
     unembed = np.stack([rows[t][0].g["lens_unembed"][rows[t][1]] for t in tokens]) if tokens \
@@ -296,7 +296,7 @@ def _merge_lens(group, sources, home, sample_ids, layout) -> None:
     for i, s in enumerate(sample_ids):
         src, j = home[s]
         old = src.g["candidate_lens_token"][j]
-        src_tokens = src.g["lens_token_id"][...]
+        src_tokens = tokens_of[id(src)]
         which[i, : old.shape[0]] = [new_row[int(src_tokens[r])] if r >= 0 else -1 for r in old]
     h, spc = layout.hidden, layout.samples_per_shard
     arrays = {

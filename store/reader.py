@@ -114,8 +114,10 @@ def _remote_size(path, storage_options) -> int | None:
         return None
 
 
-def info(path, storage_options: dict | None = None) -> dict:
-    """Summary of a store: the keys `gapcache info --json` prints (``path`` may be a URL)."""
+def info(path, storage_options: dict | None = None, size: bool = True) -> dict:
+    """Summary of a store: the keys `gapcache info --json` prints (``path`` may be a URL).
+
+    ``size=False`` skips ``size_bytes`` (None), which lists every shard file."""
     import zarr
 
     from gapcache.store.remote import is_url, zarr_store
@@ -148,7 +150,7 @@ def info(path, storage_options: dict | None = None) -> dict:
         "state_dtype": str(g["text_states"].dtype),
         "state_encoding": g["text_states"].attrs.get(codec.ENCODING_ATTR),
         "visual": attrs.get("visual", {}),
-        "size_bytes": _remote_size(path, storage_options) if is_url(path) else size_on_disk(path),
+        "size_bytes": None if not size else _remote_size(path, storage_options) if is_url(path) else size_on_disk(path),
         "frozen": attrs.get("frozen"),
         "provenance": attrs.get("provenance", {}),
     }

@@ -180,8 +180,9 @@ def _check_shards(path, storage_options, g, attrs, arrays, status, labels, rep: 
     vshard = int(attrs.get("visual_shard_tokens") or 0)
     n_cond, n = status.shape
     n_shards = -(-n // spc)
-    vlabels = [str(x) for x in arrays["visual_condition"][...]] if "visual_condition" in arrays else []
-    vis_of = {labels.index(v): i for i, v in enumerate(vlabels) if v in labels}
+    from gapcache.store.writer import _visual_index
+
+    vis_of = _visual_index(g) if "visual_condition" in arrays and labels else {}
     vlen = arrays["visual_length"][...] if "visual_length" in arrays else np.zeros(n, int)
     n_ok = n_records = 0
     for ci in range(n_cond):

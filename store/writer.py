@@ -103,8 +103,6 @@ def _consolidate(path):
 def _root_attrs(layout: Layout, attrs: dict) -> dict:
     from gapcache import __version__
 
-    from gapcache.store import checksums
-
     base = {
         "schema_version": SCHEMA_VERSION,
         "checksums": checksums.ATTR_VALUE,

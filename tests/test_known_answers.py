@@ -32,6 +32,7 @@ from gapcache.analyze.probes import probe_accuracy_ci, probe_layers
 from gapcache.config import load_config
 from gapcache.extract.data import SYNTHETIC_COLOURS, load_dataset
 from gapcache.extract.runner import Extraction
+from gapcache.extract.train_tiny import question_kind
 from gapcache.store import open_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,11 +44,6 @@ HARD = ("presence", "colour", "count")
 LEARNT = ("presence", "colour")  # >= 0.9 on held-out data; counting is learnt only partly (~0.66, see below)
 EASY = ("presence_text", "colour_text", "count_text")
 P = AnalysisParams(n_resamples=999, seed=0, level=0.95, ci_method="percentile")
-
-
-def kind_of(question: str, category: str) -> str:
-    base = "presence" if "Is there" in question else "colour" if "colour" in question else "count"
-    return base + ("_text" if category == "easy" else "")
 
 
 def image_answer(kind: str, question: str, image) -> str | None:
@@ -93,7 +89,7 @@ def extract_and_score(out_dir) -> dict:
     acc = pipeline.accuracy(ds, P, results)
     conds = [str(c) for c in ds.condition.values]
     correct = dict(zip(conds, results["forced_choice_correct"][1]))
-    kinds = np.array([kind_of(q, c) for q, c in zip(pipeline.strs(ds.question), pipeline.strs(ds.category))])
+    kinds = np.array([question_kind(q, c) for q, c in zip(pipeline.strs(ds.question), pipeline.strs(ds.category))])
     n_cand = ds.candidate_mask.values.sum(1)
     cands = pipeline.strs(ds.candidate)
     logp = np.where(ds.candidate_mask.values[None], ds.candidate_logprob.values, -np.inf)

@@ -145,7 +145,6 @@ def test_train_tiny_curriculum_pools_add_kinds_phase_by_phase():
             curriculum_pools(bad, kinds)
 
 
-
 def test_synthetic_centre_placement_covers_each_cell_centre():
     """placement="centre": every shape colours all four quadrants of its own cell (its cell's 2x2 patches
     at 32 px / patch 8), so the count is the number of coloured patches / 4; "free" does not promise it."""
