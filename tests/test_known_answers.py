@@ -189,7 +189,7 @@ def test_truncation_curve_falls_to_chance_early_and_recovers_after_the_transfer(
             diff = stats.mean_diff_ci(run["correct"][f"truncated_{strategy}_L{L}"][hard],
                                       run["correct"]["original"][hard], level=P.level, method=P.ci_method,
                                       n_resamples=P.n_resamples, seed=P.seed)
-            assert diff.low <= 0 <= diff.high or diff.low > 0, (L, diff)
+            assert diff.high >= 0, (L, diff)  # the CI includes 0 or lies above it
     # the same curve as the analysis tier reports it (all samples): monotone recovery, exact at the end
     tr = pipeline.truncation(run["ds"], P, {})
     assert tr[strategy]["layers"] == TRUNC
@@ -212,7 +212,7 @@ def test_evd_locates_the_transfer_and_separates_hard_from_easy(run):
     layers = deltas.layer.values
     e = evd_mod.evd(d, layers, out["tau"]["value"])
     easy, hard = np.isin(run["kinds"], EASY), np.isin(run["kinds"], LEARNT)
-    assert np.isnan(e[easy]).all() and out["n_never_reach_tau"] >= easy.sum()
+    assert np.isnan(e[easy]).all() and out["n_never_reach_tau"] == int(np.isnan(e).sum())
     assert np.isfinite(e[hard]).mean() >= 0.5  # ("no" to presence is also the blind default: Delta small)
     e = np.where(np.isnan(e), layers.min() - 1, e)
     hard = np.isin(run["kinds"], HARD)  # category "hard" (as many samples as "easy": bootstrap_ci needs equal n)

@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 from gapcache.conditions import expand
-from gapcache.errors import IncompatibleStoreError, StoreError
+from gapcache.errors import IncompatibleStoreError, SchemaVersionError, StoreError
 from gapcache.store import Layout, info, open_store, visual_span
 from gapcache.store.cli import register
 from gapcache.store.merge import merge
@@ -102,8 +102,10 @@ def test_schema_differences_refused(tmp_path):
     b = _store(tmp_path / "b.zarr", lb, 2)
     with pytest.raises(IncompatibleStoreError, match="'layer"):
         merge([a, b], tmp_path / "m.zarr")
-    g = zarr.open_group(b, mode="r+")
-    g.attrs["schema_version"] = 1
+    d = _store(tmp_path / "d.zarr", _layout(["s4"], [1]), 4)
+    zarr.open_group(d, mode="r+").attrs["schema_version"] = 0
+    with pytest.raises(SchemaVersionError, match="schema_version 0"):  # refused when opened, before comparing
+        merge([a, d], tmp_path / "m3.zarr")
     c = _store(tmp_path / "c.zarr", _layout(["s3"], [1]), 3, donor=False)
     with pytest.raises(IncompatibleStoreError, match="per-sample metadata"):
         merge([a, c], tmp_path / "m2.zarr")
