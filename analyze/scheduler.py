@@ -54,13 +54,21 @@ def _slurm_client(slurm, n_workers: int):
 
     if slurm is None:
         raise ConfigError("--scheduler slurm needs the config's 'slurm' section (partition, memory, time).")
-    cluster = SLURMCluster(
-        queue=slurm.analysis_partition, account=slurm.account, cores=slurm.cpus_per_task,
-        memory=slurm.analysis_mem, walltime=slurm.analysis_time, job_script_prologue=list(slurm.setup),
-    )
+    cluster = slurm_cluster(slurm, SLURMCluster)
     try:
         cluster.scale(jobs=n_workers)
         with Client(cluster) as client:
             yield client
     finally:
         cluster.close()
+
+
+def slurm_cluster(slurm, cls):
+    """A dask-jobqueue ``cls`` (SLURMCluster) sized by the config's CPU-tier fields: each worker job asks for
+    ``analysis_cpus`` cores, ``analysis_mem`` and ``analysis_time`` on ``analysis_partition`` (never the GPU
+    array's ``cpus_per_task`` / ``mem``), and runs one worker process with ``analysis_cpus`` threads (the
+    metrics are numpy/scipy calls that release the GIL; one process keeps the whole memory for one chunk)."""
+    return cls(
+        queue=slurm.analysis_partition, account=slurm.account, cores=slurm.analysis_cpus, processes=1,
+        memory=slurm.analysis_mem, walltime=slurm.analysis_time, job_script_prologue=list(slurm.setup),
+    )

@@ -91,6 +91,24 @@ def test_plan_options_and_defaults(tmp_path, monkeypatch):
     assert sp.make_plan(small()).run_dir == tmp_path / "results" / "tiny-llava" / "synthetic" / "slurmtest"
 
 
+def test_dask_jobqueue_workers_use_the_cpu_tier_resources():
+    """--scheduler slurm: each worker job is sized by analysis_cpus/mem/time on the CPU partition, not by the
+    GPU array's cpus_per_task / mem (the real SLURMCluster's job script; nothing is submitted)."""
+    pytest.importorskip("dask_jobqueue")
+    from dask_jobqueue import SLURMCluster
+
+    from gapcache.analyze.scheduler import slurm_cluster
+
+    cfg = small(cpus_per_task=8, mem="64G", analysis_cpus=3, analysis_mem="5G", analysis_time="00:20:00",
+                setup=["module load python"])
+    with slurm_cluster(cfg.slurm, SLURMCluster) as cluster:
+        script = cluster.job_script()
+    opts = sbatch_lines(script)
+    assert {"#SBATCH -p cpu", "#SBATCH --cpus-per-task=3", "#SBATCH -t 00:20:00"} <= set(opts)
+    assert "#SBATCH --mem=5G" in opts
+    assert "--nthreads 3 " in script and "--nworkers" not in script and "module load python" in script
+
+
 @pytest.mark.parametrize("key, value", [("cpus_per_task", 0), ("array_tasks", -1), ("gpus", ""), ("setup", "x"),
                                         ("requeue", "yes"), ("signal_seconds", 0), ("mem", "1G\n#SBATCH x")])
 def test_slurm_config_validation(key, value):
