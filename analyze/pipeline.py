@@ -176,8 +176,26 @@ def evd(ds, p: AnalysisParams, results: dict) -> dict:
     return out
 
 
+def _er_ratio_entry(x, cliff: int, p: AnalysisParams) -> dict:
+    """ER ratio (after / up to the cliff) per sample of ``x`` (sample, layer), with its CI; a cliff that
+    leaves no stored layer on one side (e.g. -1: the image is read in layer 0) gives a note, not an error."""
+    from gapcache.analyze.rank import er_ratio
+
+    layers = x.layer.values
+    out = {"er_ratio_cliff_layer": cliff}
+    if not (layers <= cliff).any() or not (layers > cliff).any():
+        out["er_ratio_note"] = (f"undefined: cliff layer {cliff} leaves no stored layer on one side "
+                                f"(layers {layers.min()}..{layers.max()}); pass --cliff-layer to choose one")
+        return out
+    per_sample = np.array([float(er_ratio(x.isel(sample=i), cliff)) for i in range(x.sizes["sample"])])
+    fin = np.isfinite(per_sample)
+    if fin.sum() >= 2:
+        out["er_ratio"] = _ci(per_sample[fin], p).to_dict()
+    return out
+
+
 def rank(ds, p: AnalysisParams, results: dict, cliff_layer) -> dict:
-    from gapcache.analyze.rank import er_ratio, text_effective_rank, visual_effective_rank
+    from gapcache.analyze.rank import text_effective_rank, visual_effective_rank
 
     er = visual_effective_rank(ds).compute()  # (visual_condition, sample, layer); lazy until here
     results["visual_er"] = (("visual_condition", "sample", "layer"), er.values)
@@ -189,11 +207,7 @@ def rank(ds, p: AnalysisParams, results: dict, cliff_layer) -> dict:
             continue
         entry = {"layers": x.layer.values.tolist(), "mean": _ci(x.values[ok], p).to_dict()}
         if cliff_layer is not None:
-            per_sample = np.array([float(er_ratio(x.isel(sample=i), int(np.floor(cliff_layer)))) for i in np.flatnonzero(ok)])
-            fin = np.isfinite(per_sample)
-            if fin.sum() >= 2:
-                entry["er_ratio"] = _ci(per_sample[fin], p).to_dict()
-                entry["er_ratio_cliff_layer"] = int(np.floor(cliff_layer))
+            entry.update(_er_ratio_entry(x.isel(sample=np.flatnonzero(ok)), int(np.floor(cliff_layer)), p))
         out["visual"][vc] = entry
     done = ds.status.values.min(axis=0) == 1
     text = text_effective_rank(ds.text_states.isel(sample=np.flatnonzero(done))).compute()

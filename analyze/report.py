@@ -179,8 +179,9 @@ def key_numbers(s) -> list[tuple[str, str]]:
         rows.append(("mean EVD", _fmt(e.get("mean_evd"))))
         rows.append(("EVD gap hard - easy", _fmt(e.get("gap_hard_minus_easy"))))
     for c, v in m.get("rank", {}).get("visual", {}).items():
-        if "er_ratio" in v:
-            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})", _fmt(v["er_ratio"])))
+        if "er_ratio" in v or "er_ratio_note" in v:
+            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})",
+                         _fmt(v["er_ratio"]) if "er_ratio" in v else v["er_ratio_note"]))
     return rows
 
 

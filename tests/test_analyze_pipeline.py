@@ -50,6 +50,18 @@ def test_analyze_writes_summary_results_figures_and_report(store, tmp_path, caps
     assert res.delta.dims == ("strategy", "trunc_layer", "sample") and res.evd.sizes["sample"] == 24
 
 
+def test_a_cliff_before_the_first_layer_leaves_the_er_ratio_undefined_not_the_analysis(store, tmp_path):
+    """cliff -1 (the image is read in layer 0; the shipped tiny model's steepest cliff): no stored layer
+    lies at or before it, so the ER ratio is recorded as undefined with the reason, and the rest is written."""
+    out = tmp_path / "a"
+    assert main(["analyze", str(store), "--out", str(out), "--n-resamples", "99", "--cliff-layer", "-1",
+                 "--metrics", "evd,rank"]) == 0
+    v = json.loads((out / "summary.json").read_text())["stores"]["store"]["metrics"]["rank"]["visual"]["original"]
+    assert "er_ratio" not in v and v["er_ratio_cliff_layer"] == -1
+    assert v["er_ratio_note"].startswith("undefined: cliff layer -1 leaves no stored layer on one side (layers 0..4)")
+    assert v["er_ratio_note"] in (out / "report.html").read_text()
+
+
 def test_lazy_and_eager_logit_lens_agree(store):
     from gapcache.analyze.lens import lens_choice_correct, logit_lens_correct
     from gapcache.analyze.scoring import gold_candidate_index
