@@ -33,7 +33,7 @@ from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.store import Layout, ShardPayload, StoreWriter, codec, create
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED
-from gapcache.store.writer import check_compatible
+from gapcache.store.writer import check_compatible, check_same_samples
 
 log = logging.getLogger(__name__)
 STORE_NAME = "store.zarr"
@@ -184,6 +184,7 @@ class Extraction:
             except OSError:  # another task created it first
                 shutil.rmtree(tmp, ignore_errors=True)
         check_compatible(self.store_path, attrs, COMPAT_KEYS)
+        check_same_samples(self.store_path, [p.sample.id for p in self.planned], self.sample_meta())
         return False
 
     def write_lens(self, group, path):

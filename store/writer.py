@@ -502,3 +502,37 @@ def check_compatible(path, attrs: dict, keys) -> None:
                 f"store has {existing.get(key)!r}, this run has {attrs.get(key)!r}. "
                 "Use a new --out directory, or rerun with the store's own config."
             )
+
+
+SAME_SAMPLE_ON_RESUME = ("image_sha256", "question", "answer")
+
+
+def check_same_samples(path, sample_ids, meta: dict) -> None:
+    """Refuse to resume when the dataset now gives other samples than the store was created with
+    (another order, a changed image, question or answer): a resumed run would mix two datasets.
+
+    ``meta`` holds this run's per-sample arrays (at least :data:`SAME_SAMPLE_ON_RESUME`)."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r")
+    stored = [str(v) for v in g["sample"][:]]
+    if stored != [str(v) for v in sample_ids]:
+        first = next((i for i, (a, b) in enumerate(zip(stored, sample_ids)) if a != str(b)),
+                     min(len(stored), len(sample_ids)))
+        raise IncompatibleStoreError(
+            f"The store at {path} holds {len(stored)} samples and this run plans {len(sample_ids)}; they differ "
+            f"from position {first} (store has {stored[first:first + 1]}, this run has "
+            f"{[str(v) for v in sample_ids][first:first + 1]}). The dataset changed since the store was created: "
+            "use a new --out directory, or restore the dataset."
+        )
+    for name in SAME_SAMPLE_ON_RESUME:
+        have, want = g[name][:], meta[name]
+        bad = [i for i, (a, b) in enumerate(zip(have, want)) if str(a) != str(b)]
+        if bad:
+            i = bad[0]
+            raise IncompatibleStoreError(
+                f"The store at {path} was created from other data: {name!r} of sample {stored[i]!r} is "
+                f"{str(have[i])!r} in the store and {str(want[i])!r} now ({len(bad)} of {len(stored)} samples "
+                "differ). The dataset changed since the store was created (a default of the loader, an edited "
+                "image or manifest): use a new --out directory, or restore the dataset."
+            )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 import yaml
 from PIL import Image
 
@@ -110,6 +112,36 @@ def test_bad_images_are_recorded_as_failures_and_the_run_goes_on(tmp_path):
     # sample a's donor must be d (the only other loadable image): never its own, never a failed one
     assert int(ds.donor.values[0]) == 3 and int(ds.donor.values[3]) == 0
     assert np.isnan(ds.candidate_logprob.sel(condition="original").values[3]).all()  # open-ended
+
+
+def test_resume_refuses_a_dataset_that_changed_under_the_store(tmp_path, capsys):
+    """Same config (same manifest path), other data: an image edited on disk, or a question; the rerun
+    must not mix the two datasets, and the store is left as it was."""
+    for name, colour in (("r.png", (255, 0, 0)), ("g.png", (0, 255, 0))):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / name)
+    rows = [{"id": i, "image": img, "question": "Is there a red shape?", "answer": a, "candidates": ["yes", "no"]}
+            for i, img, a in (("a", "r.png", "yes"), ("b", "g.png", "no"))]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = yaml.safe_load(write_config(tmp_path, conditions=["original"]).read_text())
+    cfg["data"] = {"dataset": "manifest", "path": str(manifest)}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["extract", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 0
+    before = open_store(out / "store.zarr").load()
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(tmp_path / "g.png")
+    assert main(["extract", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 1
+    assert re.search("'image_sha256' of sample 'b' is '[0-9a-f]{64}' in the store", capsys.readouterr().err)
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(tmp_path / "g.png")
+    rows[0]["question"] = "Is there a blue shape?"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["extract", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 1
+    assert re.search("'question' of sample 'a' is 'Is there a red shape\\?' in the store", capsys.readouterr().err)
+    rows[0]["question"] = "Is there a red shape?"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows[::-1]))  # same samples, another order
+    assert main(["extract", str(tmp_path / "cfg.yaml"), "--out", str(out)]) == 1
+    assert re.search(r"differ from position 0 \(store has \['a'\], this run has \['b'\]\)", capsys.readouterr().err)
+    xr.testing.assert_identical(open_store(out / "store.zarr").load(), before)
 
 
 def test_check_prints_sites_and_writes_nothing(tmp_path):
