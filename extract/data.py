@@ -18,7 +18,8 @@ Datasets (``DATASETS``; every loader takes ``split``, ``limit``, ``seed``, ``pat
 ``synthetic``
     Coloured shapes (circle, square, triangle; decoration only) in a 2x2 grid on a white
     background, drawn from ``seed`` (options ``n=200``, ``image_size=64``, ``kinds``, ``placement``:
-    ``"free"`` anywhere in the cell, the default; ``"centre"`` near the cell's centre, see ``_draw``). Question
+    ``"centre"`` near the cell's centre, the default and the shipped model's training data;
+    ``"free"`` anywhere in the cell, the data of stores made before the default changed; see ``_draw``). Question
     kinds, each with a closed candidate set and answers balanced up to rounding:
     ``presence`` ("Is there a red shape?", yes/no), ``colour`` ("What colour is the shape?",
     one shape, candidates ``SYNTHETIC_COLOURS``), ``count`` ("How many shapes are there?",
@@ -265,7 +266,7 @@ def _kind_candidates(kind: str) -> tuple[str, ...]:
 @_register("synthetic")
 def _load_synthetic(
     *, split: str | None = None, limit: int | None = None, seed: int = 0, path: Any = None,
-    n: int = 200, image_size: int = 64, kinds: Sequence[str] = SYNTHETIC_KINDS, placement: str = "free",
+    n: int = 200, image_size: int = 64, kinds: Sequence[str] = SYNTHETIC_KINDS, placement: str = "centre",
     shuffle: bool = False,
 ) -> list[Sample]:
     split = split or "test"
@@ -311,7 +312,7 @@ def _synthetic_specs(n: int, kinds: tuple[str, ...]) -> list[tuple[str, str]]:
     return specs
 
 
-_PLACEMENTS = ("free", "centre")
+_PLACEMENTS = ("centre", "free")
 
 
 def _draw(colours: list[str], size: int, rng: np.random.Generator, placement: str) -> Image.Image:

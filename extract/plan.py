@@ -160,10 +160,16 @@ def candidate_table(planner: Planner, planned) -> tuple[tuple[str, ...], np.ndar
     return cands, mask
 
 
-def _candidate_scoring(p: PlannedSample, seqs: list, columns: list):
+def shared_prefix(seqs: list) -> int:
+    """Number of leading tokens all of ``seqs`` (token-id lists) share."""
     n = 0
     while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
         n += 1
+    return n
+
+
+def _candidate_scoring(p: PlannedSample, seqs: list, columns: list):
+    n = shared_prefix(seqs)
     heads = [s[n] if len(s) > n else None for s in seqs]
     if None in heads or len(set(heads)) != len(heads):
         p.failure = (f"candidates {list(p.sample.candidates)} cannot be told apart by one token after their "
