@@ -295,9 +295,16 @@ def _class_masks(y, classes):
 
 
 def _balanced(correct, masks, axis):
-    """(1/K) sum_k sum_i c_i m_ik / sum_i m_ik, along ``axis``."""
-    recalls = [np.sum(correct * m, axis=axis) / np.sum(m, axis=axis) for m in masks]
-    return np.mean(recalls, axis=0)
+    """(1/K') sum_k sum_i c_i m_ik / sum_i m_ik, along ``axis``, over the K' classes present.
+
+    A bootstrap resample of a small class can miss it (4 classes of 8: ~1 resample in 1000); like
+    sklearn's ``balanced_accuracy_score`` the mean is then over the classes that are there, not NaN
+    (a single NaN resample would make the whole percentile interval NaN)."""
+    counts = np.stack([np.sum(m, axis=axis) for m in masks])
+    hits = np.stack([np.sum(correct * m, axis=axis) for m in masks])
+    present = counts > 0
+    recalls = np.divide(hits, counts, out=np.zeros(hits.shape, dtype=float), where=present)
+    return recalls.sum(axis=0) / present.sum(axis=0)
 
 
 def _statistic(metric: str, n_classes: int, which: str):
@@ -331,7 +338,7 @@ def probe_accuracy_ci(result: ProbeResult, *, which: str = "accuracy", level: fl
     Data: the OOF correctness indicator c_il = [oof_il == y_i] (layers as an extra axis).  Each
     resample draws samples with replacement (the same draw for every layer, and for the true and
     control arms of 'selectivity', i.e. paired) and recomputes the metric from the resampled
-    (c, y): balanced accuracy = mean over classes of the resampled class recall.  This is the
+    (c, y): balanced accuracy = mean over the classes present of the resampled class recall.  This is the
     *evaluation* uncertainty with the fitted OOF predictions held fixed; :func:`refit_bootstrap_ci`
     adds the training variability.  Returns a :class:`stats.Interval` over dim 'layer'.
 

@@ -137,6 +137,28 @@ def test_multiclass_balanced_accuracy_ci_estimate():
     assert ci.low <= r.accuracy[0] <= ci.high
 
 
+def test_balanced_accuracy_of_a_resample_that_misses_a_class_is_over_the_classes_present():
+    """Like sklearn's balanced_accuracy_score: a class absent from y_true does not count (not NaN)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.array([0, 0, 1, 1, 1, 3])  # class 2 of 0..3 absent, as in a bootstrap resample
+    pred = np.array([0, 1, 1, 1, 0, 3])
+    masks = [(y == k).astype(float) for k in range(4)]
+    got = probes._balanced((pred == y).astype(float), masks, axis=0)
+    assert got == pytest.approx((1 / 2 + 2 / 3 + 1) / 3) == balanced_accuracy_score(y, pred)
+
+
+def test_small_class_probe_ci_is_finite_when_some_resamples_miss_a_class():
+    """4 classes of 8 (the demo's colour probe): ~1 resample in 1000 misses a class; one NaN resample
+    used to turn the whole percentile interval into NaN."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 8)
+    r = probes.probe_layers(rng.normal(size=(32, 6)) + np.eye(6)[y], y, n_splits=4, seed=0)
+    for which in ("accuracy", "selectivity"):
+        ci = probes.probe_accuracy_ci(r, which=which, n_resamples=9999, seed=0)
+        assert np.isfinite(ci.low).all() and np.isfinite(ci.high).all(), (which, ci)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
