@@ -219,13 +219,17 @@ def rank(ds, p: AnalysisParams, results: dict, cliff_layer) -> dict:
 
 
 def probe_groups(ds, min_per_class: int):
-    """Samples grouped by their candidate set (one probe task per set): {name: (indices, labels)}."""
+    """Samples grouped by candidate set and, when the store has several, category (one probe task each):
+    {name: (indices, labels)}, e.g. "no/yes [hard]". Answers that the text gives away ("easy") are
+    decodable without the image, so they are probed apart from the image-dependent ones."""
     mask, labels = ds.candidate_mask.values, ds.label.values
-    cands = ds.candidate.values
+    cands, cats = ds.candidate.values, strs(ds.category)
+    split = len({str(cats[i]) for i in np.flatnonzero(labels >= 0)}) > 1
     groups: dict = {}
     for i, row in enumerate(mask):
         if labels[i] >= 0 and row.any():
-            groups.setdefault("/".join(str(c) for c in cands[row]), []).append(i)
+            name = "/".join(str(c) for c in cands[row]) + (f" [{cats[i]}]" if split else "")
+            groups.setdefault(name, []).append(i)
     out = {}
     for name, idx in groups.items():
         y = labels[idx]

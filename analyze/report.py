@@ -162,6 +162,27 @@ def _fmt(ci):
     return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] (n={ci['n']})" if ci else "–"
 
 
+def decodes_from(entry: dict):
+    """The first probe layer from which the selectivity CI lies above 0 at every later layer (None: never)."""
+    low = np.asarray(entry["selectivity_ci"]["low"], dtype=float)
+    above = np.concatenate([np.logical_and.accumulate((low > 0)[::-1])[::-1], [False]])
+    return entry["layers"][int(np.argmax(above))] if above.any() else None
+
+
+def probe_rows(probes: dict, site: str = "prediction") -> list[tuple[str, str]]:
+    """Per probe task: where the answer becomes decodable at ``site``, per condition, beside the cliff
+    (probe layer i = the stream entering decoder layer i, so i = L + 1 is the stream leaving layer L)."""
+    rows = []
+    for task, per_cond in sorted(probes.items(), key=lambda kv: (not kv[0].endswith("[hard]"), kv[0])):
+        if not isinstance(per_cond, dict):
+            continue
+        found = {c: decodes_from(v[site]) for c, v in per_cond.items() if c != "vs_original" and site in v}
+        if found:
+            rows.append((f"probe {task} at {site}: selectivity CI > 0 from layer",
+                         ", ".join(f"{c} {'never' if L is None else L}" for c, L in found.items())))
+    return rows
+
+
 def key_numbers(s) -> list[tuple[str, str]]:
     m = s["metrics"]
     rows = []
@@ -178,10 +199,14 @@ def key_numbers(s) -> list[tuple[str, str]]:
                      + ", ".join(f"{k}={v['layer']}" for k, v in e["cliffs"].items())))
         rows.append(("mean EVD", _fmt(e.get("mean_evd"))))
         rows.append(("EVD gap hard - easy", _fmt(e.get("gap_hard_minus_easy"))))
-    for c, v in m.get("rank", {}).get("visual", {}).items():
-        if "er_ratio" in v or "er_ratio_note" in v:
-            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})",
-                         _fmt(v["er_ratio"]) if "er_ratio" in v else v["er_ratio_note"]))
+    rows += probe_rows(m.get("probes", {}))
+    visual = m.get("rank", {}).get("visual", {})
+    for c, v in visual.items():
+        if "er_ratio" in v:
+            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})", _fmt(v["er_ratio"])))
+    notes = {(v["er_ratio_cliff_layer"], v["er_ratio_note"]): None for v in visual.values() if "er_ratio_note" in v}
+    for cliff, note in notes:  # the same reason for every condition: one row
+        rows.append((f"ER ratio (after/before L={cliff})", note))
     return rows
 
 

@@ -127,7 +127,7 @@ class Config:
 DEMO = {
     "name": "demo",
     "model": {"family": "llava", "id": "builtin:tiny-llava-shapes", "dtype": "float32"},
-    "data": {"dataset": "synthetic", "split": "test", "options": {"n": 96, "image_size": 64, "seed": 0, "placement": "centre"}},
+    "data": {"dataset": "synthetic", "split": "test", "options": {"n": 192, "image_size": 64, "seed": 0, "placement": "centre"}},
     "extract": {
         "conditions": ["original", "blind_black", "blind_mean", "blind_randomimage", "truncated"],
         "truncation_layers": [-1, 0, 1, 2, 3],

@@ -78,15 +78,39 @@ def test_lazy_and_eager_logit_lens_agree(store):
             np.testing.assert_array_equal(lazy[c, li], want)
 
 
-def test_probes_run_per_candidate_set(store, tmp_path):
-    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+def test_probes_run_per_candidate_set_and_category(store, tmp_path):
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store, probe_groups, strs
 
     summary, res = analyze_store(open_store(store), AnalysisParams(metrics=("probes",), n_resamples=99, n_splits=2))
     pr = summary["metrics"]["probes"]
     assert pr, "no probe task"
+    # hard and easy (text-answerable) samples of one candidate set are separate tasks
+    assert {t.rsplit(" ", 1)[1] for t in pr} == {"[hard]", "[easy]"}
+    ds = open_store(store)
+    for task, (idx, _) in probe_groups(ds, 2).items():
+        assert set(strs(ds.category)[idx]) == {task.rsplit(" ", 1)[1].strip("[]")}
     for task, entry in pr.items():
         if "skipped" in entry:
             continue
         orig = entry["original"]["prediction"]
         assert len(orig["accuracy"]) == 5 and orig["accuracy_ci"]["n"] == orig["n"]
         assert "blind_black" in entry["vs_original"]
+
+
+def test_report_rows_give_where_each_probe_starts_decoding_beside_the_cliff():
+    from gapcache.analyze.report import decodes_from, probe_rows
+
+    def entry(low):
+        return {"layers": [0, 1, 2, 3], "selectivity_ci": {"low": low}}
+
+    assert decodes_from(entry([-0.1, 0.2, -0.05, 0.3])) == 3  # from there on, every later layer too
+    assert decodes_from(entry([0.1, 0.2, 0.1, 0.3])) == 0
+    assert decodes_from(entry([0.1, 0.2, 0.1, float("nan")])) is None
+    probes = {"no/yes [easy]": {"original": {"prediction": entry([0.1] * 4)}},
+              "no/yes [hard]": {"original": {"prediction": entry([-0.1, -0.1, 0.2, 0.3])},
+                                "blind_black": {"prediction": entry([-0.1] * 4)}, "vs_original": {}},
+              "skipped": "no candidate set"}
+    assert probe_rows(probes) == [
+        ("probe no/yes [hard] at prediction: selectivity CI > 0 from layer", "original 2, blind_black never"),
+        ("probe no/yes [easy] at prediction: selectivity CI > 0 from layer", "original 0"),
+    ]

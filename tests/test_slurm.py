@@ -84,8 +84,8 @@ def test_plan_options_and_defaults(tmp_path, monkeypatch):
     assert (p.n_tasks, p.units) == (4, {"conditions": 2, "samples": 16, "shards": 2, "units": 4})
     assert sp.make_plan(small(array_tasks=None, shards_per_task=3), tmp_path / "r").n_tasks == 2
     assert sp.make_plan(small(), tmp_path / "r", array_tasks=5).n_tasks == 5
-    # demo: 4 plain conditions + 2 strategies x 5 layers = 14 conditions x 3 shards of 32 samples
-    assert sp.make_plan(DEMO, tmp_path / "d").units["units"] == 42
+    # demo: 4 plain conditions + 2 strategies x 5 layers = 14 conditions x 6 shards of 32 samples
+    assert sp.make_plan(DEMO, tmp_path / "d").units["units"] == 84
     # default run directory: results/{model}/{dataset}/{name}
     monkeypatch.chdir(tmp_path)
     assert sp.make_plan(small()).run_dir == tmp_path / "results" / "tiny-llava" / "synthetic" / "slurmtest"
