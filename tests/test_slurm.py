@@ -257,8 +257,9 @@ def test_real_slurm_usr1_requeues_the_task_and_it_resumes(slurm_cluster, tmp_pat
     # Slurm holds a requeued job back (BeginTime ~ 2 min later); release it now to keep the test short
     while True:
         job = sp.job_states([task])[task]
-        if job["restarts"] == "1" and job["state"] == "PENDING":
-            slurm_cluster.run("scontrol", "update", f"JobId={task}", "StartTime=now")
+        if job["restarts"] == "1":  # requeued; held back unless Slurm already started it again
+            if job["state"] == "PENDING":
+                slurm_cluster.run("scontrol", "update", f"JobId={task}", "StartTime=now")
             break
         assert job["state"] in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED") and time.monotonic() < deadline, job
         time.sleep(0.2)
