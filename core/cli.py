@@ -43,10 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     mode = ex.add_mutually_exclusive_group()
     mode.add_argument("--check", type=int, metavar="N", help="print sites of N samples and time one batch; no writes")
     mode.add_argument("--dry-run", action="store_true", help="print the store size and bandwidth the config needs")
+    ex.set_defaults(func=cmd_extract)
 
     info = sub.add_parser("info", help="summarize a store")
     info.add_argument("store")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
 
     an = sub.add_parser("analyze", help="CPU tier: metrics, CIs, figures and a report from store(s)")
     an.add_argument("stores", nargs="+", help="one or more stores (two or more: EVD gaps between them)")
@@ -61,10 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
+    an.set_defaults(func=cmd_analyze)
 
     demo = sub.add_parser("demo", help="extract the built-in synthetic data with the built-in model")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
+    demo.set_defaults(func=cmd_demo)
 
     from gapcache.slurm.cli import register as register_slurm
     from gapcache.store.cli import register as register_store_commands
@@ -78,10 +82,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        if getattr(args, "func", None) is not None:  # subcommands registered by slurm/ and store/
-            return args.func(args)
-        commands = {"extract": cmd_extract, "info": cmd_info, "demo": cmd_demo, "analyze": cmd_analyze}
-        return commands[args.command](args)
+        return args.func(args)  # every subcommand sets its handler (set_defaults(func=...))
     except GapcacheError as err:
         print(f"gapcache {args.command}: error: {err}", file=sys.stderr)
         return 1
