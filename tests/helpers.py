@@ -1,6 +1,8 @@
-"""Shared test helpers: a roundtrip() for every writer (xarray backends style)."""
+"""Shared test helpers: a roundtrip() for every writer (xarray backends style), store equality, free ports."""
 
 from __future__ import annotations
+
+import socket
 
 import numpy as np
 
@@ -48,3 +50,31 @@ def roundtrip(path, layout: Layout, payloads, meta=None):
         for p in payloads:
             w.submit(p)
     return open_store(path)
+
+
+def assert_stores_equal(a, b):
+    """Every array of the two stores, value by value (raw storage values, read with zarr: fast)."""
+    import zarr
+
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    names = sorted(n for n, _ in ga.arrays())
+    assert names == sorted(n for n, _ in gb.arrays())
+    for name in names:
+        va, vb = ga[name][...], gb[name][...]
+        if va.dtype.kind == "f":
+            np.testing.assert_array_equal(va, vb, err_msg=name)
+        else:
+            assert va.shape == vb.shape and (va == vb).all(), name
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 right now (all held open together while choosing)."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports

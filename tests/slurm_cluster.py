@@ -26,6 +26,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_ports
+
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 
 
@@ -35,18 +37,6 @@ def missing_programs() -> list[str]:
 
 def _which(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 class SlurmError(RuntimeError):
@@ -121,7 +111,7 @@ class SlurmCluster:
         # leave the node some memory headroom so RealMemory checks never drain it
         node_line = re.sub(r"RealMemory=(\d+)", lambda m: f"RealMemory={int(m.group(1)) * 9 // 10}", node_line)
         host = socket.gethostname()
-        ctld_port, d_port = _free_ports(2)
+        ctld_port, d_port = free_ports(2)
         r = self.root
         self.conf.write_text(f"""\
 # gapcache test cluster (tests/slurm_cluster.py)
@@ -133,7 +123,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.munge_socket}
+AuthInfo=socket={self.munge_socket},cred_expire=10
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}

@@ -18,6 +18,7 @@ from PIL import Image
 from gapcache.cli import main
 from gapcache.errors import IncompatibleStoreError
 from gapcache.store import info, open_store
+from helpers import assert_stores_equal
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +39,6 @@ def write_config(tmp_path, **extract):
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "gapcache.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def assert_stores_equal(a, b):
-    da, db = open_store(a), open_store(b)
-    for name in da.data_vars:
-        va, vb = da[name].values, db[name].values
-        if va.dtype.kind == "f":
-            np.testing.assert_array_equal(va, vb, err_msg=name)
-        else:
-            assert (va == vb).all(), name
 
 
 @pytest.mark.slow

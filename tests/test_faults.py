@@ -13,6 +13,7 @@ import pytest
 
 from gapcache.store import info, open_store
 from gapcache.store.verify import verify
+from helpers import assert_stores_equal
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).parent
@@ -89,21 +90,6 @@ def _finish(proc):
     assert proc.returncode == 0, err.decode()[-2000:]
 
 
-def _equal(a, b):
-    """Every array of the two stores, value by value (raw storage values, read with zarr: fast)."""
-    import zarr
-
-    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
-    names = sorted(n for n, _ in ga.arrays())
-    assert names == sorted(n for n, _ in gb.arrays())
-    for name in names:
-        va, vb = ga[name][...], gb[name][...]
-        if va.dtype.kind == "f":
-            np.testing.assert_array_equal(va, vb, err_msg=name)
-        else:
-            assert va.shape == vb.shape and (va == vb).all(), name
-
-
 def _done_units(store):
     st = open_store(store).status.values
     spc = 4
@@ -145,7 +131,7 @@ def _trial(tmp_path, reference, mode, delay=None):
     rerun = _logged(log, n_before)
     assert not (set(rerun) & done_at_kill), "a unit flagged done was written again"
     assert len(rerun) == len(set(rerun))
-    _equal(ref, store)
+    assert_stores_equal(ref, store)
     assert info(store)["complete"]
     rep = verify(store)
     assert rep.ok, rep.problems
@@ -177,7 +163,7 @@ def test_eight_concurrent_writers_equal_one(tmp_path, reference):
         _finish(p)
     units = _logged(tmp_path / "log.txt")
     assert len(units) == len(set(units)) == 30
-    _equal(ref, store)
+    assert_stores_equal(ref, store)
     rep = verify(store)
     assert rep.ok, rep.problems
 
@@ -186,7 +172,7 @@ def test_eight_concurrent_writers_equal_one(tmp_path, reference):
 def test_extraction_task_killed_while_another_runs(tmp_path):
     """Real CLI: two array tasks at once, one SIGKILLed mid-run and rerun; equals one uninterrupted run."""
     pytest.importorskip("torch")
-    from test_extract_run import assert_stores_equal, write_config
+    from test_extract_run import write_config
 
     from gapcache.cli import main
 

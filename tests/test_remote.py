@@ -4,7 +4,6 @@ import functools
 import http.server
 import io
 import os
-import socket
 import threading
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from gapcache.store import info, open_store
 from gapcache.store.verify import freeze, unfreeze_permissions, verify
-from helpers import random_payloads, roundtrip, small_layout
+from helpers import free_ports, random_payloads, roundtrip, small_layout
 
 
 @pytest.fixture
@@ -61,12 +60,6 @@ def http_root(store):
     srv.server_close()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_open_over_http_equals_local(store, http_root):
     freeze(store)  # consolidated metadata: HTTP has no directory listing
     try:
@@ -106,7 +99,7 @@ def test_remote_store_is_read_only(store, http_root):
 def s3(store):
     pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
-    port = _free_port()
+    port, = free_ports(1)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing",

@@ -254,13 +254,11 @@ def test_real_slurm_usr1_requeues_the_task_and_it_resumes(slurm_cluster, tmp_pat
         time.sleep(0.2)
     time.sleep(2)  # inside gapcache's start-up
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", task)
-    # Slurm holds a requeued job back (BeginTime ~ 2 min later); release it now to keep the test short
-    while True:
+    # Slurm holds a requeued job back for the credential lifetime (the test cluster's cred_expire=10 s; 120 s
+    # by default). Releasing it earlier (scontrol update StartTime=now) races the revoked credential of the
+    # first run: "Killing non-startable batch job: Job credential revoked", and the task fails.
+    while sp.job_states([task])[task]["restarts"] != "1":
         job = sp.job_states([task])[task]
-        if job["restarts"] == "1":  # requeued; held back unless Slurm already started it again
-            if job["state"] == "PENDING":
-                slurm_cluster.run("scontrol", "update", f"JobId={task}", "StartTime=now")
-            break
         assert job["state"] in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED") and time.monotonic() < deadline, job
         time.sleep(0.2)
     states = slurm_cluster.wait_jobs([task, analysis_id], timeout=420)
