@@ -33,7 +33,7 @@ from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.store import Layout, ShardPayload, StoreWriter, codec, create
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED
-from gapcache.store.writer import check_compatible, check_same_samples
+from gapcache.store.writer import _consolidate, check_compatible, check_same_samples
 
 log = logging.getLogger(__name__)
 STORE_NAME = "store.zarr"
@@ -177,7 +177,8 @@ class Extraction:
             group = create(tmp, layout, attrs, self.sample_meta())
             if self.cfg.extract.visual.mode != "all":
                 group["vtoken_position"][...] = self.vtoken_positions(layout)
-            self.write_lens(group, tmp)
+            self.write_lens(group)
+            _consolidate(tmp)  # the arrays added after create()
             try:
                 os.rename(tmp, self.store_path)
                 return True
@@ -187,15 +188,13 @@ class Extraction:
         check_same_samples(self.store_path, [p.sample.id for p in self.planned], self.sample_meta())
         return False
 
-    def write_lens(self, group, path):
+    def write_lens(self, group):
         """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates.
 
         ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = w * h / sqrt(mean(h**2) + eps)`` gives the
         logit of ``lens_token_id[t]``; ``candidate_lens_token[i, c]`` is the row scoring candidate c
         of sample i (its first distinguishing token; -1 if c is not among the sample's candidates).
         """
-        from gapcache.store.writer import _consolidate
-
         norm = self.adapter.final_norm(self.model)
         head = self.model.get_output_embeddings().weight  # (vocab, hidden)
         tokens = sorted({t for p in self.planned for t in p.cand_tokens})
@@ -220,7 +219,6 @@ class Extraction:
                                      dimension_names=dims, attributes=attrs if name == "lens_norm_weight" else {})
             if values.size:
                 arr[...] = values
-        _consolidate(path)
 
     def vtoken_positions(self, layout) -> np.ndarray:
         """Index within the visual span of each recorded row (subset), or of its pool's first token."""
