@@ -184,6 +184,8 @@ def _check_shards(path, storage_options, g, attrs, arrays, status, labels, rep: 
 
     vis_of = _visual_index(g) if "visual_condition" in arrays and labels else {}
     vlen = arrays["visual_length"][...] if "visual_length" in arrays else np.zeros(n, int)
+    arrs = {name: g[name] for name in ("text_states", "gold_logprob", "candidate_logprob", "error", "generation",
+                                       "visual_states") if name in g}  # metadata read once, not per shard
     n_ok = n_records = 0
     for ci in range(n_cond):
         for shard in range(n_shards):
@@ -192,15 +194,13 @@ def _check_shards(path, storage_options, g, attrs, arrays, status, labels, rep: 
             where = f"condition {labels[ci] if ci < len(labels) else ci!r}, samples {s0}..{s1 - 1}"
             keys = []  # (array, chunk coords, required)
             for name in ("text_states", "gold_logprob", "candidate_logprob", "error", "generation"):
-                if name not in g:
+                if name not in arrs or (name == "candidate_logprob" and arrs[name].shape[2] == 0):
                     continue
-                if name == "candidate_logprob" and g[name].shape[2] == 0:
-                    continue
-                keys.append((name, (ci, shard) + (0,) * (g[name].ndim - 2), name != "generation"))
-            if ci in vis_of and "visual_states" in g and vshard:
+                keys.append((name, (ci, shard) + (0,) * (arrs[name].ndim - 2), name != "generation"))
+            if ci in vis_of and "visual_states" in arrs and vshard:
                 keys.append(("visual_states", (vis_of[ci], shard, 0, 0), bool(vlen[s0:s1].sum())))
             for name, coords, required in keys:
-                arr = g[name]
+                arr = arrs[name]
                 key = arr.metadata.encode_chunk_key(coords)
                 raw = reader.get(f"{arr.path}/{checksums.DIRNAME}/{checksums.record_name(key)}")
                 label = f"{name} shard {key} ({where})"
@@ -231,9 +231,9 @@ def _check_shards(path, storage_options, g, attrs, arrays, status, labels, rep: 
                     rep.problems.append(f"{label}: shard file truncated ({len(data)} of {want_n} bytes)")
                 elif len(data) != want_n:
                     rep.problems.append(f"{label}: shard file has {len(data)} bytes, recorded {want_n}")
-                elif checksums.crc32c_update(data) != want_crc:
+                elif (found := checksums.crc32c_update(data)) != want_crc:
                     rep.problems.append(f"{label}: checksum mismatch (recorded crc32c {want_crc:#010x}, found "
-                                        f"{checksums.crc32c_update(data):#010x}): corrupted bytes")
+                                        f"{found:#010x}): corrupted bytes")
                 else:
                     n_ok += 1
                     if deep:
