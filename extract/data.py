@@ -104,7 +104,9 @@ __all__ = [
     "blind_image",
     "derangement",
     "load_dataset",
+    "mean_of_sums",
     "mean_rgb",
+    "pixel_sum",
 ]
 
 log = logging.getLogger(__name__)
@@ -776,22 +778,34 @@ for _spec in _HF_SPECS.values():
 BLIND_KINDS = ("black", "mean", "randomimage")
 
 
-def mean_rgb(samples: Iterable[Sample]) -> tuple[float, float, float]:
-    """Pixel-weighted mean RGB (0-255) over every pixel of every loadable image."""
-    total, count, failed = np.zeros(3, dtype=np.int64), 0, 0
-    for s in samples:
-        try:
-            pixels = np.asarray(s.load_image(), dtype=np.uint8).reshape(-1, 3)
-        except SampleError as e:
-            failed += 1
-            log.warning("mean_rgb skips %s", e)
-            continue
-        total += pixels.sum(axis=0, dtype=np.int64)
-        count += pixels.shape[0]
+def pixel_sum(image: Image.Image) -> tuple[np.ndarray, int]:
+    """(per-channel sum as int64 (3,), number of pixels) of an RGB image: what ``mean_rgb`` adds up."""
+    pixels = np.asarray(image, dtype=np.uint8).reshape(-1, 3)
+    return pixels.sum(axis=0, dtype=np.int64), int(pixels.shape[0])
+
+
+def mean_of_sums(sums: Iterable[tuple[np.ndarray, int]], failed: int = 0) -> tuple[float, float, float]:
+    """Pixel-weighted mean RGB from ``pixel_sum`` values (exact: integer sums, one division)."""
+    total, count = np.zeros(3, dtype=np.int64), 0
+    for channel_sum, n in sums:
+        total += channel_sum
+        count += n
     if count == 0:
         raise DataError(f"mean_rgb: no loadable image among the samples ({failed} failed).")
     r, g, b = (float(v) / count for v in total)
     return r, g, b
+
+
+def mean_rgb(samples: Iterable[Sample]) -> tuple[float, float, float]:
+    """Pixel-weighted mean RGB (0-255) over every pixel of every loadable image."""
+    sums, failed = [], 0
+    for s in samples:
+        try:
+            sums.append(pixel_sum(s.load_image()))
+        except SampleError as e:
+            failed += 1
+            log.warning("mean_rgb skips %s", e)
+    return mean_of_sums(sums, failed)
 
 
 def derangement(n: int, seed: int) -> np.ndarray:

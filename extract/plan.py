@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gapcache.errors import ConfigError, SampleError, SiteError
-from gapcache.extract.data import Sample, derangement
+from gapcache.extract.data import Sample, derangement, pixel_sum
 
 
 @dataclass
@@ -42,6 +42,7 @@ class PlannedSample:
     cand_prefix: int = 0  # tokens shared by all of the sample's candidates
     cand_columns: list = field(default_factory=list)  # columns of the sample's candidates in the store
     cand_tokens: list = field(default_factory=list)  # their first distinguishing token ids
+    pixel_sum: tuple | None = None  # data.pixel_sum of the image (blind_mean's mean without decoding it again)
 
     @property
     def ok(self) -> bool:
@@ -116,7 +117,7 @@ class Planner:
         if not s.answer.strip():
             raise SampleError(s.id, "gold answer is empty")
         image = s.load_image()
-        ps.image_sha256, ps.image_size = image_sha256(image), image.size
+        ps.image_sha256, ps.image_size, ps.pixel_sum = image_sha256(image), image.size, pixel_sum(image)
         ps.prompt = self.prompt(s.question)
         inputs = self.processor(text=[ps.prompt], images=[image], return_tensors="pt",
                                 return_offsets_mapping=True)

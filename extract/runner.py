@@ -81,9 +81,9 @@ class Extraction:
         it = progress(enumerate(samples), total=len(samples), desc="plan", disable=not show)
         self.planned = [self.planner.plan(i, s) for i, s in it]
         self.candidates, self.cand_mask = candidate_table(self.planner, self.planned)
-        ok = [p.sample for p in self.planned if p.ok]
+        ok = [p.pixel_sum for p in self.planned if p.ok]  # images decoded once, while planning
         need_mean = "blind_mean" in self.cfg.extract.conditions
-        self.mean_rgb = data_mod.mean_rgb(ok) if need_mean and ok else None
+        self.mean_rgb = data_mod.mean_of_sums(ok) if need_mean and ok else None
         self.donor = donors(self.planned, self.cfg.extract.seed)
         self.visual_select = [self._visual_selection(p) for p in self.planned]
         return self.planned

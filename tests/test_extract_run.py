@@ -135,6 +135,21 @@ def test_resume_refuses_a_dataset_that_changed_under_the_store(tmp_path, capsys)
     xr.testing.assert_identical(open_store(out / "store.zarr").load(), before)
 
 
+def test_planning_decodes_each_image_once_and_gives_the_exact_mean_rgb(tmp_path, monkeypatch):
+    from gapcache.config import load_config
+    from gapcache.extract import data
+    from gapcache.extract.runner import Extraction
+
+    ex = Extraction(load_config(write_config(tmp_path, conditions=["original", "blind_mean"])), tmp_path / "r").load()
+    calls = []
+    load = data.Sample.load_image
+    monkeypatch.setattr(data.Sample, "load_image", lambda self: calls.append(self.id) or load(self))
+    planned = ex.plan(show=False)
+    assert sorted(calls) == sorted(p.sample.id for p in planned)  # once each (blind_mean's mean included)
+    monkeypatch.undo()
+    assert ex.mean_rgb == data.mean_rgb([p.sample for p in planned if p.ok])  # the same floats, exactly
+
+
 def test_check_prints_sites_and_writes_nothing(tmp_path):
     cfg = write_config(tmp_path)
     r = cli("extract", cfg, "--out", tmp_path / "run", "--check", 2)
