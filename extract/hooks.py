@@ -85,6 +85,7 @@ class Truncation:
         self.layer, self.strategy = layer, strategy
         self._vis_idx = self._vis_mask = self._attn_2d = None
         self._mask_cache: dict = {}
+        self._seen: dict = {}  # id(layer) -> tokens it has been called on since set_batch
         self._handles = [
             module.register_forward_pre_hook(self._zero if strategy == "zero" else self._drop, with_kwargs=True,
                                              prepend=True)
@@ -95,7 +96,7 @@ class Truncation:
     def set_batch(self, vis_idx, vis_mask, attention_mask_2d):
         """vis_idx: (rows, positions); vis_mask: (batch, seq) bool; attention_mask_2d: (batch, seq)."""
         self._vis_idx, self._vis_mask, self._attn_2d = vis_idx, vis_mask, attention_mask_2d
-        self._mask_cache = {}
+        self._mask_cache, self._seen = {}, {}
 
     def _zero(self, module, args, kwargs):
         h = _hidden(args, kwargs)  # (batch, seq, hidden)
@@ -109,18 +110,26 @@ class Truncation:
     def _drop(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         h = _hidden(args, kwargs)
-        key = (None if mask is None else (mask.dtype, mask.device, tuple(mask.shape)), h.device, h.shape[1])
+        # keys = what this layer saw before (cached, while generating) + this call's queries
+        kv = self._seen[id(module)] = self._seen.get(id(module), 0) + h.shape[1]
+        if mask is not None:
+            kv = int(mask.shape[-1])
+        key = (None if mask is None else (mask.dtype, mask.device, tuple(mask.shape)), h.device, h.shape[1], kv)
         if key not in self._mask_cache:
-            self._mask_cache[key] = self._dropped_mask(mask, h)
+            self._mask_cache[key] = self._dropped_mask(mask, h, kv)
         return args, {**kwargs, "attention_mask": self._mask_cache[key]}
 
-    def _dropped_mask(self, mask, h):
-        """The layer's 4D mask with visual keys hidden from every non-visual query."""
-        vis = self._vis_mask.to(h.device)  # (batch, kv)
-        b, q_len, kv = vis.shape[0], h.shape[1], vis.shape[1]
+    def _dropped_mask(self, mask, h, kv: int):
+        """The layer's 4D mask with visual keys hidden from every non-visual query.
+
+        In a cached decoding step (generation) the queries are the new tokens and the keys the prompt plus
+        the tokens generated so far: those are never visual, so they see no visual key either."""
+        vis = _fit(self._vis_mask.to(h.device), kv, False)  # (batch, kv)
+        b, q_len = vis.shape[0], h.shape[1]
         if mask is None:
             keep = torch.ones(q_len, kv, dtype=torch.bool, device=h.device).tril(kv - q_len)
-            keep = keep[None, None] & self._attn_2d.to(h.device).bool()[:, None, None, :]  # (b, 1, q, kv)
+            attn = _fit(self._attn_2d.to(h.device).bool(), kv, True)
+            keep = keep[None, None] & attn[:, None, None, :]  # (b, 1, q, kv)
         elif mask.dtype == torch.bool:
             keep = mask.clone()
         else:
@@ -137,3 +146,11 @@ class Truncation:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _fit(x: torch.Tensor, length: int, fill: bool) -> torch.Tensor:
+    """(batch, n) bool cut or extended with ``fill`` to (batch, length): the prompt's per-position flags
+    for a key range that also holds generated tokens."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return torch.cat([x, x.new_full((x.shape[0], length - x.shape[1]), fill)], dim=1)

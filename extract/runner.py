@@ -389,15 +389,9 @@ class Extraction:
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
         capture = Capture(layers, self.adapter.final_norm(self.model), self.record)
-        trunc = Truncation(layers, cond.truncation_layer, cond.strategy) if cond.kind == "truncated" else None
+        trunc = self.truncation(P, cond, inputs, offsets=[0] * len(P))
         try:
             capture.set_batch(text_idx, vis_idx if cond.records_visual else None)
-            if trunc is not None:
-                span_rows = torch.tensor([r for r, p in enumerate(P) for _ in range(p.visual_length)], dtype=torch.long)
-                span_pos = torch.tensor([p.visual_start + t for p in P for t in range(p.visual_length)], dtype=torch.long)
-                vis_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
-                vis_mask[span_rows, span_pos] = True
-                trunc.set_batch((span_rows, span_pos), vis_mask, inputs["attention_mask"])
             keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
             device = self.model.device
             model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -429,7 +423,7 @@ class Extraction:
                     chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
                 res["visual"] = self.to_storage(chunk)
             results.append(res)
-        if self.cfg.extract.generate.enabled and cond.kind != "truncated":
+        if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):
                 res["generation"] = text_out
         return results
@@ -439,9 +433,31 @@ class Extraction:
             return t.contiguous().view(torch.int16).numpy().view(np.uint16)
         return t.numpy()
 
+    def truncation(self, P, cond, inputs, offsets):
+        """The condition's Truncation hooks for this batch (None unless ``cond`` is truncated); row r's
+        prompt starts at ``offsets[r]`` (0 right padded; left padded: the padding before it)."""
+        if cond.kind != "truncated":
+            return None
+        trunc = Truncation(self.adapter.decoder_layers(self.model), cond.truncation_layer, cond.strategy)
+        rows = torch.tensor([r for r, p in enumerate(P) for _ in range(p.visual_length)], dtype=torch.long)
+        pos = torch.tensor([o + p.visual_start + t for o, p in zip(offsets, P) for t in range(p.visual_length)],
+                           dtype=torch.long)
+        vis_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)  # (batch, seq)
+        vis_mask[rows, pos] = True
+        trunc.set_batch((rows, pos), vis_mask, inputs["attention_mask"])
+        return trunc
+
     @torch.inference_mode()
     def generate(self, indices, cond) -> list[str]:
         """Greedy generation from the prompt (left padded), decoded without special tokens."""
+        new = self.generate_ids(indices, cond)
+        return [s.strip() for s in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.inference_mode()
+    def generate_ids(self, indices, cond) -> torch.Tensor:
+        """(batch, new tokens) greedy continuation of each prompt under ``cond``; truncated conditions keep
+        their hooks on for every decoding step (zero: the cached visual K/V were computed from zeroed
+        states; drop: the generated tokens see no visual key at layers > L)."""
         tok = self.processor.tokenizer
         P = [self.planned[i] for i in indices]
         images = [self.condition_image(i, cond) for i in indices]
@@ -451,8 +467,17 @@ class Extraction:
                 inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
             finally:
                 tok.padding_side = "right"
-        inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        out = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.cfg.extract.generate.max_new_tokens,
-                                  pad_token_id=tok.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
+        seq = inputs["input_ids"].shape[1]
+        offsets = [seq - len(p.prompt_ids) for p in P]
+        for r, (o, p) in enumerate(zip(offsets, P)):
+            if inputs["input_ids"][r, o:].tolist() != p.prompt_ids:
+                raise SampleError(p.sample.id, f"left-padded prompt under {cond.label} differs from the planned one")
+        trunc = self.truncation(P, cond, inputs, offsets)
+        try:
+            model_inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            out = self.model.generate(**model_inputs, do_sample=False, pad_token_id=tok.pad_token_id,
+                                      max_new_tokens=self.cfg.extract.generate.max_new_tokens)
+        finally:
+            if trunc is not None:
+                trunc.remove()
+        return out[:, seq:].cpu()

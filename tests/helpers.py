@@ -78,3 +78,34 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def assert_greedy_under_truncation(ex, cond, batches):
+    """Each token ``ex.generate_ids`` generates under the truncated ``cond`` is the argmax of a teacher-forced
+    forward (no cache, one unpadded row) of prompt + the tokens before it under the same Truncation."""
+    import torch
+
+    eos = ex.processor.tokenizer.eos_token_id
+    image_token = ex.planner.image_token_id
+    for batch in batches:
+        gen = ex.generate_ids(batch, cond)  # (batch, new tokens)
+        for row, i in enumerate(batch):
+            p = ex.planned[i]
+            ids = gen[row].tolist()
+            ids = ids[: ids.index(eos) + 1] if eos in ids else ids
+            # random weights can emit the image placeholder: a prompt holding it would need another image
+            ids = ids[: ids.index(image_token) + 1] if image_token in ids else ids
+            with torch.inference_mode():
+                inputs = ex.processor(text=[p.prompt], images=[ex.condition_image(i, cond)], return_tensors="pt")
+                n = inputs["input_ids"].shape[1]
+                for key in [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape[:2] == (1, n)]:
+                    extra = torch.tensor([ids[:-1]]) if key == "input_ids" else \
+                        torch.full((1, len(ids) - 1), int(key == "attention_mask"), dtype=inputs[key].dtype)
+                    inputs[key] = torch.cat([inputs[key], extra], dim=1)  # text positions (token type 0)
+                trunc = ex.truncation([p], cond, inputs, offsets=[0])
+                try:
+                    logits = ex.model(**inputs, use_cache=False).logits[0]  # (seq, vocab)
+                finally:
+                    trunc.remove()
+            want = logits[p.prediction : p.prediction + len(ids)].argmax(-1).tolist()
+            assert ids == want, (cond.label, batch, i, ids, want)

@@ -40,6 +40,7 @@ from gapcache.extract.runner import Extraction  # noqa: E402
 from gapcache.extract.tiny import build_tiny_checkpoint  # noqa: E402
 from gapcache.store import open_store, visual_span  # noqa: E402
 from gapcache.store.schema import SITES, STATUS_DONE  # noqa: E402
+from helpers import assert_greedy_under_truncation  # noqa: E402
 from test_tiny import n_visual_features  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -374,6 +375,13 @@ def test_truncated_text_states(run, strategy, L):
             for site in range(len(SITES)):
                 assert not np.array_equal(trunc[i, site, layer], orig[i, site, layer]), (label, i, site, layer)
     assert not np.array_equal(gold_t, gold_o)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_generation_under_truncation_is_the_truncated_models_greedy_continuation(run, strategy):
+    """Greedy generation (left padded, KV cache) under truncated after layer 0 equals, token by token, the
+    argmax of teacher-forced forwards under the same hooks, on every family (ragged Qwen spans included)."""
+    assert_greedy_under_truncation(run.ex, run.cond[f"truncated_{strategy}_L0"], ([0, 1, 2], [3]))
 
 
 @pytest.mark.parametrize("L", TRUNC_LAYERS)

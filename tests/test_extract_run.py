@@ -18,7 +18,7 @@ from PIL import Image
 from gapcache.cli import main
 from gapcache.errors import IncompatibleStoreError
 from gapcache.store import info, open_store
-from helpers import assert_stores_equal
+from helpers import assert_greedy_under_truncation, assert_stores_equal
 
 pytestmark = pytest.mark.integration
 
@@ -225,7 +225,23 @@ def test_generation_is_recorded_when_enabled(tmp_path):
     ds = open_store(tmp_path / "g" / "store.zarr")
     gens = ds.generation.sel(condition="original").values
     assert all(isinstance(g, str) for g in gens) and any(len(g) > 0 for g in gens)
-    assert (ds.generation.sel(condition="truncated_zero_L0").values == "").all()  # not generated under truncation
+    trunc = ds.generation.sel(condition="truncated_zero_L0").values
+    assert any(len(g) > 0 for g in trunc) and (trunc != gens).any()  # generated with the hooks on
+
+
+@pytest.mark.parametrize("strategy", ["zero", "drop"])
+def test_generation_under_truncation_is_the_truncated_models_greedy_continuation(tmp_path, strategy):
+    """The hooks act at every decoding step, with left padding (batch of 4) and without (batch of 1, where
+    SDPA may pass no mask); the families test runs the same check on every supported architecture."""
+    from gapcache.config import load_config
+    from gapcache.extract.runner import Extraction
+
+    cfg = write_config(tmp_path, conditions=["truncated"], truncation_layers=[0], truncation_strategies=[strategy],
+                       generate={"enabled": True, "max_new_tokens": 4})
+    ex = Extraction(load_config(cfg), tmp_path / "r").load()
+    ex.plan(show=False)
+    cond = next(c for c in ex.conditions if c.kind == "truncated")
+    assert_greedy_under_truncation(ex, cond, ([0, 1, 2, 3], [5]))
 
 
 def test_logit_lens_from_the_store_matches_the_models_own_scores(tmp_path):
