@@ -32,7 +32,8 @@ _BLOCK = 8 << 20
 
 
 def crc32c_update(data, value: int = 0) -> int:
-    from crc32c import crc32c as _crc
+    """CRC-32C (Castagnoli) of ``data`` continuing from ``value`` (0: a fresh checksum); the one CRC of the store."""
+    from crc32c import crc32c as _crc  # a gapcache dependency
 
     return int(_crc(data, value))
 

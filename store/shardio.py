@@ -73,11 +73,9 @@ class UnsupportedShardFormat(StoreError):
 
 def crc32c(data) -> int:
     """CRC-32C (Castagnoli) of a bytes-like object, as the Zarr v3 ``crc32c`` codec computes it."""
-    try:
-        from crc32c import crc32c as _crc  # a gapcache dependency
-    except ImportError:  # pragma: no cover - zarr-python 3.1 itself depends on google-crc32c
-        from google_crc32c import value as _crc
-    return int(_crc(bytes(memoryview(data).cast("B"))))
+    from gapcache.store.checksums import crc32c_update
+
+    return crc32c_update(bytes(memoryview(data).cast("B")))
 
 
 def _named(codec) -> tuple[str, dict]:
