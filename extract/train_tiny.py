@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -360,8 +361,7 @@ def _train(out: Path, args: TrainArgs, log) -> dict:
     processor.save_pretrained(work)
     record = {
         "name": BUILTIN_NAME,
-        "command": "python -m gapcache.extract.train_tiny " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": command_line(args),
         "args": vars(args),
         "architecture": {"family": "llava", **ARCH},
         "n_parameters": n_params,
@@ -395,17 +395,28 @@ def state_after(steps: int, seed: int = 0, n_train: int = 96, tmp: str | Path | 
         return {k: v.clone() for k, v in load_file(str(Path(d) / "m" / "model.safetensors")).items()}
 
 
-def main(argv=None) -> int:
+def command_line(args: TrainArgs) -> str:
+    """The shell command that retrains with ``args`` (every argument spelled out, quoted for the shell)."""
+    return "python -m gapcache.extract.train_tiny " + " ".join(
+        f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items())
+
+
+def parse_args(argv=None) -> tuple[TrainArgs, str]:
+    """(training arguments, output folder) from the command line; defaults = the shipped model's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_out = Path(__file__).resolve().parent.parent / "core" / "builtin" / BUILTIN_NAME
     p.add_argument("--out", default=str(default_out), help=f"output folder (default: {default_out})")
     for f, v in vars(TrainArgs()).items():
         p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     a = p.parse_args(argv)
+    return TrainArgs(**{f: getattr(a, f) for f in vars(TrainArgs())}), a.out
+
+
+def main(argv=None) -> int:
+    args, out = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = TrainArgs(**{f: getattr(a, f) for f in vars(TrainArgs())})
-    rec = train(a.out, args)
-    print(f"saved {a.out}: {rec['n_parameters']} parameters, trained in {rec['train_seconds']} s "
+    rec = train(out, args)
+    print(f"saved {out}: {rec['n_parameters']} parameters, trained in {rec['train_seconds']} s "
           f"(total {rec['total_seconds']} s)")
     return 0
 

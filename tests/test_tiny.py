@@ -175,12 +175,15 @@ def test_shipped_model_was_trained_by_the_default_recipe():
     its training record holds exactly the default arguments, so retraining reproduces it (the weights
     bit for bit at the same thread count, checked when it is retrained), and it ends >= 0.9 on every kind."""
     import json
+    import shlex
     from dataclasses import asdict
     from pathlib import Path
 
-    from gapcache.extract.train_tiny import BUILTIN_NAME, TrainArgs
+    from gapcache.extract.train_tiny import BUILTIN_NAME, TrainArgs, command_line, parse_args
 
     rec = json.loads((Path(__file__).parent.parent / "core" / "builtin" / BUILTIN_NAME / "training.json").read_text())
     assert rec["args"] == asdict(TrainArgs())
+    assert rec["command"] == command_line(TrainArgs())
+    assert parse_args(shlex.split(rec["command"])[3:])[0] == TrainArgs()  # the recorded command runs as is
     assert rec["history"][-1]["step"] == TrainArgs().steps
     assert min(rec["history"][-1]["val_accuracy"].values()) >= 0.9, rec["history"][-1]
