@@ -299,5 +299,12 @@ def test_second_task_on_the_same_shard_refuses(tmp_path):
         other.wait()
     with ShardLocks(tmp_path / "locks") as locks:  # the owner is dead now: the stale lock is taken over
         locks.acquire("original.shard00000")
+        owner = json.loads((tmp_path / "locks" / "original.shard00000.lock").read_text())
+        assert owner["pid"] == os.getpid()
+        # an empty lock (a task killed between creating the file and writing its owner, as locks were
+        # taken before they were created whole) has no owner to wait for: taken over too
+        (tmp_path / "locks" / "original.shard00001.lock").write_text("")
+        locks.acquire("original.shard00001")
+        assert json.loads((tmp_path / "locks" / "original.shard00001.lock").read_text())["pid"] == os.getpid()
         assert (tmp_path / "locks" / "original.shard00000.lock").is_file()
-    assert not (tmp_path / "locks" / "original.shard00000.lock").exists()
+    assert not list((tmp_path / "locks").iterdir())  # released, and no temporary file left
