@@ -42,10 +42,12 @@ def _stale(owner: dict, me: dict) -> bool:
     return owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1)))
 
 
-def _owner(path: Path) -> dict:
-    """The lock's owner; {} when the file is gone, empty or unreadable."""
+def _owner(path: Path) -> dict | None:
+    """The lock's owner; {} when the file is empty or unreadable, None when it is gone."""
     try:
         owner = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
         return {}
     return owner if isinstance(owner, dict) else {}
@@ -68,6 +70,8 @@ class ShardLocks:
                     os.link(tmp, path)  # atomic: the lock appears with its owner in it, or not at all
                 except FileExistsError:
                     owner = _owner(path)
+                    if owner is None:  # released (or taken over) since: try again
+                        continue
                     if owner.get("pid") == me["pid"] and owner.get("host") == me["host"]:
                         return
                     if not owner or _stale(owner, me):
