@@ -165,8 +165,8 @@ def _fmt(ci):
 def decodes_from(entry: dict):
     """The first probe layer from which the selectivity CI lies above 0 at every later layer (None: never)."""
     low = np.asarray(entry["selectivity_ci"]["low"], dtype=float)
-    above = np.concatenate([np.logical_and.accumulate((low > 0)[::-1])[::-1], [False]])
-    return entry["layers"][int(np.argmax(above))] if above.any() else None
+    above_from = np.logical_and.accumulate((low > 0)[::-1])[::-1]  # True where this and every later layer is > 0
+    return entry["layers"][int(np.argmax(above_from))] if above_from.any() else None
 
 
 def probe_rows(probes: dict, site: str = "prediction") -> list[tuple[str, str]]:

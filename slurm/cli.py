@@ -11,7 +11,6 @@ RUN defaults to ``results/{model}/{dataset}/{name}`` (``slurm.results_dir``). Li
 from __future__ import annotations
 
 import argparse
-
 import json
 
 

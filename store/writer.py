@@ -515,15 +515,13 @@ def check_same_samples(path, sample_ids, meta: dict) -> None:
     import zarr
 
     g = zarr.open_group(str(path), mode="r")
-    stored = [str(v) for v in g["sample"][:]]
-    if stored != [str(v) for v in sample_ids]:
-        first = next((i for i, (a, b) in enumerate(zip(stored, sample_ids)) if a != str(b)),
-                     min(len(stored), len(sample_ids)))
+    stored, planned = [str(v) for v in g["sample"][:]], [str(v) for v in sample_ids]
+    if stored != planned:
+        first = next((i for i, (a, b) in enumerate(zip(stored, planned)) if a != b), min(len(stored), len(planned)))
         raise IncompatibleStoreError(
-            f"The store at {path} holds {len(stored)} samples and this run plans {len(sample_ids)}; they differ "
-            f"from position {first} (store has {stored[first:first + 1]}, this run has "
-            f"{[str(v) for v in sample_ids][first:first + 1]}). The dataset changed since the store was created: "
-            "use a new --out directory, or restore the dataset."
+            f"The store at {path} holds {len(stored)} samples and this run plans {len(planned)}; they differ "
+            f"from position {first} (store has {stored[first:first + 1]}, this run has {planned[first:first + 1]}). "
+            "The dataset changed since the store was created: use a new --out directory, or restore the dataset."
         )
     for name in SAME_SAMPLE_ON_RESUME:
         have, want = g[name][:], meta[name]

@@ -157,6 +157,7 @@ def test_small_class_probe_ci_is_finite_when_some_resamples_miss_a_class():
     for which in ("accuracy", "selectivity"):
         ci = probes.probe_accuracy_ci(r, which=which, n_resamples=9999, seed=0)
         assert np.isfinite(ci.low).all() and np.isfinite(ci.high).all(), (which, ci)
+        assert (ci.low <= ci.estimate).all() and (ci.estimate <= ci.high).all(), (which, ci)
 
 
 @pytest.mark.parametrize(
