@@ -61,3 +61,19 @@ class IncompatibleStoreError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process holds the writer lock of this store (or of this shard)."""
+
+
+class StoreFrozenError(StoreError):
+    """The store was frozen read-only by ``gapcache freeze``; no writer may change it."""
+
+
+class UnsupportedShardFormat(StoreError):
+    """The array's metadata asks for something the direct shard writer does not implement."""
+
+
+class DamagedChunkError(StoreError):
+    """A chunk of a store array does not decode (checksum mismatch, broken frame): the bytes are damaged."""
+
+
+class SlurmError(GapcacheError):
+    """sbatch/scontrol failed, or a submission would collide with running jobs."""

@@ -14,9 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from gapcache.conditions import expand
+from gapcache.store import arrays
 from gapcache.store.schema import SITES
-
-BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_SECONDS_PER_BATCH = 0.1  # ~ Qwen3-VL-30B-A3B batch of 8 on an H100
 
 
@@ -78,9 +77,10 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     spans = [p.visual_length for p in probe if p.ok] or [0]
     vis = float(np.mean(spans)) if e.visual.mode == "all" else float(min(e.visual.k, np.mean(spans)))
     n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
-    bpv = BYTES[cfg.model.dtype]
-    text_b = len(SITES) * n_rec * hidden * bpv
-    vis_b = vis * n_rec * hidden * bpv
+    n_cand = len({c for s in samples for c in s.candidates})
+    sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_cand}
+    text_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, 0, records_visual=False)  # every unit array
+    vis_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, vis, records_visual=True) - text_b
     conds = expand(e.conditions, e.truncation_layers, e.truncation_strategies, n_layers)
     n = len(samples)
     lines = [f"model {cfg.model.id}: {n_layers} layers, hidden {hidden}, {cfg.model.dtype}; {n} samples; "

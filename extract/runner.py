@@ -31,12 +31,11 @@ from gapcache.extract import data as data_mod
 from gapcache.extract.hooks import Capture, Truncation
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
-from gapcache.store import Layout, ShardPayload, StoreWriter, codec, create
-from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED
-from gapcache.store.writer import _consolidate, check_compatible, check_same_samples
+from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, codec, create
+from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME
+from gapcache.store.writer import check_compatible, check_same_samples
 
 log = logging.getLogger(__name__)
-STORE_NAME = "store.zarr"
 COMPAT_KEYS = ("config_hash", "model", "candidates", "condition_params")
 
 
@@ -165,8 +164,9 @@ class Extraction:
     def open_or_create(self):
         """Create the store, or check that an existing one was made by this same config (resume).
 
-        Creation is atomic: the store is built in a temporary directory and renamed into place, so
-        that concurrent array tasks racing to create it end with exactly one complete store.
+        Creation is atomic: the store is built in a temporary directory (one ``create`` call: every array,
+        the lens tables included) and renamed into place, so that concurrent array tasks racing to create
+        it end with exactly one complete store.
         """
         attrs = self.store_attrs()
         if not (self.store_path / "zarr.json").is_file():
@@ -174,11 +174,11 @@ class Extraction:
             tmp = self.out / f".{STORE_NAME}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             layout = self.layout()
-            group = create(tmp, layout, attrs, self.sample_meta())
+            lens, lens_attrs = self.lens_values()
+            values = {**self.sample_meta(), **lens}
             if self.cfg.extract.visual.mode != "all":
-                group["vtoken_position"][...] = self.vtoken_positions(layout)
-            self.write_lens(group)
-            _consolidate(tmp)  # the arrays added after create()
+                values["vtoken_position"] = self.vtoken_positions(layout)
+            create(tmp, layout, attrs, values, array_attrs={"lens_norm_weight": lens_attrs})
             try:
                 os.rename(tmp, self.store_path)
                 return True
@@ -188,8 +188,9 @@ class Extraction:
         check_same_samples(self.store_path, [p.sample.id for p in self.planned], self.sample_meta())
         return False
 
-    def write_lens(self, group):
-        """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates.
+    def lens_values(self) -> tuple[dict, dict]:
+        """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates, and the
+        norm's attributes.
 
         ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = w * h / sqrt(mean(h**2) + eps)`` gives the
         logit of ``lens_token_id[t]``; ``candidate_lens_token[i, c]`` is the row scoring candidate c
@@ -207,18 +208,13 @@ class Extraction:
         attrs = {"norm_class": type(norm).__name__, "eps": eps,
                  "formula": "logits = lens_unembed @ (w * h / sqrt(mean(h**2) + eps))"}
         h = head.shape[1]
-        arrays = {
-            "lens_norm_weight": (("hidden",), norm.weight.detach().float().cpu().numpy(), (h,)),
-            "lens_token_id": (("lens_token",), np.array(tokens, np.int64), (max(1, len(tokens)),)),
-            "lens_unembed": (("lens_token", "hidden"), head[tokens].detach().float().cpu().numpy().reshape(len(tokens), h),
-                             (max(1, len(tokens)), h)),
-            "candidate_lens_token": (("sample", "candidate"), which, (self.cfg.extract.samples_per_shard, max(1, which.shape[1]))),
+        values = {
+            "lens_norm_weight": norm.weight.detach().float().cpu().numpy(),  # (hidden,)
+            "lens_token_id": np.array(tokens, np.int64),  # (lens_token,)
+            "lens_unembed": head[tokens].detach().float().cpu().numpy().reshape(len(tokens), h),  # (lens_token, hidden)
+            "candidate_lens_token": which,  # (sample, candidate)
         }
-        for name, (dims, values, chunks) in arrays.items():
-            arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks,
-                                     dimension_names=dims, attributes=attrs if name == "lens_norm_weight" else {})
-            if values.size:
-                arr[...] = values
+        return values, attrs
 
     def vtoken_positions(self, layout) -> np.ndarray:
         """Index within the visual span of each recorded row (subset), or of its pool's first token."""
@@ -257,35 +253,37 @@ class Extraction:
                 writer.submit(self.shard_payload(ci, cond, shard, layout))
         return self.store_path
 
+    def unit_arrays(self, cond) -> list[str]:
+        """The unit arrays a (condition, shard) payload of this run fills."""
+        names = [s.name for s in arrays.specs(arrays.UNIT)]
+        if not self.cfg.extract.generate.enabled:
+            names.remove("generation")
+        return names + (["visual_states"] if cond.records_visual else [])
+
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
+        """One (condition, shard) unit: fill-valued buffers of every unit array, then each planned sample's
+        forward results (keyed by array name) in its row; failed samples keep the fill and their reason."""
         idx = list(layout.shard_samples(shard))
-        n, k = len(idx), len(self.candidates)
-        dtype, _ = codec.storage_for(self.cfg.model.dtype)
-        h = layout.hidden
-        text = np.zeros((n, len(SITES), len(self.record), h), dtype)
         offs = [layout.visual_offsets[i] - layout.visual_offsets[idx[0]] for i in idx]
-        vis = np.zeros((sum(layout.visual_lengths[i] for i in idx), len(self.record), h), dtype) \
-            if cond.records_visual else None
-        gold = np.full(n, np.nan, np.float32)
-        cand = np.full((n, k), np.nan, np.float32)
-        status = np.full(n, STATUS_FAILED, np.uint8)
-        error = np.array([self.planned[i].failure for i in idx], dtype=object)
-        gen = np.array([""] * n, dtype=object) if self.cfg.extract.generate.enabled else None
+        n_tok = sum(layout.visual_lengths[i] for i in idx)
+        buf = arrays.unit_buffers(self.unit_arrays(cond), layout.sizes(), len(idx), n_tok, self.cfg.model.dtype)
+        buf["status"][:] = STATUS_FAILED
+        buf["error"][:] = [self.planned[i].failure for i in idx]
         todo = [j for j, i in enumerate(idx) if self.planned[i].ok]
         bs = self.cfg.extract.batch_size
         batches = [todo[b0 : b0 + bs] for b0 in range(0, len(todo), bs)]
         for rows, inputs in self.prefetched(batches, idx, cond):
             for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond, inputs)):
                 if isinstance(res, SampleError):
-                    error[j] = res.reason
+                    buf["error"][j] = res.reason
                     continue
-                text[j], gold[j], cand[j] = res["text"], res["gold"], res["cand"]
-                if vis is not None:
-                    vis[offs[j] : offs[j] + res["visual"].shape[0]] = res["visual"]
-                if gen is not None:
-                    gen[j] = res.get("generation", "")
-                status[j] = STATUS_DONE
-        return ShardPayload(ci, shard, text, vis, gold, cand, status, error, gen)
+                for name, value in res.items():
+                    if name == "visual_states":
+                        buf[name][offs[j] : offs[j] + value.shape[0]] = value
+                    elif name in buf:
+                        buf[name][j] = value
+                buf["status"][j] = STATUS_DONE
+        return ShardPayload(ci, shard, buf)
 
     def prefetched(self, batches, idx, cond):
         """Yield (rows, inputs) with the next batch's images and processor run in a thread,
@@ -412,7 +410,8 @@ class Extraction:
             if p.cand_columns:
                 prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(p.cand_prefix))
                 cand[p.cand_columns] = prefix + logp[r, col[p.prediction + p.cand_prefix], p.cand_tokens].numpy()
-            res = {"text": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold": gold, "cand": cand}
+            res = {"text_states": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold_logprob": gold,
+                   "candidate_logprob": cand}
             if vis is not None:
                 sel = self.visual_select[i]
                 n_flat = sum(len(g) for g in sel) if isinstance(sel, list) else len(sel)
@@ -421,7 +420,7 @@ class Extraction:
                 if isinstance(sel, list):  # pool contiguous groups
                     bounds = np.cumsum([0] + [len(g) for g in sel])
                     chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
-                res["visual"] = self.to_storage(chunk)
+                res["visual_states"] = self.to_storage(chunk)
             results.append(res)
         if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):

@@ -47,17 +47,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gapcache.errors import ConfigError, GapcacheError
+from gapcache.errors import ConfigError, GapcacheError, SlurmError
+from gapcache.store.schema import STORE_NAME
 
 SLURM_DIR = "slurm"
 JOBS_FILE = "jobs.json"
-STORE_NAME = "store.zarr"  # = gapcache.extract.runner.STORE_NAME (not imported: that pulls torch)
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-
-
-class SlurmError(GapcacheError):
-    """sbatch/scontrol failed, or a submission would collide with running jobs."""
 
 
 @dataclass

@@ -28,8 +28,15 @@ import numpy as np
 
 from gapcache.conditions import Condition
 from gapcache.errors import IncompatibleStoreError, StoreError
+from gapcache.store import arrays
 from gapcache.store.remote import is_url, zarr_store
 from gapcache.store.schema import STATUS_PENDING, Layout
+
+
+def candidates_of(attrs, g) -> list[str]:
+    """The store's candidate set ([] when it records no candidate scores)."""
+    return [str(x) for x in g["candidate"][...]] if g["candidate_logprob"].shape[2] else []
+
 
 #: (name shown in errors, getter(attrs, group))
 COMPAT_FIELDS = (
@@ -47,7 +54,7 @@ COMPAT_FIELDS = (
     ("sites", lambda a, g: a.get("sites")),
     ("answer_prefix", lambda a, g: a.get("answer_prefix")),
     ("visual", lambda a, g: a.get("visual")),
-    ("candidates", lambda a, g: [str(x) for x in g["candidate"][...]] if g["candidate_logprob"].shape[2] else []),
+    ("candidates", candidates_of),
     ("layer (recorded hidden-state indices)", lambda a, g: [int(x) for x in g["layer"][...]]),
     ("hidden", lambda a, g: int(g["text_states"].shape[-1])),
     ("state storage (dtype, encoding)",
@@ -55,11 +62,8 @@ COMPAT_FIELDS = (
 )
 #: per-sample metadata that must agree where a sample appears in several inputs
 SAME_SAMPLE_FIELDS = ("visual_length", "site_position", "seq_len", "image_sha256", "question", "answer")
-#: arrays written by create/StoreWriter (not per-sample metadata to carry over)
-OWN_ARRAYS = {"text_states", "visual_states", "gold_logprob", "candidate_logprob", "generation", "status", "error",
-              "sample", "condition", "condition_kind", "truncation_layer", "truncation_strategy", "visual_condition",
-              "layer", "site", "candidate", "visual_offset", "visual_length", "vtoken_sample", "vtoken_position",
-              "lens_norm_weight", "lens_token_id", "lens_unembed", "candidate_lens_token"}
+#: per-sample arrays carried over row by row from the input each sample comes from (or remapped)
+CARRIED = (arrays.MERGE_SAMPLE, arrays.MERGE_SAMPLE_INDEX)
 RESERVED_ATTRS = {"schema_version", "checksums", "gapcache_version", "layer_convention", "sites", "samples_per_shard",
                   "visual_shard_tokens", "model_dtype", "conditions", "frozen"}
 
@@ -98,8 +102,13 @@ class _Source:
         self.voff = self.g["visual_offset"][...]
         self.vlen = self.g["visual_length"][...]
         self.spc = int(self.attrs["samples_per_shard"])
-        self.meta_names = sorted(n for n, a in self.g.arrays() if n not in OWN_ARRAYS
-                                 and (a.metadata.dimension_names or ("",))[0] == "sample")
+        self.meta_names = sorted(s.name for s in arrays.specs(arrays.SAMPLE) if s.merge_rule in CARRIED
+                                 and s.name in self.g)
+        undeclared = sorted(n for n, _ in self.g.arrays() if n not in arrays.ARRAYS)
+        if undeclared:
+            raise IncompatibleStoreError(
+                f"Cannot merge {self.path}: it holds arrays this gapcache does not declare ({undeclared}); merge "
+                "with the gapcache version that wrote it (attribute 'gapcache_version').")
         self._cache: dict = {}
 
     def block(self, name, lead, s0, s1):
@@ -144,7 +153,7 @@ def check_compatible_stores(sources) -> None:
 
 def merge(paths, out, storage_options: dict | None = None, show: bool = False) -> Path:
     """Merge the stores at ``paths`` (local or URLs, read-only) into a new local store ``out``."""
-    from gapcache.store.writer import StoreWriter, _consolidate, create
+    from gapcache.store.writer import StoreWriter, create
 
     if len(paths) < 2:
         raise StoreError(f"merge needs at least two stores. Got {len(paths)} instead.")
@@ -185,30 +194,18 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
     layout = Layout(
         sample_ids=tuple(sample_ids), conditions=tuple(conds), layers=tuple(int(x) for x in first.g["layer"][...]),
         hidden=int(first.g["text_states"].shape[-1]), model_dtype=first.attrs["model_dtype"],
-        candidates=tuple(COMPAT_FIELDS[14][1](first.attrs, first.g)),
+        candidates=tuple(candidates_of(first.attrs, first.g)),
         visual_lengths=tuple(int(home[s][0].vlen[home[s][1]]) for s in sample_ids),
         samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression_level=_zstd_level(first.g["text_states"]),
     )
-    new_index = {s: i for i, s in enumerate(sample_ids)}
-    meta = {}
-    for name in first.meta_names:
-        cols = {src.path: src.g[name][...] for src in sources}
-        rows = [cols[home[s][0].path][home[s][1]] for s in sample_ids]
-        arr = np.array(rows, dtype=object if cols[first.path].dtype.kind in "OUST" else cols[first.path].dtype)
-        if name == "donor":  # index into the source's samples -> index into the merged samples
-            arr = np.array([new_index[home[s][0].samples[int(d)]] if int(d) >= 0 else -1
-                            for s, d in zip(sample_ids, rows)], np.int64)
-        meta[name] = arr
-    attrs = _merged_attrs(sources, layout, meta.get("donor"))
+    values, array_attrs = _creation_values(sources, home, sample_ids, layout)
+    attrs = _merged_attrs(sources, layout, values.get("donor"))
 
     tmp = out.parent / f".{out.name}.{os.getpid()}.merge.tmp"
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        group = create(tmp, layout, attrs, meta)
-        _vtoken_positions(group, sources, home, sample_ids, layout)
-        _merge_lens(group, sources, home, sample_ids, layout)
-        _consolidate(tmp)
+        group = create(tmp, layout, attrs, values, array_attrs=array_attrs)
         with StoreWriter(tmp) as w:
             for ci, cond in enumerate(conds):
                 for shard in range(layout.n_shards):
@@ -220,6 +217,45 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _creation_values(sources, home, sample_ids, layout) -> tuple[dict, dict]:
+    """Values (and array attributes) of every array written at creation, by each declared array's merge rule."""
+    first = sources[0]
+    new_index = {s: i for i, s in enumerate(sample_ids)}
+    values, array_attrs = {}, {}
+    for spec in arrays.specs((arrays.STORE, arrays.SAMPLE, arrays.SPAN)):
+        rule, name = spec.merge_rule, spec.name
+        if rule == arrays.MERGE_LAYOUT or name not in first.g:
+            continue
+        if rule in CARRIED and spec.along == arrays.SAMPLE:
+            cols = {src.path: src.g[name][...] for src in sources}
+            rows = [cols[home[s][0].path][home[s][1]] for s in sample_ids]
+            if rule == arrays.MERGE_SAMPLE_INDEX:  # index into the source's samples -> into the merged samples
+                values[name] = np.array([new_index[home[s][0].samples[int(d)]] if int(d) >= 0 else -1
+                                         for s, d in zip(sample_ids, rows)], np.int64)
+            else:
+                kind = cols[first.path].dtype.kind
+                values[name] = np.array(rows, dtype=object if kind in "OUST" else cols[first.path].dtype)
+        elif rule == arrays.MERGE_SAMPLE and spec.along == arrays.SPAN:
+            values[name] = _span_rows(name, sources, home, sample_ids, layout)
+        elif rule == arrays.MERGE_EQUAL:
+            values[name] = _equal_everywhere(name, sources)
+            array_attrs[name] = first.g[name].attrs.asdict()
+    lens, lens_attrs = _merge_lens(sources, home, sample_ids, layout)
+    values.update(lens)
+    array_attrs.update(lens_attrs)
+    return values, array_attrs
+
+
+def _equal_everywhere(name, sources) -> np.ndarray:
+    first = sources[0].g[name][...]
+    for src in sources[1:]:
+        other = src.g[name][...] if name in src.g else None
+        if other is None or other.shape != first.shape or not (other == first).all():
+            raise IncompatibleStoreError(f"Cannot merge: the whole-store array {name!r} differs between "
+                                         f"{sources[0].path} and {src.path}; it must be identical in every input.")
+    return first
 
 
 def _same_sample(a, b, sample_id) -> None:
@@ -264,23 +300,27 @@ def _merged_attrs(sources, layout, donor) -> dict:
     return attrs
 
 
-def _vtoken_positions(group, sources, home, sample_ids, layout) -> None:
-    pos = np.full(layout.n_vtokens, -1, np.int32)
+def _span_rows(name, sources, home, sample_ids, layout) -> np.ndarray:
+    """A per-token (``vtoken``) array gathered sample by sample from the input each sample comes from."""
+    spec = arrays.get(name)
     cache = {}
+    out = None
     for i, s in enumerate(sample_ids):
         src, j = home[s]
         if src.path not in cache:
-            cache[src.path] = src.g["vtoken_position"][...]
-        n = layout.visual_lengths[i]
-        o = int(src.voff[j])
-        pos[layout.visual_offsets[i] : layout.visual_offsets[i] + n] = cache[src.path][o : o + n]
-    group["vtoken_position"][...] = pos
+            cache[src.path] = src.g[name][...]
+        col = cache[src.path]
+        if out is None:
+            out = np.full((layout.n_vtokens, *col.shape[1:]), spec.fill_value(), dtype=col.dtype)
+        n, o = layout.visual_lengths[i], int(src.voff[j])
+        out[layout.visual_offsets[i] : layout.visual_offsets[i] + n] = col[o : o + n]
+    return out
 
 
-def _merge_lens(group, sources, home, sample_ids, layout) -> None:
+def _merge_lens(sources, home, sample_ids, layout) -> tuple[dict, dict]:
     """Union of the logit-lens rows (when every input has them; the model is the same, so rows agree)."""
     if not all("lens_token_id" in s.g for s in sources):
-        return
+        return {}, {}
     first = sources[0]
     weight = first.g["lens_norm_weight"]
     rows = {}
@@ -291,60 +331,46 @@ def _merge_lens(group, sources, home, sample_ids, layout) -> None:
     tokens = sorted(rows)
     unembed = np.stack([rows[t][0].g["lens_unembed"][rows[t][1]] for t in tokens]) if tokens \
         else np.zeros((0, layout.hidden), np.float32)
-    which = np.full((layout.n_samples, max(1, len(layout.candidates))), -1, np.int32)
+    which = np.full((layout.n_samples, len(layout.candidates)), -1, np.int32)
     new_row = {t: r for r, t in enumerate(tokens)}
     for i, s in enumerate(sample_ids):
         src, j = home[s]
         old = src.g["candidate_lens_token"][j]
         src_tokens = tokens_of[id(src)]
         which[i, : old.shape[0]] = [new_row[int(src_tokens[r])] if r >= 0 else -1 for r in old]
-    h, spc = layout.hidden, layout.samples_per_shard
-    arrays = {
-        "lens_norm_weight": (("hidden",), weight[...], (h,), weight.attrs.asdict()),
-        "lens_token_id": (("lens_token",), np.array(tokens, np.int64), (max(1, len(tokens)),), {}),
-        "lens_unembed": (("lens_token", "hidden"), unembed, (max(1, len(tokens)), h), {}),
-        "candidate_lens_token": (("sample", "candidate"), which, (spc, which.shape[1]), {}),
-    }
-    for name, (dims, values, chunks, attrs) in arrays.items():
-        arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, dimension_names=dims,
-                                 attributes=attrs)
-        if values.size:
-            arr[...] = values
+    values = {"lens_norm_weight": weight[...], "lens_token_id": np.array(tokens, np.int64),
+              "lens_unembed": unembed.astype(np.float32), "candidate_lens_token": which}
+    return values, {"lens_norm_weight": weight.attrs.asdict()}
 
 
 def _payload(ci, cond, shard, layout, owner, sample_ids, group):
+    """The merged unit (condition ``ci``, ``shard``): every declared unit array, cell by cell from its owner."""
     from gapcache.store.writer import ShardPayload
 
     idx = list(layout.shard_samples(shard))
     cells = [owner.get((cond.label, sample_ids[i])) for i in idx]
     if all(c is None for c in cells):
         return None
-    n, k = len(idx), len(layout.candidates)
-    tdtype = group["text_states"].dtype
-    text = np.zeros((n, 2, len(layout.layers), layout.hidden), tdtype)
-    vis = None
-    if cond.records_visual:
-        vis = np.zeros((sum(layout.visual_lengths[i] for i in idx), len(layout.layers), layout.hidden), tdtype)
-    gold = np.full(n, np.nan, np.float32)
-    cand = np.full((n, k), np.nan, np.float32)
-    status = np.zeros(n, np.uint8)
-    error = np.array([""] * n, dtype=object)
-    gen = np.array([""] * n, dtype=object)
+    specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in group
+             and (s.along == arrays.UNIT or cond.records_visual)]
+    n_tok = sum(layout.visual_lengths[i] for i in idx)
+    sizes = {**layout.sizes(), **dict(zip(group["text_states"].metadata.dimension_names, group["text_states"].shape))}
+    for s in specs:
+        sizes.update(zip(s.dims, group[s.name].shape))
+    vals = arrays.unit_buffers([s.name for s in specs], sizes, len(idx), n_tok, layout.model_dtype)
     base = layout.visual_offsets[idx[0]]
     for j, (i, cell) in enumerate(zip(idx, cells)):
         if cell is None:
             continue
         src, sci, si = cell
-        text[j] = src.row("text_states", sci, si)
-        gold[j] = src.row("gold_logprob", sci, si)
-        if k:
-            cand[j] = src.row("candidate_logprob", sci, si)
-        status[j] = src.status[sci, si]
-        error[j] = str(src.row("error", sci, si))
-        gen[j] = str(src.row("generation", sci, si))
-        if vis is not None and layout.visual_lengths[i]:
-            vci = src.vlabels.index(cond.label)
-            o, m = int(src.voff[si]), int(src.vlen[si])
-            d = layout.visual_offsets[i] - base
-            vis[d : d + m] = src.g["visual_states"][vci, o : o + m]
-    return ShardPayload(ci, shard, text, vis, gold, cand, status, error, gen)
+        for s in specs:
+            if s.name not in src.g:
+                continue
+            if s.along == arrays.UNIT:
+                vals[s.name][j] = src.row(s.name, sci, si)
+            elif layout.visual_lengths[i]:
+                vci = src.vlabels.index(cond.label)
+                o, m = int(src.voff[si]), int(src.vlen[si])
+                d = layout.visual_offsets[i] - base
+                vals[s.name][d : d + m] = src.g[s.name][vci, o : o + m]
+    return ShardPayload(ci, shard, vals)

@@ -20,15 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from gapcache.errors import SchemaVersionError, StoreError
-from gapcache.store import codec
+from gapcache.errors import DamagedChunkError, SchemaVersionError, StoreError
+from gapcache.store import arrays, codec
 from gapcache.store.schema import (
     STATUS_DONE,
     STATUS_FAILED,
+    STATUS_PENDING,
     SUPPORTED_SCHEMA_VERSIONS,
 )
 
-STATE_ARRAYS = ("text_states", "visual_states")
+#: what zarr's codecs raise on damaged bytes (crc32c mismatch, broken zstd frame, bad vlen lengths)
+DECODE_ERRORS = (ValueError, RuntimeError, IndexError, OverflowError, TypeError, EOFError)
 
 
 def root_attrs(path, storage_options: dict | None = None) -> dict:
@@ -63,30 +65,133 @@ def open_store(path, decode: bool = True, storage_options: dict | None = None):
     ``path`` may be a URL: ``http(s)://.../store.zarr`` or ``s3://bucket/store.zarr`` (credentials and
     ``endpoint_url`` in ``storage_options``); remote stores are opened read-only, without copying,
     from their consolidated metadata when they have it (HTTP cannot list directories).
+
+    Reading a damaged chunk (through this view) raises :class:`DamagedChunkError` naming the array and
+    the chunk, not a bare codec error.
     """
     import xarray as xr
+    import zarr
 
     from gapcache.store.remote import is_url, zarr_store
 
     attrs = root_attrs(path, storage_options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=RuntimeWarning)  # "failed to open consolidated"
-        if is_url(path):
-            store = zarr_store(path, storage_options)
-            try:
-                ds = xr.open_zarr(store, consolidated=True, chunks={}, zarr_format=3)
-            except (KeyError, FileNotFoundError, ValueError):  # no consolidated metadata: list the store
+    store = zarr_store(path, storage_options) if is_url(path) else str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)  # "failed to open consolidated"
+            if is_url(path):
+                try:
+                    ds = xr.open_zarr(store, consolidated=True, chunks={}, zarr_format=3)
+                except (KeyError, FileNotFoundError, ValueError):  # no consolidated metadata: list the store
+                    ds = xr.open_zarr(store, consolidated=False, chunks={}, zarr_format=3)
+            else:
                 ds = xr.open_zarr(store, consolidated=False, chunks={}, zarr_format=3)
-        else:
-            ds = xr.open_zarr(str(path), consolidated=False, chunks={}, zarr_format=3)
+    except DECODE_ERRORS as err:  # an index coordinate (read at open) is damaged
+        group = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
+        raise damage_error(path, group, err) from None
+    group = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
+    ds = _guard(ds, group, path)
     ds.attrs = attrs
     if decode:
-        for name in STATE_ARRAYS:
-            var = ds[name]
+        for spec in arrays.specs(state=True):
+            if spec.name not in ds:
+                continue
+            var = ds[spec.name]
             enc = var.attrs.get(codec.ENCODING_ATTR, "none")
-            ds[name] = var.copy(data=codec.decode(var.data, enc))
-            ds[name].attrs = {**var.attrs, codec.ENCODING_ATTR: "decoded"}
+            ds[spec.name] = var.copy(data=codec.decode(var.data, enc))
+            ds[spec.name].attrs = {**var.attrs, codec.ENCODING_ATTR: "decoded"}
     return ds
+
+
+class _Guarded:
+    """A zarr array for ``dask.array.from_array`` whose decode errors name the array and its chunk keys."""
+
+    def __init__(self, arr, path):
+        self.arr, self.path = arr, path
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __getitem__(self, key):
+        try:
+            return self.arr[key]
+        except DECODE_ERRORS as err:
+            raise DamagedChunkError(_damage_message(self.path, self.arr, _chunk_keys(self.arr, key), err)) from None
+
+
+def _guard(ds, group, path):
+    """Every lazily read (dask) variable of ``ds`` re-built over a guarded zarr array, same chunks and dtype."""
+    import uuid
+
+    import dask.array as da
+
+    for name in [*ds.data_vars, *[c for c in ds.coords if c not in ds.dims]]:
+        var = ds[name]
+        if not hasattr(var.data, "dask") or name not in group:
+            continue
+        arr = group[name]
+        if arr.dtype != var.dtype or tuple(arr.shape) != var.shape:
+            continue  # not a plain view of the zarr array: leave xarray's reader
+        data = da.from_array(_Guarded(arr, path), chunks=var.data.chunks, asarray=False, meta=var.data._meta,
+                             name=f"gapcache-{name}-{uuid.uuid4().hex}")
+        if name in ds.data_vars:
+            ds[name] = var.copy(data=data)
+        else:
+            ds = ds.assign_coords({name: var.copy(data=data)})
+    return ds
+
+
+def _chunk_keys(arr, key) -> list[str]:
+    """Storage keys (shards for sharded arrays) that a basic selection touches."""
+    import itertools
+
+    grid = arr.shards or arr.chunks
+    key = key if isinstance(key, tuple) else (key,)
+    key = key + (slice(None),) * (arr.ndim - len(key))
+    ranges = []
+    for k, size, n in zip(key, grid, arr.shape):
+        if isinstance(k, slice):
+            start, stop, _ = k.indices(n)
+            ranges.append(range(start // size, max(start // size + 1, -(-stop // size))))
+        else:
+            ranges.append(range(int(k) // size, int(k) // size + 1))
+    return [arr.metadata.encode_chunk_key(c) for c in itertools.product(*ranges)]
+
+
+def _damage_message(path, arr, keys, err) -> str:
+    shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    return (f"Array {arr.path!r} of the store at {path} is damaged in chunk {shown}: {type(err).__name__}: {err}. "
+            f"Run `gapcache verify {path}` to list every damaged chunk; restore the store from its source "
+            "or re-extract the affected conditions.")
+
+
+def damage_error(path, group, err) -> DamagedChunkError:
+    """The first damaged chunk among the small (non-state) arrays, as a DamagedChunkError."""
+    for spec in arrays.specs(state=False):
+        if spec.name in group:
+            bad = damaged_chunks(group[spec.name])
+            if bad:
+                return DamagedChunkError(_damage_message(path, group[spec.name], [k for k, _ in bad], bad[0][1]))
+    return DamagedChunkError(f"The store at {path} cannot be read: {type(err).__name__}: {err}. "
+                             f"Run `gapcache verify {path}`.")
+
+
+def damaged_chunks(arr) -> list[tuple[str, BaseException]]:
+    """(key, error) of every chunk of ``arr`` that does not decode; one read when none is damaged."""
+    import itertools
+
+    try:
+        arr[...]
+        return []
+    except DECODE_ERRORS:
+        pass
+    grid = arr.chunks
+    bad = []
+    for c in itertools.product(*[range(-(-n // s)) for n, s in zip(arr.shape, grid)]):
+        sl = tuple(slice(i * s, min((i + 1) * s, n)) for i, s, n in zip(c, grid, arr.shape))
+        try:
+            arr[sl]
+        except DECODE_ERRORS as err:
+            bad.append((arr.metadata.encode_chunk_key(c), err))
+    return bad
 
 
 def visual_span(ds, sample):
@@ -124,13 +229,17 @@ def info(path, storage_options: dict | None = None, size: bool = True) -> dict:
 
     attrs = root_attrs(path, storage_options)
     g = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
-    status = g["status"][...]
-    labels = [str(x) for x in g["condition"][...]]
+    try:
+        status = g["status"][...]
+        labels = [str(x) for x in g["condition"][...]]
+        layers = [int(x) for x in g["layer"][...]]
+    except DECODE_ERRORS as err:
+        raise damage_error(path, g, err) from None
     per_cond = {
         label: {
             "done": int((status[i] == STATUS_DONE).sum()),
             "failed": int((status[i] == STATUS_FAILED).sum()),
-            "pending": int((status[i] == 0).sum()),
+            "pending": int((status[i] == STATUS_PENDING).sum()),
         }
         for i, label in enumerate(labels)
     }
@@ -143,8 +252,8 @@ def info(path, storage_options: dict | None = None, size: bool = True) -> dict:
         "conditions": per_cond,
         "n_samples": int(status.shape[1]),
         "n_failed_samples": int((status == STATUS_FAILED).any(axis=0).sum()),
-        "complete": bool((status != 0).all()),
-        "layers": [int(x) for x in g["layer"][...]],
+        "complete": bool((status != STATUS_PENDING).all()),
+        "layers": layers,
         "sites": attrs.get("sites"),
         "hidden": int(g["text_states"].shape[-1]),
         "state_dtype": str(g["text_states"].dtype),

@@ -67,6 +67,14 @@ class KeyReader:
 
             self.root = Path(path)
 
+    def exists(self, key: str) -> bool:
+        if not self.remote:
+            return self.root.joinpath(*key.split("/")).is_file()
+        try:
+            return bool(self.fs.exists(f"{self.root}/{key}"))
+        except OSError:
+            return self.get(key) is not None
+
     def get(self, key: str) -> bytes | None:
         if not self.remote:
             try:

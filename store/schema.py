@@ -1,23 +1,12 @@
 """The store contract: names, dimensions, chunking. Read by both tiers; no torch here.
 
-A gapcache store is one Zarr v3 group. ``xarray.open_zarr(path)`` opens it without gapcache:
+A gapcache store is one Zarr v3 group; ``xarray.open_zarr(path)`` opens it without gapcache. The
+arrays it holds (name, dims, dtype, what they are written along, fill value, since which schema
+version) are declared once, in :mod:`gapcache.store.arrays`.
 
-====================  ==========================================  =====================================
-array                 dims                                        meaning
-====================  ==========================================  =====================================
-text_states           (condition, sample, site, layer, hidden)    residual stream at the text sites
-visual_states         (visual_condition, vtoken, layer, hidden)   residual stream at the visual span
-gold_logprob          (condition, sample)                         sum of teacher-forced log p(answer)
-candidate_logprob     (condition, sample, candidate)              log p(candidate) at the prediction site
-generation            (condition, sample)                         greedy generation ('' if off)
-status                (condition, sample)                         0 pending, 1 done, 2 failed
-error                 (condition, sample)                         failure reason, '' if none
-sample (coord)        (sample,)                                   sample ids
-site_position         (sample, site)                              token index of each text site
-visual_offset/length  (sample,)                                   the sample's rows of ``vtoken``
-vtoken_sample         (vtoken,)                                   owning sample index, -1 = padding
-vtoken_position       (vtoken,)                                   index in the span (subset: the kept token; pool: first token of the pool)
-====================  ==========================================  =====================================
+Schema versions: 1 = the first release; 2 = every array but the hidden states carries a
+``crc32c`` codec and the creation-time arrays store every chunk, so every byte is checked
+(``gapcache migrate`` upgrades a version-1 store in place).
 
 Layer convention: ``layer`` = i is the residual stream *entering* decoder layer i (i = 0: the
 embedding output, visual embeddings merged in); ``layer`` = n_layers is the output of the last
@@ -40,10 +29,12 @@ import numpy as np
 from gapcache.conditions import Condition
 from gapcache.errors import ConfigError
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+STORE_NAME = "store.zarr"  # the store inside a run directory (RUN/store.zarr)
 SITES = ("instruction", "prediction")
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
+STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_DONE: "done", STATUS_FAILED: "failed"}
 LAYER_CONVENTION = (
     "layer i = residual stream entering decoder layer i (0 = embedding output); "
     "layer n_layers = output of the last decoder layer before the final norm; "
@@ -101,6 +92,34 @@ class Layout:
     @property
     def visual_conditions(self) -> tuple[Condition, ...]:
         return tuple(c for c in self.conditions if c.records_visual)
+
+    def sizes(self) -> dict[str, int]:
+        """Size of every dimension the layout fixes."""
+        return {"condition": len(self.conditions), "sample": self.n_samples, "site": len(SITES),
+                "layer": len(self.layers), "hidden": self.hidden, "candidate": len(self.candidates),
+                "visual_condition": len(self.visual_conditions), "vtoken": self.n_vtokens}
+
+    def derived_values(self) -> dict[str, np.ndarray]:
+        """Values of the creation-time arrays that follow from the layout (coordinates, offsets, owners);
+        ``vtoken_position`` defaults to every token of the span in order (visual mode ``all``)."""
+        conds = self.conditions
+        owner = np.full(self.n_vtokens, -1, np.int32)
+        index = np.full(self.n_vtokens, -1, np.int32)
+        for i, (off, length) in enumerate(zip(self.visual_offsets, self.visual_lengths)):
+            owner[off : off + length] = i
+            index[off : off + length] = np.arange(length)
+        strs = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731
+        return {
+            "sample": strs(self.sample_ids), "condition": strs(c.label for c in conds),
+            "visual_condition": strs(c.label for c in self.visual_conditions),
+            "layer": np.array(self.layers, np.int32), "site": strs(SITES), "candidate": strs(self.candidates),
+            "condition_kind": strs(c.kind for c in conds),
+            "truncation_layer": np.array([c.truncation_layer for c in conds], np.int32),
+            "truncation_strategy": strs(c.strategy for c in conds),
+            "vtoken_sample": owner, "vtoken_position": index,
+            "visual_offset": np.array(self.visual_offsets, np.int64),
+            "visual_length": np.array(self.visual_lengths, np.int32),
+        }
 
     def shard_samples(self, shard: int) -> range:
         """Sample indices of one shard (the unit of writing and of resume)."""

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gapcache.errors import StoreError
+from gapcache.errors import StoreError, UnsupportedShardFormat
 
 MISSING = 2**64 - 1
 #: bytes->bytes codecs this module can apply to an inner chunk
@@ -65,10 +65,6 @@ def _iov_max() -> int:
 
 _IOV_MAX = _iov_max()
 _WRITE_BATCH_BYTES = 8 << 20
-
-
-class UnsupportedShardFormat(StoreError):
-    """The array's metadata asks for something this direct shard writer does not implement."""
 
 
 def crc32c(data) -> int:

@@ -6,12 +6,15 @@ Usage::
     report.ok, report.problems                # each problem names the array, key, condition and samples
     freeze("run/store.zarr")                  # consolidate, attrs['frozen'], chmod a-w; writers refuse it
 
-verify checks (1) the schema: the arrays of the contract with their dimensions and consistent
-sizes, portable codecs only (nothing that could unpickle), known status values; (2)
-completeness: no (condition, sample) left pending; (3) integrity: every shard/chunk file with a
-checksum record (written at commit time, :mod:`gapcache.store.checksums`) has the recorded size
-and CRC-32C, and every flagged unit has its records, so a flipped byte, a truncated shard and a
-missing shard are each named. Stores written before checksums existed are checked by decoding.
+verify checks, iterating over the declared arrays (:mod:`gapcache.store.arrays`): (1) the schema:
+every required array with its dimensions and consistent sizes, portable codecs only (nothing that
+could unpickle), known status values; (2) completeness: no (condition, sample) left pending; (3)
+integrity of every byte: every chunk of every array but the hidden states decodes (schema 2: each
+carries a ``crc32c`` codec, so a flipped bit is a checksum mismatch) and, for the arrays written at
+creation, exists; every hidden-state shard and unit chunk with a checksum record (written at commit
+time, :mod:`gapcache.store.checksums`) has the recorded size and CRC-32C, and every flagged unit has
+its records, so a flipped byte, a truncated shard and a missing shard are each named with the array
+and the chunk key. Stores written before checksums existed are checked by decoding.
 """
 
 from __future__ import annotations
@@ -26,24 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from gapcache.errors import StoreError
-from gapcache.store import checksums
+from gapcache.store import arrays, checksums
+from gapcache.store.reader import damaged_chunks
 from gapcache.store.remote import KeyReader, is_url, zarr_store
-from gapcache.store.schema import SITES, STATUS_PENDING
-
-#: array -> dimension names the contract fixes
-CONTRACT = {
-    "text_states": ("condition", "sample", "site", "layer", "hidden"),
-    "visual_states": ("visual_condition", "vtoken", "layer", "hidden"),
-    "gold_logprob": ("condition", "sample"),
-    "candidate_logprob": ("condition", "sample", "candidate"),
-    "generation": ("condition", "sample"),
-    "status": ("condition", "sample"),
-    "error": ("condition", "sample"),
-    "sample": ("sample",), "condition": ("condition",), "visual_condition": ("visual_condition",),
-    "layer": ("layer",), "site": ("site",), "candidate": ("candidate",),
-    "visual_offset": ("sample",), "visual_length": ("sample",),
-    "vtoken_sample": ("vtoken",), "vtoken_position": ("vtoken",),
-}
+from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STATUS_NAMES, STATUS_PENDING
 #: core Zarr v3 codecs: none of them can execute or unpickle anything
 PORTABLE_CODECS = {"bytes", "zstd", "gzip", "blosc", "crc32c", "sharding_indexed", "vlen-utf8", "vlen-bytes",
                    "transpose"}
@@ -99,20 +88,27 @@ def verify(path, storage_options: dict | None = None, *, allow_incomplete: bool 
         return rep
     if not is_url(path):
         _check_tree(Path(path), rep)
-    arrays = _check_schema(g, attrs, rep)
-    if "status" not in arrays or "text_states" not in arrays:
+    found = _check_schema(g, attrs, rep)
+    _check_chunks(path, storage_options, g, attrs, found, rep)
+    if arrays.FLAG not in found or "text_states" not in found or any(p.startswith("array 'status'") for p in rep.problems):
         return rep
-    status = arrays["status"][...]
-    labels = [str(x) for x in arrays["condition"][...]] if "condition" in arrays else []
-    if not np.isin(status, (0, 1, 2)).all():
-        rep.problems.append(f"status holds values other than 0/1/2: {sorted(set(np.unique(status).tolist()) - {0, 1, 2})}")
+    status = found[arrays.FLAG][...]
+    try:
+        labels = [str(x) for x in found["condition"][...]] if "condition" in found else []
+    except ValueError:
+        labels = []
+    known = sorted(STATUS_NAMES)
+    if not np.isin(status, known).all():
+        rep.problems.append(f"status holds values other than {known} ({STATUS_NAMES}): "
+                            f"{sorted(set(np.unique(status).tolist()) - set(known))}")
     pending = (status == STATUS_PENDING).sum(axis=1)
-    rep.checked["samples done/failed/pending"] = f"{int((status == 1).sum())}/{int((status == 2).sum())}/{int(pending.sum())}"
+    rep.checked["samples done/failed/pending"] = (f"{int((status == STATUS_DONE).sum())}/"
+                                                 f"{int((status == STATUS_FAILED).sum())}/{int(pending.sum())}")
     for ci, n in enumerate(pending):
         if n:
             msg = f"incomplete: condition {labels[ci] if ci < len(labels) else ci!r} has {int(n)} pending sample(s)"
             (rep.warnings if allow_incomplete else rep.problems).append(msg)
-    _check_shards(path, storage_options, g, attrs, arrays, status, labels, rep, deep)
+    _check_shards(path, storage_options, g, attrs, found, status, labels, rep, deep)
     return rep
 
 
@@ -132,114 +128,170 @@ def _check_tree(root: Path, rep: Report) -> None:
 
 
 def _check_schema(g, attrs, rep: Report) -> dict:
-    arrays, sizes = {}, {}
-    for name, dims in CONTRACT.items():
-        try:
-            arr = g[name]
-        except KeyError:
-            rep.problems.append(f"schema: array {name!r} is missing")
+    """Every declared array the store's schema version requires, with its dimensions; consistent sizes."""
+    version = int(attrs.get("schema_version", 1))
+    found, sizes = {}, {}
+    declared = arrays.specs(version=version)
+    for spec in declared:
+        if spec.name not in g:
+            if spec.required:
+                rep.problems.append(f"schema: array {spec.name!r} is missing")
             continue
-        arrays[name] = arr
+        arr = g[spec.name]
+        found[spec.name] = arr
         got = tuple(arr.metadata.dimension_names or ())
-        if got != dims:
-            rep.problems.append(f"schema: {name} has dimensions {got}; expected {dims}")
+        if got != spec.dims:
+            rep.problems.append(f"schema: {spec.name} has dimensions {got}; expected {spec.dims}")
             continue
-        for d, n in zip(dims, arr.shape):
+        for d, n in zip(spec.dims, arr.shape):
             if d in ("visual_condition", "candidate") and n == 1 and sizes.get(d) == 0:
                 continue
             if sizes.setdefault(d, n) != n:
-                rep.problems.append(f"schema: dimension {d!r} has size {n} in {name} but {sizes[d]} elsewhere")
+                rep.problems.append(f"schema: dimension {d!r} has size {n} in {spec.name} but {sizes[d]} elsewhere")
+    undeclared = sorted(name for name, _ in g.arrays() if name not in arrays.ARRAYS)
+    if undeclared:
+        rep.warnings.append(f"arrays not declared by this gapcache (written by a newer one?), not checked: {undeclared}")
     for name, arr in g.arrays():
         bad = _codec_names(arr.metadata.to_dict().get("codecs")) - PORTABLE_CODECS
         if bad:
             rep.problems.append(f"schema: {name} uses codecs {sorted(bad)} outside the portable Zarr v3 set")
-    if "site" in arrays and [str(x) for x in arrays["site"][...]] != list(SITES):
-        rep.problems.append(f"schema: site coordinate is not {list(SITES)}")
+    try:
+        if "site" in found and [str(x) for x in found["site"][...]] != list(SITES):
+            rep.problems.append(f"schema: site coordinate is not {list(SITES)}")
+    except ValueError:
+        pass  # damaged: named by _check_chunks
     spc = attrs.get("samples_per_shard")
-    if "text_states" in arrays and spc and arrays["text_states"].shards and arrays["text_states"].shards[1] != spc:
-        rep.problems.append(f"schema: text_states shards hold {arrays['text_states'].shards[1]} samples, "
+    if "text_states" in found and spc and found["text_states"].shards and found["text_states"].shards[1] != spc:
+        rep.problems.append(f"schema: text_states shards hold {found['text_states'].shards[1]} samples, "
                             f"attrs say samples_per_shard = {spc}")
-    if {"visual_offset", "visual_length", "vtoken_sample"} <= set(arrays):
-        off, length = arrays["visual_offset"][...], arrays["visual_length"][...]
-        owner = arrays["vtoken_sample"][...]
-        if (off + length > owner.shape[0]).any() or (off < 0).any():
-            rep.problems.append("schema: visual_offset/visual_length point outside the vtoken axis")
-        else:
-            for i, (o, n) in enumerate(zip(off, length)):
-                if n and not (owner[o : o + n] == i).all():
-                    rep.problems.append(f"schema: vtoken_sample disagrees with visual_offset/length for sample {i}")
-                    break
-    rep.checked["schema"] = f"{len(arrays)}/{len(CONTRACT)} contract arrays"
-    return arrays
+    _check_spans(found, rep)
+    rep.checked["schema"] = f"{len(found)} declared arrays ({sum(s.required for s in declared)} required), version {version}"
+    return found
 
 
-def _check_shards(path, storage_options, g, attrs, arrays, status, labels, rep: Report, deep: bool) -> None:
+def _check_spans(found, rep: Report) -> None:
+    if not {"visual_offset", "visual_length", "vtoken_sample"} <= set(found):
+        return
+    try:
+        off, length = found["visual_offset"][...], found["visual_length"][...]
+        owner = found["vtoken_sample"][...]
+    except ValueError:
+        return  # damaged: named by _check_chunks
+    if (off + length > owner.shape[0]).any() or (off < 0).any():
+        rep.problems.append("schema: visual_offset/visual_length point outside the vtoken axis")
+        return
+    for i, (o, n) in enumerate(zip(off, length)):
+        if n and not (owner[o : o + n] == i).all():
+            rep.problems.append(f"schema: vtoken_sample disagrees with visual_offset/length for sample {i}")
+            return
+
+
+def _check_chunks(path, storage_options, g, attrs, found, rep: Report) -> None:
+    """Every chunk of every array but the hidden states decodes (crc32c codec: a flipped bit fails); from
+    schema 2 on, every chunk of an array written at creation exists (a deleted one would read as fill)."""
+    version = int(attrs.get("schema_version", 1))
+    reader = KeyReader(path, storage_options)
+    n_arrays = n_chunks = 0
+    unprotected = []
+    for spec in arrays.specs(state=False):
+        arr = found.get(spec.name)
+        if arr is None:
+            continue
+        n_arrays += 1
+        if "crc32c" not in _codec_names(arr.metadata.to_dict().get("codecs")):
+            unprotected.append(spec.name)
+        for key, err in damaged_chunks(arr):
+            msg = str(err).rstrip(".")
+            rep.problems.append(f"array {spec.name!r} chunk {key}: cannot be decoded ({type(err).__name__}: {msg}): "
+                                "damaged bytes")
+        if version >= 2 and spec.at_creation and arr.size:
+            grid = arr.chunks
+            for c in np.ndindex(*[-(-n // s) for n, s in zip(arr.shape, grid)]):
+                key = arr.metadata.encode_chunk_key(c)
+                n_chunks += 1
+                if not reader.exists(f"{arr.path}/{key}"):
+                    rep.problems.append(f"array {spec.name!r} chunk {key}: missing (every chunk of an array written "
+                                        "at creation is stored; it was deleted)")
+    rep.checked["arrays"] = f"{n_arrays} non-state arrays decoded chunk by chunk" + (
+        f", {n_chunks} creation-time chunks present" if version >= 2 else "")
+    if unprotected:
+        rep.warnings.append(f"{len(unprotected)} array(s) carry no crc32c codec (schema {version}): a flipped bit in "
+                            f"them may go unnoticed: {unprotected}. Run `gapcache migrate {path}` to add checksums.")
+
+
+def _check_shards(path, storage_options, g, attrs, found, status, labels, rep: Report, deep: bool) -> None:
+    """Checksum records of every unit chunk / state shard (written at commit time) against the files."""
+    from gapcache.store.writer import visual_index
+
     reader = KeyReader(path, storage_options)
     recorded = bool(attrs.get(checksums.ATTR))
-    spc = int(attrs.get("samples_per_shard") or arrays["text_states"].shards[1])
+    spc = int(attrs.get("samples_per_shard") or found["text_states"].shards[1])
     vshard = int(attrs.get("visual_shard_tokens") or 0)
     n_cond, n = status.shape
     n_shards = -(-n // spc)
-    from gapcache.store.writer import _visual_index
-
-    vis_of = _visual_index(g) if "visual_condition" in arrays and labels else {}
-    vlen = arrays["visual_length"][...] if "visual_length" in arrays else np.zeros(n, int)
-    arrs = {name: g[name] for name in ("text_states", "gold_logprob", "candidate_logprob", "error", "generation",
-                                       "visual_states") if name in g}  # metadata read once, not per shard
+    vis_of = visual_index(g) if "visual_condition" in found and labels else {}
+    vlen = found["visual_length"][...] if "visual_length" in found else np.zeros(n, int)
+    unit_specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in found and s.name != arrays.FLAG
+                  and 0 not in found[s.name].shape[2:]]
     n_ok = n_records = 0
     for ci in range(n_cond):
         for shard in range(n_shards):
             s0, s1 = shard * spc, min((shard + 1) * spc, n)
             flagged = bool((status[ci, s0:s1] != STATUS_PENDING).all())
             where = f"condition {labels[ci] if ci < len(labels) else ci!r}, samples {s0}..{s1 - 1}"
-            keys = []  # (array, chunk coords, required)
-            for name in ("text_states", "gold_logprob", "candidate_logprob", "error", "generation"):
-                if name not in arrs or (name == "candidate_logprob" and arrs[name].shape[2] == 0):
-                    continue
-                keys.append((name, (ci, shard) + (0,) * (arrs[name].ndim - 2), name != "generation"))
-            if ci in vis_of and "visual_states" in arrs and vshard:
-                keys.append(("visual_states", (vis_of[ci], shard, 0, 0), bool(vlen[s0:s1].sum())))
-            for name, coords, required in keys:
-                arr = arrs[name]
-                key = arr.metadata.encode_chunk_key(coords)
-                raw = reader.get(f"{arr.path}/{checksums.DIRNAME}/{checksums.record_name(key)}")
-                label = f"{name} shard {key} ({where})"
-                if raw is None:
-                    if recorded and flagged and required:
-                        rep.problems.append(f"{label}: no checksum record although the samples are flagged done "
-                                            "(the shard was never committed, or its record was deleted)")
-                    elif flagged and (deep or not recorded):
-                        _decode(arr, coords, label, rep)
-                    continue
-                n_records += 1
-                try:
-                    rec = json.loads(raw)
-                    want_crc, want_n = rec[checksums.ALGORITHM], int(rec["nbytes"])
-                except (ValueError, KeyError, TypeError):
-                    rep.problems.append(f"{label}: unreadable checksum record")
-                    continue
-                data = reader.get(f"{arr.path}/{key}")
-                if want_crc is None:
-                    if data is not None:
-                        rep.problems.append(f"{label}: file present ({len(data)} bytes) but recorded as holding no data")
-                    else:
-                        n_ok += 1
-                    continue
-                if data is None:
-                    rep.problems.append(f"{label}: shard file missing (recorded {want_n} bytes)")
-                elif len(data) < want_n:
-                    rep.problems.append(f"{label}: shard file truncated ({len(data)} of {want_n} bytes)")
-                elif len(data) != want_n:
-                    rep.problems.append(f"{label}: shard file has {len(data)} bytes, recorded {want_n}")
-                elif (found := checksums.crc32c_update(data)) != want_crc:
-                    rep.problems.append(f"{label}: checksum mismatch (recorded crc32c {want_crc:#010x}, found "
-                                        f"{found:#010x}): corrupted bytes")
+            for spec in unit_specs:
+                arr = found[spec.name]
+                if spec.along == arrays.UNIT:
+                    lead, required = ci, spec.every_unit
                 else:
-                    n_ok += 1
-                    if deep:
-                        _decode(arr, coords, label, rep)
+                    if ci not in vis_of or not vshard:
+                        continue
+                    lead, required = vis_of[ci], bool(vlen[s0:s1].sum()) and spec.every_unit
+                coords = (lead, shard) + (0,) * (arr.ndim - 2)
+                key = arr.metadata.encode_chunk_key(coords)
+                label = f"{spec.name} shard {key} ({where})"
+                ok, had = _check_record(reader, arr, key, label, rep, recorded=recorded, flagged=flagged,
+                                        required=required)
+                n_records += had
+                n_ok += ok
+                if (not had and flagged and (deep or not recorded)) or (ok and deep):
+                    _decode(arr, coords, label, rep)
     rep.checked["checksums"] = f"{n_ok} of {n_records} recorded shard/chunk files match" + (
         "" if recorded else " (store written before checksums were recorded: decoded instead)")
+
+
+def _check_record(reader, arr, key, label, rep: Report, *, recorded, flagged, required) -> tuple[bool, bool]:
+    """(file matches its record, a record exists) for one unit chunk / shard; problems appended to ``rep``."""
+    raw = reader.get(f"{arr.path}/{checksums.DIRNAME}/{checksums.record_name(key)}")
+    if raw is None:
+        if recorded and flagged and required:
+            rep.problems.append(f"{label}: no checksum record although the samples are flagged done "
+                                "(the shard was never committed, or its record was deleted)")
+        return False, False
+    try:
+        rec = json.loads(raw)
+        want_crc, want_n = rec[checksums.ALGORITHM], int(rec["nbytes"])
+    except (ValueError, KeyError, TypeError):
+        rep.problems.append(f"{label}: unreadable checksum record")
+        return False, True
+    data = reader.get(f"{arr.path}/{key}")
+    if want_crc is None:
+        if data is not None:
+            rep.problems.append(f"{label}: file present ({len(data)} bytes) but recorded as holding no data")
+            return False, True
+        return True, True
+    if data is None:
+        rep.problems.append(f"{label}: shard file missing (recorded {want_n} bytes)")
+    elif len(data) < want_n:
+        rep.problems.append(f"{label}: shard file truncated ({len(data)} of {want_n} bytes)")
+    elif len(data) != want_n:
+        rep.problems.append(f"{label}: shard file has {len(data)} bytes, recorded {want_n}")
+    elif (found := checksums.crc32c_update(data)) != want_crc:
+        rep.problems.append(f"{label}: checksum mismatch (recorded crc32c {want_crc:#010x}, found "
+                            f"{found:#010x}): corrupted bytes")
+    else:
+        return True, True
+    return False, True
 
 
 def _decode(arr, coords, label, rep: Report) -> None:
@@ -259,7 +311,7 @@ def freeze(path, *, allow_incomplete: bool = False) -> dict:
 
     from gapcache import __version__
     from gapcache.store.reader import root_attrs
-    from gapcache.store.writer import _consolidate, refuse_frozen
+    from gapcache.store.writer import consolidate, refuse_frozen
 
     path = Path(path)
     if is_url(path):
@@ -275,7 +327,7 @@ def freeze(path, *, allow_incomplete: bool = False) -> dict:
     frozen = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gapcache_version": __version__,
               "complete": not any(w.startswith("incomplete") for w in rep.warnings)}
     g.attrs["frozen"] = frozen
-    _consolidate(path)
+    consolidate(path)
     n = 0
     for dirpath, dirnames, filenames in os.walk(path, topdown=False):
         for name in filenames:

@@ -2,10 +2,12 @@
 
 Usage::
 
-    create(path, layout, attrs, sample_meta)        # once: shapes, provenance, per-sample metadata
+    create(path, layout, attrs, values)             # once: every declared array, values of the creation-time ones
     with StoreWriter(path) as w:                    # background threads do the writes
         for shard in w.pending(condition_index):    # resume: shards not yet done
-            w.submit(ShardPayload(...))             # returns at once unless `max_pending` are queued
+            w.submit(ShardPayload(ci, shard, {...}))  # returns at once unless `max_pending` are queued
+
+Which arrays exist, their chunking and codecs: :mod:`gapcache.store.arrays` (the one declaration).
 
 A shard is written whole (zarr rewrites a whole shard on any partial write, so buffering a shard
 avoids write amplification), states first and its ``status`` flags last: a process killed at any
@@ -23,12 +25,12 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
-from gapcache.errors import IncompatibleStoreError, StoreError
-from gapcache.store import checksums, codec
+from gapcache.errors import IncompatibleStoreError, StoreError, StoreFrozenError
+from gapcache.store import arrays, checksums, codec
+from gapcache.store.arrays import ArraySpec
 from gapcache.store.schema import (
     LAYER_CONVENTION,
     SCHEMA_VERSION,
@@ -40,48 +42,96 @@ from gapcache.store.schema import (
 log = logging.getLogger(__name__)
 
 STR = str  # zarr v3 variable-length UTF-8 strings (vlen-utf8)
+__all__ = ["ShardPayload", "StoreWriter", "StoreFrozenError", "create", "consolidate", "refuse_frozen"]
 
 
-def _array(group, name, shape, dtype, dims, chunks, shards=None, compressors="auto", fill=None, attrs=None):
-    kw = dict(shape=shape, dtype=dtype, chunks=chunks, dimension_names=dims, attributes=attrs or {})
-    if shards is not None:
-        kw["shards"] = shards
-    if compressors != "auto":
-        kw["compressors"] = compressors
-    if fill is not None:
-        kw["fill_value"] = fill
-    return group.create_array(name, **kw)
+def _create_array(group, spec: ArraySpec, shape, layout: Layout):
+    """One declared array: chunking, codecs and fill value follow its spec (``along``, dtype)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    chunks, shards = chunking(spec, shape, layout)
+    dtype = spec.numpy_dtype(layout.model_dtype)
+    kw = dict(shape=shape, dtype=STR if dtype == object else dtype, chunks=chunks, dimension_names=spec.dims,
+              fill_value=spec.fill_value(layout.model_dtype))
+    if spec.is_state:
+        _, encoding = codec.storage_for(layout.model_dtype)
+        kw.update(shards=shards, compressors=codec.state_codecs(layout.compression_level),
+                  attributes={codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype})
+    else:  # every other chunk carries its own CRC-32C (portable core codec); creation-time arrays store all chunks
+        kw.update(compressors=[ZstdCodec(level=0), Crc32cCodec()],
+                  config={"write_empty_chunks": spec.at_creation})
+    return group.create_array(spec.name, **kw)
 
 
-def create(path, layout: Layout, attrs: dict, sample_meta: dict, overwrite: bool = False):
-    """Create the store at ``path`` with every array allocated (nothing written but metadata).
+def chunking(spec: ArraySpec, shape, layout: Layout):
+    """(chunks, shards) of a declared array. Units and shard groups are whole chunks (or shards, for the
+    hidden states, whose inner chunks hold one layer of one site / of ``visual_chunk_tokens`` tokens)."""
+    full = tuple(max(1, int(n)) for n in shape)
+    spc, vshard = layout.samples_per_shard, layout.visual_shard_tokens
+    lead = {arrays.INDEX: (), arrays.STORE: (), arrays.SAMPLE: (spc,), arrays.SPAN: (vshard,),
+            arrays.UNIT: (1, spc), arrays.VUNIT: (1, vshard)}[spec.along]
+    outer = lead + full[len(lead):]
+    if not spec.is_state:
+        return outer, None
+    head = (1, spc) if spec.along == arrays.UNIT else (1, layout.visual_chunk_tokens)
+    inner = head + (1,) * (len(shape) - 3) + full[-1:]
+    return inner, outer
 
-    ``sample_meta`` maps names to per-sample numpy arrays (first axis = sample), e.g. question,
-    answer, category, label, image_sha256, site_position (sample, site), seq_len, visual_start.
+
+def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = False, array_attrs: dict | None = None):
+    """Create the store at ``path``: every declared array, in one call, consolidated once.
+
+    Arrays written at creation (``along`` index / store / sample / span) get their values now: those the
+    layout fixes are derived from it; the others come from ``values`` (name -> numpy array, first axis =
+    sample for per-sample arrays), e.g. question, answer, label, site_position (sample, site), the lens
+    tables. An optional array without values is not created. Unit arrays are allocated (nothing written).
+    ``array_attrs`` maps array names to extra attributes (e.g. the lens norm's form).
     """
     import zarr
 
+    values = {**layout.derived_values(), **{k: np.asarray(v) for k, v in values.items()}}
+    unknown = sorted((set(values) | set(array_attrs or {})) - set(arrays.ARRAYS))
+    if unknown:
+        raise StoreError(f"Arrays {unknown} are not declared in gapcache.store.arrays.ARRAYS; declare each with "
+                         "register(ArraySpec(...)) before writing it.")
+    sizes = layout.sizes()
+    for spec in arrays.specs():
+        if spec.at_creation and spec.name in values:
+            _learn_sizes(spec, values[spec.name], sizes)
     if overwrite:
         refuse_frozen(path)
     g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
     g.attrs.update(_root_attrs(layout, attrs))
-    _create_coords(g, layout)
-    _create_states(g, layout)
-    _create_scores(g, layout)
-    _create_sample_meta(g, layout, sample_meta)
+    for spec in arrays.specs():
+        if spec.at_creation and spec.name not in values:
+            if spec.required:
+                raise StoreError(f"create needs the values of the required array {spec.name!r}.")
+            continue
+        arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout)
+        if (array_attrs or {}).get(spec.name):
+            arr.attrs.update(array_attrs[spec.name])
+        if spec.at_creation and arr.size:
+            arr[...] = values[spec.name]
     _link_coordinates(g)
-    _consolidate(path)
+    consolidate(path)
     return g
 
 
-#: non-index coordinates, so that plain xarray shows them as coords, not data variables
-AUX_COORDS = ("condition_kind", "truncation_layer", "truncation_strategy", "vtoken_sample", "vtoken_position")
+def _learn_sizes(spec: ArraySpec, value: np.ndarray, sizes: dict) -> None:
+    """Check a creation-time value against the dimension sizes known so far; learn the new dimensions."""
+    if value.ndim != len(spec.dims):
+        raise StoreError(f"The values of {spec.name!r} must have {len(spec.dims)} dimensions {spec.dims}. "
+                         f"Got shape {value.shape} instead.")
+    for d, n in zip(spec.dims, value.shape):
+        if sizes.setdefault(d, int(n)) != n:
+            raise StoreError(f"The values of {spec.name!r} must have {sizes[d]} entries along {d!r} (dims "
+                             f"{spec.dims}). Got shape {value.shape} instead.")
 
 
 def _link_coordinates(g):
-    dims = {name: tuple(g[name].metadata.dimension_names) for name in AUX_COORDS}
+    dims = {name: tuple(g[name].metadata.dimension_names) for name in arrays.aux_coords() if name in g}
     for name, arr in g.arrays():
-        if name in AUX_COORDS or arr.metadata.dimension_names is None:
+        if name in dims or arr.metadata.dimension_names is None:
             continue
         own = set(arr.metadata.dimension_names)
         linked = [c for c, d in dims.items() if set(d) <= own]
@@ -89,7 +139,7 @@ def _link_coordinates(g):
             arr.attrs["coordinates"] = " ".join(linked)
 
 
-def _consolidate(path):
+def consolidate(path):
     """Consolidated metadata (not in the v3 spec; other readers ignore it) lets xarray open at once."""
     import warnings
 
@@ -125,103 +175,35 @@ def _root_attrs(layout: Layout, attrs: dict) -> dict:
     return merged
 
 
-def _create_coords(g, layout: Layout):
-    spc, conds = layout.samples_per_shard, layout.conditions
-    coords = {
-        "sample": (np.array(layout.sample_ids, dtype=object), ("sample",), (spc,)),
-        "condition": (np.array([c.label for c in conds], dtype=object), ("condition",), (len(conds),)),
-        "condition_kind": (np.array([c.kind for c in conds], dtype=object), ("condition",), (len(conds),)),
-        "truncation_layer": (np.array([c.truncation_layer for c in conds], "int32"), ("condition",), (len(conds),)),
-        "truncation_strategy": (np.array([c.strategy for c in conds], dtype=object), ("condition",), (len(conds),)),
-        "visual_condition": (
-            np.array([c.label for c in layout.visual_conditions], dtype=object),
-            ("visual_condition",),
-            (max(1, len(layout.visual_conditions)),),
-        ),
-        "layer": (np.array(layout.layers, "int32"), ("layer",), (len(layout.layers),)),
-        "site": (np.array(SITES, dtype=object), ("site",), (len(SITES),)),
-        "candidate": (np.array(layout.candidates, dtype=object), ("candidate",), (max(1, len(layout.candidates)),)),
-    }
-    for name, (values, dims, chunks) in coords.items():
-        dtype = STR if values.dtype == object else values.dtype
-        arr = _array(g, name, values.shape, dtype, dims, chunks)
-        if values.size:
-            arr[...] = values
-    _create_vtoken_coords(g, layout)
-
-
-def _create_vtoken_coords(g, layout: Layout):
-    owner = np.full(layout.n_vtokens, -1, np.int32)
-    index = np.full(layout.n_vtokens, -1, np.int32)
-    for i, (off, length) in enumerate(zip(layout.visual_offsets, layout.visual_lengths)):
-        owner[off : off + length] = i
-        index[off : off + length] = np.arange(length)
-    chunks = (layout.visual_shard_tokens,)
-    for name, values in (("vtoken_sample", owner), ("vtoken_position", index)):
-        _array(g, name, values.shape, "int32", ("vtoken",), chunks, fill=-1)[...] = values
-
-
-def _create_states(g, layout: Layout):
-    dtype, encoding = codec.storage_for(layout.model_dtype)
-    comp = codec.state_codecs(layout.compression_level)
-    spc, nl, h = layout.samples_per_shard, len(layout.layers), layout.hidden
-    attrs = {codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype}
-    _array(
-        g, "text_states", (len(layout.conditions), layout.n_samples, len(SITES), nl, h), dtype,
-        ("condition", "sample", "site", "layer", "hidden"),
-        chunks=(1, spc, 1, 1, h), shards=(1, spc, len(SITES), nl, h), compressors=comp, fill=0, attrs=attrs,
-    )
-    vc = layout.visual_chunk_tokens
-    _array(
-        g, "visual_states", (len(layout.visual_conditions), layout.n_vtokens, nl, h), dtype,
-        ("visual_condition", "vtoken", "layer", "hidden"),
-        chunks=(1, vc, 1, h), shards=(1, layout.visual_shard_tokens, nl, h), compressors=comp, fill=0, attrs=attrs,
-    )
-
-
-def _create_scores(g, layout: Layout):
-    c, n, spc, k = len(layout.conditions), layout.n_samples, layout.samples_per_shard, len(layout.candidates)
-    dims = ("condition", "sample")
-    _array(g, "gold_logprob", (c, n), "float32", dims, (1, spc), fill=np.nan)
-    _array(g, "candidate_logprob", (c, n, k), "float32", dims + ("candidate",), (1, spc, max(k, 1)), fill=np.nan)
-    _array(g, "generation", (c, n), STR, dims, (1, spc))
-    _array(g, "status", (c, n), "uint8", dims, (1, spc), fill=STATUS_PENDING)
-    _array(g, "error", (c, n), STR, dims, (1, spc))
-
-
-def _create_sample_meta(g, layout: Layout, sample_meta: dict):
-    n, spc = layout.n_samples, layout.samples_per_shard
-    required = {"visual_offset": np.array(layout.visual_offsets, np.int64),
-                "visual_length": np.array(layout.visual_lengths, np.int32)}
-    for name, values in {**sample_meta, **required}.items():
-        values = np.asarray(values)
-        if values.shape[:1] != (n,):
-            raise StoreError(f"Per-sample metadata {name!r} must have {n} rows. Got shape {values.shape} instead.")
-        dims = ("sample",) + {1: (), 2: ("site",) if name == "site_position" else ("candidate",)}[values.ndim]
-        if values.ndim == 2 and values.shape[1] == 0:
-            continue
-        dtype = STR if values.dtype.kind in "OUS" else values.dtype
-        _array(g, name, values.shape, dtype, dims, (spc,) + values.shape[1:])[...] = values
-
-
-@dataclass
 class ShardPayload:
-    """Everything one (condition, shard) writes. Arrays are in storage dtype already."""
+    """Everything one (condition, shard) unit writes: ``values`` maps unit-array names to their rows, in storage
+    dtype: UNIT arrays (n, ...) for the shard's n samples, VUNIT arrays (group tokens, ...) from the shard's first
+    visual offset. ``status`` (n,) is required; an optional array left out is not written (e.g. generation off)."""
 
-    condition: int
-    shard: int
-    text_states: np.ndarray  # (n, site, layer, hidden)
-    visual_states: np.ndarray | None  # (group_tokens, layer, hidden) rows from the shard's first offset
-    gold_logprob: np.ndarray  # (n,)
-    candidate_logprob: np.ndarray  # (n, candidate)
-    status: np.ndarray  # (n,) uint8
-    error: np.ndarray  # (n,) object (str)
-    generation: np.ndarray | None = None  # (n,) object (str)
+    def __init__(self, condition: int, shard: int, values: dict):
+        self.condition, self.shard, self.values = condition, shard, values
+        for name in values:
+            spec = arrays.get(name)
+            if spec.along not in (arrays.UNIT, arrays.VUNIT):
+                raise StoreError(f"A ShardPayload holds unit arrays only; {name!r} is written along {spec.along!r}.")
+        if arrays.FLAG not in values:
+            raise StoreError(f"A ShardPayload needs its {arrays.FLAG!r} flags.")
 
+    @property
+    def n(self) -> int:
+        return len(self.values[arrays.FLAG])
 
-#: per-sample arrays StoreWriter fills besides the hidden states (``status`` last)
-SCORE_ARRAYS = ("gold_logprob", "candidate_logprob", "generation", "error", "status")
-STATE_ARRAYS = ("text_states", "visual_states")
+    def __getattr__(self, name):
+        """``payload.gold_logprob``: the rows of a declared unit array, None when the payload leaves it out."""
+        if name in arrays.ARRAYS and "values" in self.__dict__:
+            return self.__dict__["values"].get(name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name in arrays.ARRAYS and "values" in self.__dict__:
+            self.__dict__["values"][name] = value
+        else:
+            super().__setattr__(name, value)
 
 
 class StoreWriter:
@@ -240,18 +222,20 @@ class StoreWriter:
         self.path = str(path)
         refuse_frozen(self.path)
         self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        self.arrays = {name: self.group[name] for name in (*STATE_ARRAYS, *SCORE_ARRAYS)}
-        self.visual_index = _visual_index(self.group)
+        # every unit array the store has (an optional one a store lacks is simply never written)
+        self.arrays = {s.name: self.group[s.name] for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in self.group}
+        self.visual_index = visual_index(self.group)
         self.spc = int(self.group.attrs["samples_per_shard"])
         self.vshard = int(self.group.attrs["visual_shard_tokens"])
         self.direct: dict = {}
         self.fallback: dict[str, str] = {}
-        for name, shard_len in (("text_states", self.spc), ("visual_states", self.vshard)):
+        for spec in arrays.specs((arrays.UNIT, arrays.VUNIT), state=True):
+            name = spec.name
             if not direct:
                 self.fallback[name] = "direct shard writes disabled (direct=False)"
                 continue
             try:
-                self.direct[name] = _direct_writer(self.arrays[name], shard_len)
+                self.direct[name] = _direct_writer(self.arrays[name], self._shard_len(spec))
             except StoreError as err:
                 self.fallback[name] = str(err)
                 log.info("Writing %s through zarr-python: %s", name, err)
@@ -349,21 +333,30 @@ class StoreWriter:
         """Write one shard synchronously: states (durable on return when direct), scores, then the status flags."""
         self._commit(p, self._stage(p))
 
+    def _shard_len(self, spec) -> int:
+        return self.spc if spec.along == arrays.UNIT else self.vshard
+
+    def _lead(self, spec, p: ShardPayload):
+        """Index along the array's first dimension for ``p``'s condition (None: the array does not hold it)."""
+        return p.condition if spec.along == arrays.UNIT else self.visual_index.get(p.condition)
+
     def _stage(self, p: ShardPayload) -> list:
         """Write the states of ``p``: direct shards to temporary files (returned), else through zarr."""
         staged = []
         try:
-            staged.append(self._put_states("text_states", p.condition, p.shard, self.spc, p.text_states))
-            vis = self.visual_index.get(p.condition)
-            if vis is not None and p.visual_states is not None and p.visual_states.shape[0]:
-                staged.append(self._put_states("visual_states", vis, p.shard, self.vshard, p.visual_states))
+            for spec in arrays.specs((arrays.UNIT, arrays.VUNIT), state=True):
+                rows, lead = p.values.get(spec.name), self._lead(spec, p)
+                if rows is None or lead is None or spec.name not in self.arrays or not rows.shape[0]:
+                    continue
+                staged.append(self._put_states(spec.name, lead, p.shard, self._shard_len(spec), rows))
         except BaseException:
             _abort(staged)
             raise
         return [s for s in staged if s is not None]
 
     def _commit(self, p: ShardPayload, staged: list):
-        """Make the staged shards durable and in place, then write the scores and, last, the status flags."""
+        """Make the staged shards durable and in place, then write the other unit arrays (each chunk's checksum
+        recorded) and, last, the status flags that mark the unit done."""
         for i, s in enumerate(staged):
             try:
                 self.bytes_stored += s.commit()
@@ -371,23 +364,19 @@ class StoreWriter:
                 _abort(staged[i + 1 :])
                 raise
             self._record(*s.gapcache_record)
-        a, s0 = self.arrays, p.shard * self.spc
-        s1 = s0 + p.text_states.shape[0]
-        a["gold_logprob"][p.condition, s0:s1] = p.gold_logprob
-        if p.candidate_logprob.shape[1]:
-            a["candidate_logprob"][p.condition, s0:s1] = p.candidate_logprob
-        if p.generation is not None:
-            a["generation"][p.condition, s0:s1] = p.generation
-        a["error"][p.condition, s0:s1] = p.error
-        if self._root is not None:  # records of the score chunks, before the flags that make the unit done
-            for name in ("gold_logprob", "candidate_logprob", "generation", "error"):
-                if name == "candidate_logprob" and not p.candidate_logprob.shape[1]:
-                    continue
-                if name == "generation" and p.generation is None:
-                    continue
-                arr = a[name]
-                self._record(name, arr.metadata.encode_chunk_key((p.condition, p.shard) + (0,) * (arr.ndim - 2)))
-        a["status"][p.condition, s0:s1] = p.status
+        s0 = p.shard * self.spc
+        s1 = s0 + p.n
+        for spec in arrays.specs((arrays.UNIT, arrays.VUNIT), state=False):
+            rows, lead = p.values.get(spec.name), self._lead(spec, p)
+            if spec.name == arrays.FLAG or rows is None or lead is None or spec.name not in self.arrays:
+                continue
+            arr = self.arrays[spec.name]
+            if 0 in arr.shape:
+                continue
+            start = p.shard * self._shard_len(spec)
+            arr[lead, start : start + rows.shape[0]] = rows
+            self._record(spec.name, arr.metadata.encode_chunk_key((lead, p.shard) + (0,) * (arr.ndim - 2)))
+        self.arrays[arrays.FLAG][p.condition, s0:s1] = p.values[arrays.FLAG]
 
     def _put_states(self, name: str, lead: int, shard: int, shard_len: int, rows: np.ndarray):
         """Rows of one whole shard (``lead``, rows from ``shard * shard_len``); the rest of it is padding.
@@ -454,15 +443,11 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _visual_index(group) -> dict[int, int]:
+def visual_index(group) -> dict[int, int]:
     """condition index -> visual_condition index, for conditions whose visual states are cached."""
     labels = list(group["condition"][:])
     vlabels = list(group["visual_condition"][:])
     return {labels.index(v): i for i, v in enumerate(vlabels) if v in labels}
-
-
-class StoreFrozenError(StoreError):
-    """The store was frozen read-only by ``gapcache freeze``; no writer may change it."""
 
 
 def refuse_frozen(path) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from gapcache.conditions import expand
 from gapcache.store import Layout, ShardPayload, StoreWriter, create, open_store
-from gapcache.store import codec
+from gapcache.store import arrays, codec
 
 
 def small_layout(dtype="float32", lengths=(3, 4, 0, 2, 5), spc=2, candidates=("no", "yes")):
@@ -20,25 +20,42 @@ def small_layout(dtype="float32", lengths=(3, 4, 0, 2, 5), spc=2, candidates=("n
     )
 
 
+def random_values(spec, shape, rng, model_dtype, scale=1.0):
+    """Random values of a declared array in its storage dtype (states: encoded as the store encodes them)."""
+    if spec.is_state:
+        x = (rng.standard_normal(shape) * scale).astype(np.float32)
+        dtype, enc = codec.storage_for(model_dtype)
+        return codec.encode_bf16(x) if enc == "bfloat16" else x.astype(dtype)
+    dtype = spec.numpy_dtype(model_dtype)
+    if dtype == object:
+        return rng.choice(np.array(["", "a", "yes", "no"], dtype=object), size=shape)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 3, size=shape).astype(dtype)
+
+
 def random_payloads(layout: Layout, seed=0, scale=1.0):
-    """One payload per (condition, shard) with random values, in storage dtype; and the truth."""
+    """One payload per (condition, shard) with random values of every declared unit array that every unit writes
+    (status: all done, error: ''), in storage dtype."""
     rng = np.random.default_rng(seed)
-    dtype, enc = codec.storage_for(layout.model_dtype)
-    nl, h, k = len(layout.layers), layout.hidden, len(layout.candidates)
+    sizes = layout.sizes()
     out = []
     for ci, cond in enumerate(layout.conditions):
         for shard in range(layout.n_shards):
             idx = list(layout.shard_samples(shard))
             ntok = sum(layout.visual_lengths[i] for i in idx)
-            text = (rng.standard_normal((len(idx), 2, nl, h)) * scale).astype(np.float32)
-            vis = (rng.standard_normal((ntok, nl, h)) * scale).astype(np.float32) if cond.records_visual else None
-            enc_fn = codec.encode_bf16 if enc == "bfloat16" else (lambda a: a.astype(dtype))
-            out.append(ShardPayload(
-                ci, shard, enc_fn(text), None if vis is None else enc_fn(vis),
-                rng.standard_normal(len(idx)).astype(np.float32),
-                rng.standard_normal((len(idx), k)).astype(np.float32),
-                np.ones(len(idx), np.uint8), np.array([""] * len(idx), dtype=object),
-            ))
+            values = {}
+            for spec in arrays.specs((arrays.UNIT, arrays.VUNIT)):
+                if (spec.along == arrays.VUNIT and not cond.records_visual) or not spec.every_unit:
+                    continue
+                lead = len(idx) if spec.along == arrays.UNIT else ntok
+                values[spec.name] = random_values(spec, (lead, *arrays.unit_row_shape(spec, sizes)), rng,
+                                                  layout.model_dtype, scale)
+            values["status"] = np.ones(len(idx), np.uint8)
+            values["error"] = np.array([""] * len(idx), dtype=object)
+            out.append(ShardPayload(ci, shard, values))
     return out
 
 

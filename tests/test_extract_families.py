@@ -468,8 +468,8 @@ def test_truncated_drop_masks_visual_keys(run, L, single):
     seen, res = masks(r.cond[label])
     # the rows agree with the store's (batched, padded) run of the same condition, up to float noise
     for row, i in enumerate(batch):
-        np.testing.assert_allclose(res[row]["text"], r.text[r.ci(label), i], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(res[row]["gold"], r.ds.gold_logprob.values[r.ci(label), i], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res[row]["text_states"], r.text[r.ci(label), i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(res[row]["gold_logprob"], r.ds.gold_logprob.values[r.ci(label), i], rtol=1e-5, atol=1e-5)
     hide = (~vis)[:, :, None] & vis[:, None, :]  # (batch, query, key)
     for j in range(N_LAYERS):
         expected = real[j].expand(b, seq, seq) if j <= L else real[j].expand(b, seq, seq) & ~hide

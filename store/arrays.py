@@ -1,0 +1,239 @@
+"""The one declaration of every array a gapcache store holds. No torch.
+
+Every writer, reader, verifier and merger iterates over :data:`ARRAYS`; adding an array to the
+store is one :class:`ArraySpec` here plus the code that computes its values::
+
+    register(ArraySpec("router_topk", ("condition", "sample", "layer", "k"), "int16", UNIT, "...", fill=-1, since=2))
+
+What an array is written along (``along``) fixes its chunking, who writes it and when:
+
+=============  =====================================  ===================================================
+along          dims start with                        written
+=============  =====================================  ===================================================
+``index``      its own name (a dimension coordinate)  once, at creation, derived from the Layout
+``store``      anything (whole-store tables)          once, at creation (values passed to ``create``)
+``sample``     ``sample``                              once, at creation; chunks of ``samples_per_shard``
+``span``       ``vtoken``                              once, at creation; ragged rows, a shard group a chunk
+``unit``       ``condition, sample``                   per (condition, shard) by StoreWriter; ``status`` last
+``vunit``      ``visual_condition, vtoken``            per (condition, shard) by StoreWriter (ragged span)
+=============  =====================================  ===================================================
+
+Integrity (schema 2): every array but the hidden states carries the portable ``crc32c`` codec in
+its chain, and the arrays written at creation store every chunk (``write_empty_chunks``), so
+``gapcache verify`` detects a flipped bit (checksum) and a deleted chunk (missing key) in any of
+them. Hidden-state shards and the per-unit score chunks also get a whole-file CRC-32C record at
+commit time (:mod:`gapcache.store.checksums`), which also tells a missing file from a pending one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gapcache.errors import StoreError
+
+INDEX, STORE, SAMPLE, SPAN, UNIT, VUNIT = "index", "store", "sample", "span", "unit", "vunit"
+ALONG = (INDEX, STORE, SAMPLE, SPAN, UNIT, VUNIT)
+STR = "str"  # zarr v3 variable-length UTF-8 strings (vlen-utf8)
+STATE = "state"  # the model's storage dtype (gapcache.store.codec.storage_for): bf16 bits as uint16, ...
+#: the array whose value marks a (condition, sample) unit as written; StoreWriter writes it last
+FLAG = "status"
+#: merge rules: how ``gapcache merge`` builds an array from its inputs
+MERGE_LAYOUT = "layout"  # recomputed from the merged Layout (coordinates, offsets)
+MERGE_CELL = "cell"  # unit arrays: each (condition, sample) cell from the one input where it is written
+MERGE_SAMPLE = "sample"  # per-sample / per-span rows from the input the sample comes from
+MERGE_SAMPLE_INDEX = "sample_index"  # per-sample values that are sample indices (remapped to the merged order)
+MERGE_EQUAL = "equal"  # whole-store values that must be identical in every input (copied)
+MERGE_LENS = "lens"  # the logit-lens tables: union of the candidate token rows
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store: its contract for every tier."""
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str  # a numpy dtype name, STR, or STATE
+    along: str  # one of ALONG
+    doc: str
+    fill: object = None  # None: zarr's default (0, '' for strings)
+    since: int = 1  # first schema version that has it
+    required: bool = True  # every store of schema >= since has it (else: only when its values are given)
+    coord: bool = False  # a non-index coordinate: xarray shows it under coords
+    merge: str = ""  # one of the MERGE_* rules ('' = derived from ``along``)
+    every_unit: bool = True  # unit arrays: every written unit writes it (False: only runs that produce it)
+
+    def __post_init__(self):
+        if self.along not in ALONG:
+            raise StoreError(f"The 'along' of array spec {self.name!r} must be one of {ALONG}. Got {self.along!r}.")
+        lead = {SAMPLE: ("sample",), SPAN: ("vtoken",), UNIT: ("condition", "sample"),
+                VUNIT: ("visual_condition", "vtoken"), INDEX: (self.name,)}.get(self.along, ())
+        if tuple(self.dims[: len(lead)]) != lead:
+            raise StoreError(f"An array written along {self.along!r} must have dimensions starting with {lead}. "
+                             f"Got {self.dims} for {self.name!r} instead.")
+
+    @property
+    def is_state(self) -> bool:
+        return self.dtype == STATE
+
+    @property
+    def at_creation(self) -> bool:
+        """Written once by ``create`` (all chunks), not per unit."""
+        return self.along in (INDEX, STORE, SAMPLE, SPAN)
+
+    @property
+    def merge_rule(self) -> str:
+        return self.merge or {INDEX: MERGE_LAYOUT, STORE: MERGE_EQUAL, SAMPLE: MERGE_SAMPLE, SPAN: MERGE_SAMPLE,
+                              UNIT: MERGE_CELL, VUNIT: MERGE_CELL}[self.along]
+
+    def numpy_dtype(self, model_dtype: str | None = None):
+        """The on-disk dtype (``object`` for strings)."""
+        if self.dtype == STR:
+            return np.dtype(object)
+        if self.is_state:
+            from gapcache.store.codec import storage_for
+
+            return storage_for(model_dtype)[0]
+        return np.dtype(self.dtype)
+
+    def fill_value(self, model_dtype: str | None = None):
+        if self.fill is not None:
+            return self.fill
+        return "" if self.dtype == STR else 0
+
+
+_SPECS = [
+    # ------------------------------------------------------------------ dimension coordinates
+    ArraySpec("sample", ("sample",), STR, INDEX, "sample ids"),
+    ArraySpec("condition", ("condition",), STR, INDEX, "condition labels (e.g. truncated_zero_L3)"),
+    ArraySpec("visual_condition", ("visual_condition",), STR, INDEX, "labels of the conditions whose visual span is stored"),
+    ArraySpec("layer", ("layer",), "int32", INDEX, "recorded hidden-state index i = the stream entering decoder layer i"),
+    ArraySpec("site", ("site",), STR, INDEX, "text sites (store.schema.SITES)"),
+    ArraySpec("candidate", ("candidate",), STR, INDEX, "every closed-set candidate answer of the run"),
+    # ------------------------------------------------------------------ condition coordinates
+    ArraySpec("condition_kind", ("condition",), STR, STORE, "registry kind of each condition", coord=True,
+              merge=MERGE_LAYOUT),
+    ArraySpec("truncation_layer", ("condition",), "int32", STORE, "L of a truncated condition (-999: none)",
+              coord=True, merge=MERGE_LAYOUT),
+    ArraySpec("truncation_strategy", ("condition",), STR, STORE, "intervention strategy ('' if none)", coord=True,
+              merge=MERGE_LAYOUT),
+    # ------------------------------------------------------------------ per (condition, sample) unit
+    ArraySpec("text_states", ("condition", "sample", "site", "layer", "hidden"), STATE, UNIT,
+              "residual stream at the text sites"),
+    ArraySpec("gold_logprob", ("condition", "sample"), "float32", UNIT,
+              "sum of teacher-forced log p(gold answer token)", fill=np.nan),
+    ArraySpec("candidate_logprob", ("condition", "sample", "candidate"), "float32", UNIT,
+              "log p(candidate) at the prediction site", fill=np.nan),
+    ArraySpec("generation", ("condition", "sample"), STR, UNIT, "greedy generation ('' if off)", every_unit=False),
+    ArraySpec("error", ("condition", "sample"), STR, UNIT, "failure reason ('' if none)"),
+    ArraySpec(FLAG, ("condition", "sample"), "uint8", UNIT, "0 pending, 1 done, 2 failed (written last)", fill=0),
+    # ------------------------------------------------------------------ ragged visual span
+    ArraySpec("visual_states", ("visual_condition", "vtoken", "layer", "hidden"), STATE, VUNIT,
+              "residual stream at the (recorded) visual tokens; sample i = rows visual_offset[i] : +visual_length[i]"),
+    ArraySpec("vtoken_sample", ("vtoken",), "int32", SPAN, "owning sample index of each row, -1 = padding",
+              fill=-1, coord=True, merge=MERGE_LAYOUT),
+    ArraySpec("vtoken_position", ("vtoken",), "int32", SPAN,
+              "index in the span (subset: the kept token; pool: first token of the pool)", fill=-1, coord=True),
+    ArraySpec("visual_offset", ("sample",), "int64", SAMPLE, "first vtoken row of the sample", merge=MERGE_LAYOUT),
+    ArraySpec("visual_length", ("sample",), "int32", SAMPLE, "recorded visual tokens of the sample"),
+    # ------------------------------------------------------------------ per-sample metadata
+    ArraySpec("dataset_name", ("sample",), STR, SAMPLE, "dataset of the sample", required=False),
+    ArraySpec("split", ("sample",), STR, SAMPLE, "split of the sample", required=False),
+    ArraySpec("category", ("sample",), STR, SAMPLE, "category (hard / easy / '')", required=False),
+    ArraySpec("question", ("sample",), STR, SAMPLE, "question text", required=False),
+    ArraySpec("answer", ("sample",), STR, SAMPLE, "gold answer", required=False),
+    ArraySpec("image_sha256", ("sample",), STR, SAMPLE, "sha256 of the decoded RGB pixels and size", required=False),
+    ArraySpec("failure", ("sample",), STR, SAMPLE, "planning failure ('' if none)", required=False),
+    ArraySpec("label", ("sample",), "int32", SAMPLE, "probe label (-1: none)", required=False),
+    ArraySpec("seq_len", ("sample",), "int32", SAMPLE, "prompt tokens", required=False),
+    ArraySpec("visual_start", ("sample",), "int32", SAMPLE, "first visual token position in the prompt",
+              required=False),
+    ArraySpec("span_length", ("sample",), "int32", SAMPLE, "visual tokens in the prompt (before subset/pool)",
+              required=False),
+    ArraySpec("gold_ntokens", ("sample",), "int32", SAMPLE, "tokens of the gold answer", required=False),
+    ArraySpec("site_position", ("sample", "site"), "int32", SAMPLE, "token index of each text site",
+              required=False),
+    ArraySpec("candidate_mask", ("sample", "candidate"), "bool", SAMPLE, "the sample's own candidate set",
+              required=False),
+    ArraySpec("candidate_prefix_tokens", ("sample",), "int32", SAMPLE, "tokens shared by the sample's candidates",
+              required=False),
+    ArraySpec("donor", ("sample",), "int64", SAMPLE, "blind_randomimage donor sample index (-1: none)",
+              required=False, merge=MERGE_SAMPLE_INDEX),
+    # ------------------------------------------------------------------ logit lens tables
+    ArraySpec("lens_norm_weight", ("hidden",), "float32", STORE, "final norm weight (attrs: form, eps)",
+              required=False, merge=MERGE_LENS),
+    ArraySpec("lens_token_id", ("lens_token",), "int64", STORE, "vocabulary ids of the lens rows", required=False,
+              merge=MERGE_LENS),
+    ArraySpec("lens_unembed", ("lens_token", "hidden"), "float32", STORE, "unembedding rows of the candidates",
+              required=False, merge=MERGE_LENS),
+    ArraySpec("candidate_lens_token", ("sample", "candidate"), "int32", SAMPLE,
+              "lens row scoring candidate c of sample i (-1: not the sample's)", fill=-1, required=False,
+              merge=MERGE_LENS),
+]
+
+#: name -> spec, in declaration order (the order arrays are created, written and checked)
+ARRAYS: dict[str, ArraySpec] = {s.name: s for s in _SPECS}
+
+
+def register(spec: ArraySpec) -> ArraySpec:
+    """Add an array to the store contract (one line per new recorded quantity)."""
+    if spec.name in ARRAYS:
+        raise StoreError(f"The array {spec.name!r} is already declared in gapcache.store.arrays.ARRAYS.")
+    ARRAYS[spec.name] = spec
+    return spec
+
+
+def specs(along=None, *, state: bool | None = None, version: int | None = None) -> list[ArraySpec]:
+    """Declared arrays, optionally only those written ``along`` (a name or a tuple of names), state or not,
+    and existing at schema ``version``."""
+    along = (along,) if isinstance(along, str) else along
+    return [s for s in ARRAYS.values()
+            if (along is None or s.along in along) and (state is None or s.is_state == state)
+            and (version is None or s.since <= version)]
+
+
+def get(name: str) -> ArraySpec:
+    try:
+        return ARRAYS[name]
+    except KeyError:
+        raise StoreError(f"The array {name!r} is not declared in gapcache.store.arrays.ARRAYS "
+                         f"(declared: {', '.join(ARRAYS)}). Declare it there with register(ArraySpec(...)).") from None
+
+
+def aux_coords() -> tuple[str, ...]:
+    return tuple(s.name for s in ARRAYS.values() if s.coord)
+
+
+def unit_row_shape(spec: ArraySpec, sizes: dict) -> tuple[int, ...]:
+    """Shape of one sample's (UNIT) or one token's (VUNIT) values: the dims after the leading two."""
+    return tuple(sizes[d] for d in spec.dims[2:])
+
+
+def unit_buffers(names, sizes: dict, n: int, n_vtokens: int, model_dtype: str) -> dict:
+    """Fill-valued buffers of one (condition, shard) payload for the unit arrays ``names``:
+    UNIT arrays (n, *row), VUNIT arrays (n_vtokens, *row), in storage dtype."""
+    out = {}
+    for name in names:
+        spec = get(name)
+        lead = n if spec.along == UNIT else n_vtokens
+        dtype = spec.numpy_dtype(model_dtype)
+        shape = (lead, *unit_row_shape(spec, sizes))
+        if dtype == object:
+            out[name] = np.full(shape, spec.fill_value(), dtype=object)
+        else:
+            out[name] = np.full(shape, spec.fill_value(), dtype=dtype)
+    return out
+
+
+def bytes_per_sample(sizes: dict, model_dtype: str, visual_tokens: float, records_visual: bool) -> float:
+    """Uncompressed bytes one (condition, sample) adds to the store: every fixed-size unit array, plus
+    ``visual_tokens`` rows of every VUNIT array when the condition records its visual span (strings: 0)."""
+    total = 0.0
+    for spec in specs((UNIT, VUNIT)):
+        dtype = spec.numpy_dtype(model_dtype)
+        if dtype == object or (spec.along == VUNIT and not records_visual):
+            continue
+        row = float(np.prod(unit_row_shape(spec, sizes), dtype=np.float64)) * dtype.itemsize
+        total += row * (visual_tokens if spec.along == VUNIT else 1)
+    return total
