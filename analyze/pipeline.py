@@ -152,9 +152,9 @@ def evd(ds, p: AnalysisParams, results: dict) -> dict:
     full = np.full(len(d.sample), np.nan)
     full[keep] = e
     results["evd"] = (("sample",), full)
-    out = {"strategy": p.strategy, "tau": _jsonable(tau), "n": int(keep.sum()),
+    out = {"strategy": p.strategy, "tau": stats.jsonable(tau), "n": int(keep.sum()),
            "n_never_reach_tau": int(np.isnan(e).sum()),
-           "cliffs": {m: _jsonable(c) for m, c in cliffs.items()},
+           "cliffs": {m: stats.jsonable(c) for m, c in cliffs.items()},
            "cliff_layer": None if chosen is None or not np.isfinite(chosen) else float(chosen),
            "cliff_source": "fixed (--cliff-layer)" if p.cliff_layer is not None else p.cliff_method,
            "area": _ci(evd_mod.evd_area(dv, layers, tau.value), p).to_dict()}
@@ -303,12 +303,6 @@ def lens(ds, p: AnalysisParams, results: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------- driver
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    return stats._jsonable(obj)
-
-
 def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
     """(summary dict, results xarray.Dataset) of one store; every metric in p.metrics."""
     import xarray as xr
@@ -368,7 +362,7 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
                                                                 "n_dropped_unmatched": int(al.dropped_a + al.dropped_b)}
         except (DataError, GapcacheError) as err:
             summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {"skipped": str(err)}
-    summary = _jsonable(summary)
+    summary = stats.jsonable(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
     from gapcache.analyze.report import write_report
 
