@@ -24,17 +24,25 @@ from pathlib import Path
 import numpy as np
 
 from gapcache.analyze import evd as evd_mod
-from gapcache.analyze import stats
+from gapcache.analyze import metrics as registry
+from gapcache.analyze import report, stats
+from gapcache.analyze.metrics import Context, Metric, MetricResult
 from gapcache.errors import ConfigError, DataError, GapcacheError
 
 log = logging.getLogger(__name__)
-METRICS = ("accuracy", "truncation", "evd", "rank", "probes", "lens")
 BLIND = ("blind_black", "blind_mean", "blind_randomimage")
+
+
+def __getattr__(name):
+    """``METRICS``: the registered metric names in pipeline order (read from the registry on access)."""
+    if name == "METRICS":
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass
 class AnalysisParams:
-    metrics: tuple = METRICS
+    metrics: tuple = dataclasses.field(default_factory=registry.names)  # every registered metric
     tau: float | None = None  # fixed tau; None = adaptive (tau_ratio x max of the pilot mean Delta curve)
     tau_ratio: float = 0.1
     n_pilot: int | None = None
@@ -51,9 +59,11 @@ class AnalysisParams:
     scheduler: str = "threads"
 
     def validate(self):
-        bad = [m for m in self.metrics if m not in METRICS]
+        """Self, checked: metrics are registered names, cliff_method a known cliff rule."""
+        bad = [m for m in self.metrics if m not in registry.REGISTRY]
         if bad:
-            raise ConfigError(f"The 'metrics' parameter must be a subset of {list(METRICS)}. Got {bad} instead.")
+            raise ConfigError(f"The 'metrics' parameter must be a subset of {list(registry.names())}. "
+                              f"Got {bad} instead.")
         if self.cliff_method not in ("median_evd", "steepest", "first_crossing"):
             raise ConfigError("The 'cliff_method' parameter must be one of ['median_evd', 'steepest', "
                               f"'first_crossing']. Got {self.cliff_method!r} instead.")
@@ -70,6 +80,15 @@ def _ci(x, p: AnalysisParams):
     return stats.mean_ci(x, level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
 
 
+def labelled(ds, values, dims, **coords):
+    """``values`` as a DataArray over ``dims``; each dim's coordinate is ``coords[dim]`` or, for the
+    store's own dims (sample, condition, layer, site, visual_condition), the store's (strings as str)."""
+    import xarray as xr
+
+    own = {d: (ds[d].values if ds[d].dtype.kind in "iuf" else strs(ds[d])) for d in dims if d not in coords}
+    return xr.DataArray(np.asarray(values), dims=dims, coords={**own, **coords})
+
+
 def strs(da) -> np.ndarray:
     """A string coordinate/variable as a plain numpy str array (zarr gives numpy StringDType)."""
     return np.array([str(v) for v in np.asarray(da.values, dtype=object).ravel()])
@@ -80,14 +99,14 @@ def done_mask(ds, condition) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- metrics
-def accuracy(ds, p: AnalysisParams, results: dict) -> dict:
-    """Forced-choice accuracy per condition (and per category), and blind minus original, paired."""
+def accuracy(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
+    """Forced-choice accuracy per condition (and per category), and blind minus original, paired.
+    Array: forced_choice_correct (condition, sample), 1.0/0.0 (NaN where the sample failed)."""
     from gapcache.analyze.scoring import forced_choice_correct, gold_candidate_index
 
     gold = gold_candidate_index(ds.answer.values, ds.candidate.values)
     correct = forced_choice_correct(ds.candidate_logprob.values, ds.candidate_mask.values, gold)  # (cond, sample)
     conds = [str(c) for c in ds.condition.values]
-    results["forced_choice_correct"] = (("condition", "sample"), correct)
     out = {"per_condition": {}, "vs_original": {}, "per_category": {}}
     cats = strs(ds.category)
     for k, c in enumerate(conds):
@@ -107,10 +126,12 @@ def accuracy(ds, p: AnalysisParams, results: dict) -> dict:
                 out["vs_original"][c] = stats.mean_diff_ci(
                     correct[k][both], correct[o][both], level=p.level, method=p.ci_method,
                     n_resamples=p.n_resamples, seed=p.seed).to_dict()
-    return out
+    return MetricResult(out, {"forced_choice_correct": labelled(ds, correct, ("condition", "sample"))})
 
 
-def truncation(ds, p: AnalysisParams, results: dict) -> dict:
+def truncation(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
+    """Per truncation strategy: mean Delta(L) = s_clean - s_trunc(L) with its CI, and the accuracy curve.
+    Array: delta (strategy, trunc_layer, sample)."""
     from gapcache.analyze.scoring import gold_candidate_index
 
     if "truncated" not in set(ds.condition_kind.values.tolist()):
@@ -118,9 +139,8 @@ def truncation(ds, p: AnalysisParams, results: dict) -> dict:
     gold_idx = gold_candidate_index(ds.answer.values, ds.candidate.values)
     curves = evd_mod.truncation_curves(ds.gold_logprob.load(), ds.candidate_logprob.values,
                                        ds.candidate_mask.values, gold_idx)
-    results["delta"] = (("strategy", "trunc_layer", "sample"), curves.delta.values)
-    results.setdefault("_coords", {}).update(strategy=curves.strategy.values.tolist(),
-                                             trunc_layer=curves.layer.values.tolist())
+    delta = labelled(ds, curves.delta.values, ("strategy", "trunc_layer", "sample"),
+                     strategy=curves.strategy.values.tolist(), trunc_layer=curves.layer.values.tolist())
     out = {}
     for s in curves.strategy.values.tolist():
         d = curves.delta.sel(strategy=s).transpose("sample", "layer").values
@@ -131,10 +151,10 @@ def truncation(ds, p: AnalysisParams, results: dict) -> dict:
             entry["accuracy"] = curves.accuracy.sel(strategy=s).values.tolist()
             entry["clean_accuracy"] = float(curves.clean_accuracy)
         out[s] = entry
-    return out
+    return MetricResult(out, {"delta": delta})
 
 
-def evd(ds, p: AnalysisParams, results: dict) -> dict:
+def evd(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     """EVD per sample (strategy p.strategy), tau rule, the three cliffs, hard-vs-easy EVD gap."""
     if "truncated" not in set(ds.condition_kind.values.tolist()):
         return {"skipped": "no truncated condition in the store"}
@@ -151,10 +171,9 @@ def evd(ds, p: AnalysisParams, results: dict) -> dict:
     chosen = p.cliff_layer if p.cliff_layer is not None else cliffs[p.cliff_method].layer
     full = np.full(len(d.sample), np.nan)
     full[keep] = e
-    results["evd"] = (("sample",), full)
-    out = {"strategy": p.strategy, "tau": _jsonable(tau), "n": int(keep.sum()),
+    out = {"strategy": p.strategy, "tau": stats.jsonable(tau), "n": int(keep.sum()),
            "n_never_reach_tau": int(np.isnan(e).sum()),
-           "cliffs": {m: _jsonable(c) for m, c in cliffs.items()},
+           "cliffs": {m: stats.jsonable(c) for m, c in cliffs.items()},
            "cliff_layer": None if chosen is None or not np.isfinite(chosen) else float(chosen),
            "cliff_source": "fixed (--cliff-layer)" if p.cliff_layer is not None else p.cliff_method,
            "area": _ci(evd_mod.evd_area(dv, layers, tau.value), p).to_dict()}
@@ -173,7 +192,8 @@ def evd(ds, p: AnalysisParams, results: dict) -> dict:
                                 name="evd_gap_hard_minus_easy")
         out["gap_hard_minus_easy"] = {**ci.to_dict(), "n_hard": int(len(a)), "n_easy": int(len(b)),
                                       "never_reach_tau_counts_as": floor}
-    return out
+    found = {"cliff_layer": out["cliff_layer"]} if p.cliff_layer is None else {}  # a fixed cliff stays
+    return MetricResult(out, {"evd": labelled(ds, full, ("sample",))}, found)
 
 
 def _er_ratio_entry(x, cliff: int, p: AnalysisParams) -> dict:
@@ -194,11 +214,15 @@ def _er_ratio_entry(x, cliff: int, p: AnalysisParams) -> dict:
     return out
 
 
-def rank(ds, p: AnalysisParams, results: dict, cliff_layer) -> dict:
+def rank(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
+    """Effective rank of the visual span per (visual condition, sample, layer) with CIs, the ER ratio
+    after / up to ``ctx.cliff_layer`` when a cliff is known, and the text-site ER across samples.
+    Arrays: visual_er (visual_condition, sample, layer), text_er (condition, site, layer)."""
     from gapcache.analyze.rank import text_effective_rank, visual_effective_rank
 
+    cliff_layer = ctx.cliff_layer
     er = visual_effective_rank(ds).compute()  # (visual_condition, sample, layer); lazy until here
-    results["visual_er"] = (("visual_condition", "sample", "layer"), er.values)
+    arrays = {"visual_er": labelled(ds, er.values, ("visual_condition", "sample", "layer"))}
     out = {"visual": {}, "text": {}}
     for vc in er.visual_condition.values.tolist():
         x = er.sel(visual_condition=vc).transpose("sample", "layer")
@@ -211,11 +235,12 @@ def rank(ds, p: AnalysisParams, results: dict, cliff_layer) -> dict:
         out["visual"][vc] = entry
     done = ds.status.values.min(axis=0) == 1
     text = text_effective_rank(ds.text_states.isel(sample=np.flatnonzero(done))).compute()
-    results["text_er"] = (("condition", "site", "layer"), text.transpose("condition", "site", "layer").values)
+    dims = ("condition", "site", "layer")
+    arrays["text_er"] = labelled(ds, text.transpose(*dims).values, dims)
     out["text"] = {"note": "ER across samples (one value per condition, site, layer; no CI)",
                    "values": {str(c): {str(s): text.sel(condition=c, site=s).values.tolist() for s in text.site.values}
                               for c in text.condition.values}}
-    return out
+    return MetricResult(out, arrays)
 
 
 def probe_groups(ds, min_per_class: int):
@@ -240,7 +265,9 @@ def probe_groups(ds, min_per_class: int):
     return out
 
 
-def probes(ds, p: AnalysisParams, results: dict) -> dict:
+def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
+    """Linear probes per task (probe_groups), condition (original, blind) and site: accuracy and
+    selectivity per layer with CIs, and each condition - original, paired, Holm/BH across layers."""
     from gapcache.analyze.probes import probe_accuracy_ci, probe_layers
 
     groups = probe_groups(ds, p.n_splits)
@@ -263,7 +290,7 @@ def probes(ds, p: AnalysisParams, results: dict) -> dict:
                                                      "selectivity_ci": sel.to_dict()}
                 oof_correct[(c, site)] = _correct_by_id(res, ds.sample.values[idx[ok]])
         out[task]["vs_original"] = _probe_differences(oof_correct, p)
-    return out
+    return MetricResult(out)
 
 
 def _correct_by_id(res, ids):
@@ -285,55 +312,60 @@ def _probe_differences(oof_correct: dict, p: AnalysisParams) -> dict:
     return out
 
 
-def lens(ds, p: AnalysisParams, results: dict) -> dict:
+def lens(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
+    """Logit-lens forced-choice accuracy per condition and layer at the prediction site, with CIs.
+    Array: lens_correct (condition, layer, sample)."""
     from gapcache.analyze.lens import logit_lens_correct
 
     try:
         correct = logit_lens_correct(ds).compute()  # (condition, layer, sample)
     except GapcacheError as err:
         return {"skipped": str(err)}
-    results["lens_correct"] = (("condition", "layer", "sample"), correct.values)
+    lens_correct = labelled(ds, correct.values, ("condition", "layer", "sample"))
     out = {}
     for c in correct.condition.values.tolist():
         x = correct.sel(condition=c).transpose("sample", "layer").values
         ok = np.isfinite(x).all(axis=1)
         if ok.sum() >= 2:
             out[c] = {"layers": correct.layer.values.tolist(), "accuracy": _ci(x[ok], p).to_dict()}
-    return out
+    return MetricResult(out, {"lens_correct": lens_correct})
+
+
+# ------------------------------------------------------------------------------------- registry
+# One entry per metric, in pipeline order (evd before rank: rank reads the cliff evd finds).
+registry.register(Metric("accuracy", accuracy, report.fig_accuracy, report.rows_accuracy,
+                         "forced-choice accuracy per condition, and each condition - original (paired)"))
+registry.register(Metric("truncation", truncation, report.fig_truncation, report.rows_truncation,
+                         "Delta(L) and accuracy per truncation layer and strategy"))
+registry.register(Metric("evd", evd, report.fig_evd, report.rows_evd,
+                         "EVD per sample, tau, the cliff layer, hard - easy EVD gap"))
+registry.register(Metric("rank", rank, report.fig_rank, report.rows_rank,
+                         "effective rank of the visual span per layer, ER ratio at the cliff"))
+registry.register(Metric("probes", probes, report.fig_probes, report.rows_probes,
+                         "linear probes per task, condition, site and layer"))
+registry.register(Metric("lens", lens, report.fig_lens, report.rows_lens,
+                         "logit-lens accuracy per condition and layer"))
 
 
 # ------------------------------------------------------------------------------------- driver
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    return stats._jsonable(obj)
-
-
 def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
-    """(summary dict, results xarray.Dataset) of one store; every metric in p.metrics."""
+    """(summary dict, results xarray.Dataset) of one store: every registered metric named in p.metrics,
+    in registry order, each given the Context (cliff layer, arrays) that the metrics before it left."""
     import xarray as xr
 
     p.validate()
-    results: dict = {}
     summary = {"store": {k: ds.attrs.get(k) for k in ("model", "dataset", "provenance", "config_hash")},
                "params": dataclasses.asdict(p), "metrics": {}, "timing_s": {}}
-    cliff = p.cliff_layer
-    steps = [m for m in ("accuracy", "truncation", "evd", "rank", "probes", "lens") if m in p.metrics]
-    for m in steps:
+    ctx = Context(cliff_layer=p.cliff_layer)
+    for entry in registry.registered(p.metrics):
         t0 = time.perf_counter()
-        fn = {"accuracy": accuracy, "truncation": truncation, "evd": evd, "probes": probes, "lens": lens}.get(m)
-        summary["metrics"][m] = rank(ds, p, results, cliff) if m == "rank" else fn(ds, p, results)
-        if m == "evd" and cliff is None:
-            cliff = summary["metrics"]["evd"].get("cliff_layer")
-        summary["timing_s"][m] = round(time.perf_counter() - t0, 3)
-        log.info("%s done in %.1f s", m, summary["timing_s"][m])
-    summary["cliff_layer"] = cliff
-    coords = {"sample": strs(ds.sample), "condition": strs(ds.condition),
-              "layer": ds.layer.values, "site": strs(ds.site),
-              "visual_condition": strs(ds.visual_condition), **results.pop("_coords", {})}
-    res = xr.Dataset(results, coords={k: v for k, v in coords.items()
-                                      if any(k in dims for dims, _ in results.values())})
-    return summary, res
+        result = registry.as_result(entry.compute(ds, p, ctx), entry.name)
+        summary["metrics"][entry.name] = result.summary
+        ctx = ctx.updated(result, entry.name)
+        summary["timing_s"][entry.name] = round(time.perf_counter() - t0, 3)
+        log.info("%s done in %.1f s", entry.name, summary["timing_s"][entry.name])
+    summary["cliff_layer"] = ctx.cliff_layer
+    return summary, xr.Dataset(dict(ctx.arrays))
 
 
 def run_analysis(paths, out, p: AnalysisParams) -> dict:
@@ -368,7 +400,7 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
                                                                 "n_dropped_unmatched": int(al.dropped_a + al.dropped_b)}
         except (DataError, GapcacheError) as err:
             summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {"skipped": str(err)}
-    summary = _jsonable(summary)
+    summary = stats.jsonable(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
     from gapcache.analyze.report import write_report
 

@@ -84,7 +84,7 @@ class ProbeResult:
                 "class_counts", "params", "seconds")
         d = {k: getattr(self, k) for k in keep}
         d["n"] = int(len(self.y))
-        return stats._jsonable(d)
+        return stats.jsonable(d)
 
     def to_xarray(self):
         """``xarray.Dataset``: scores over ``layer``, OOF predictions over (layer, sample)."""
@@ -174,7 +174,7 @@ def _folds(y, n_splits: int, seed: int):
 
 def _layer_source(X, sample_dim: str, layer_dim: str, feature_dim: str):
     """(n_samples, layer labels, sample ids or None, get(i) -> (sample, hidden) ndarray)."""
-    if stats._is_dataarray(X):
+    if stats.is_dataarray(X):
         missing = [d for d in (sample_dim, layer_dim, feature_dim) if d not in X.dims]
         if missing or X.ndim != 3:
             raise DataError(
@@ -198,7 +198,7 @@ def _layer_source(X, sample_dim: str, layer_dim: str, feature_dim: str):
 
 def _labels_for(y, ids, n: int, sample_dim: str):
     """Labels in X's sample order: a DataArray y is selected by X's sample ids."""
-    if stats._is_dataarray(y):
+    if stats.is_dataarray(y):
         if ids is not None and sample_dim in y.coords:
             known = set(y[sample_dim].values.tolist())
             missing = [s for s in ids.tolist() if s not in known]
@@ -378,7 +378,7 @@ def refit_bootstrap_ci(X, y, *, n_refit: int = 20, n_splits: int = 5, seed: int 
         raise ConfigError(
             f"The 'n_refit' parameter of refit_bootstrap_ci must be an int >= 2. Got {n_refit!r} instead."
         )
-    level = stats._check_level(level, "refit_bootstrap_ci")
+    level = stats.check_level(level, "refit_bootstrap_ci")
     X = np.asarray(X)
     mask, yk, _, _ = clean_labels(y, n_splits, "refit_bootstrap_ci")
     X = X[mask]

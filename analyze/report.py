@@ -4,6 +4,10 @@ Usage::
 
     from gapcache.analyze.report import write_report
     write_report(summary, out_dir)          # summary = run_analysis(...) / summary.json
+
+Each metric's figure and key-number rows are the ``fig_<metric>`` and ``rows_<metric>`` functions here,
+registered with it in :mod:`gapcache.analyze.metrics` (signatures there): ``fig(store_summary, out_dir,
+ctx) -> file name or None`` and ``rows(store_summary) -> [(label, value)]``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from gapcache.analyze import metrics
+from gapcache.analyze.metrics import Context
 
 
 def _plt():
@@ -43,7 +50,9 @@ def _mark_cliff(ax, cliff):
         ax.axvline(cliff, color="k", ls="--", lw=1, label=f"cliff L={cliff:g}")
 
 
-def fig_accuracy(m, out):
+def fig_accuracy(s, out, ctx: Context):
+    """Bar chart of forced-choice accuracy per condition with its CI -> accuracy.png."""
+    m = s["metrics"]
     acc = m.get("accuracy", {}).get("per_condition", {})
     if not acc:
         return None
@@ -60,7 +69,9 @@ def fig_accuracy(m, out):
     return _save(fig, out, "accuracy")
 
 
-def fig_truncation(m, out, cliff):
+def fig_truncation(s, out, ctx: Context):
+    """Mean Delta(L) with its CI band, and the accuracy curve, per strategy -> truncation.png."""
+    m, cliff = s["metrics"], ctx.cliff_layer
     tr = {k: v for k, v in m.get("truncation", {}).items() if isinstance(v, dict) and "layers" in v}
     if not tr:
         return None
@@ -79,13 +90,16 @@ def fig_truncation(m, out, cliff):
     return _save(fig, out, "truncation")
 
 
-def fig_evd(m, results, out, cliff):
+def fig_evd(s, out, ctx: Context):
+    """Mean Delta with tau and the cliff, the EVD histogram and the Delta histogram -> delta_evd.png
+    (needs the arrays ``delta`` and ``evd`` in ``ctx.arrays``: None when drawn from summary.json alone)."""
+    m, cliff, results = s["metrics"], ctx.cliff_layer, ctx.arrays
     e = m.get("evd", {})
-    if "tau" not in e or results is None or "delta" not in results:
+    if "tau" not in e or "delta" not in results or "evd" not in results:
         return None
     plt = _plt()
     d = results["delta"].sel(strategy=e["strategy"]).transpose("sample", "trunc_layer").values
-    layers = results["trunc_layer"].values
+    layers = results["delta"]["trunc_layer"].values
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     curve = e["cliffs"]["steepest"]["mean_curve"]
     axes[0].plot(layers, curve, marker="o", ms=3)
@@ -103,7 +117,9 @@ def fig_evd(m, results, out, cliff):
     return _save(fig, out, "delta_evd")
 
 
-def fig_rank(m, out, cliff):
+def fig_rank(s, out, ctx: Context):
+    """Visual-span effective rank per layer with its CI band, per visual condition -> effective_rank.png."""
+    m, cliff = s["metrics"], ctx.cliff_layer
     vis = m.get("rank", {}).get("visual", {})
     if not vis:
         return None
@@ -117,7 +133,9 @@ def fig_rank(m, out, cliff):
     return _save(fig, out, "effective_rank")
 
 
-def fig_probes(m, out, cliff):
+def fig_probes(s, out, ctx: Context):
+    """Per probe task: accuracy per layer, and each condition - original (paired) -> probes.png."""
+    m, cliff = s["metrics"], ctx.cliff_layer
     pr = {k: v for k, v in m.get("probes", {}).items() if isinstance(v, dict) and "original" in v}
     if not pr:
         return None
@@ -143,7 +161,9 @@ def fig_probes(m, out, cliff):
     return _save(fig, out, "probes")
 
 
-def fig_lens(m, out, cliff):
+def fig_lens(s, out, ctx: Context):
+    """Logit-lens accuracy per layer with its CI band, per condition -> logit_lens.png."""
+    m, cliff = s["metrics"], ctx.cliff_layer
     ln = {k: v for k, v in m.get("lens", {}).items() if isinstance(v, dict) and "layers" in v}
     if not ln:
         return None
@@ -159,6 +179,7 @@ def fig_lens(m, out, cliff):
 
 
 def _fmt(ci):
+    """'estimate [low, high] (n=...)' of a scalar interval dict; '–' for none."""
     return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] (n={ci['n']})" if ci else "–"
 
 
@@ -183,7 +204,8 @@ def probe_rows(probes: dict, site: str = "prediction") -> list[tuple[str, str]]:
     return rows
 
 
-def key_numbers(s) -> list[tuple[str, str]]:
+def rows_accuracy(s) -> list[tuple[str, str]]:
+    """Accuracy per condition and each condition - original (paired), with CIs."""
     m = s["metrics"]
     rows = []
     for c, ci in m.get("accuracy", {}).get("per_condition", {}).items():
@@ -192,6 +214,30 @@ def key_numbers(s) -> list[tuple[str, str]]:
     for c, ci in m.get("accuracy", {}).get("vs_original", {}).items():
         if not c.startswith("truncated"):
             rows.append((f"accuracy {c} - original (paired)", _fmt(ci)))
+    return rows
+
+
+def rows_truncation(s) -> list[tuple[str, str]]:
+    """Per strategy: mean Delta at the first and the last truncation layer, and the accuracy there."""
+    rows = []
+    for strategy, v in s["metrics"].get("truncation", {}).items():
+        if not isinstance(v, dict) or "layers" not in v:
+            continue
+        first, last = v["layers"][0], v["layers"][-1]
+        d = np.asarray(v["mean_delta"]["estimate"], dtype=float)
+        rows.append((f"truncation {strategy}: mean Delta at L={first} -> L={last}",
+                     f"{d[0]:.3f} -> {d[-1]:.3f} (n={v['n']})"))
+        if "accuracy" in v:
+            acc = v["accuracy"]
+            rows.append((f"truncation {strategy}: accuracy at L={first} -> L={last}",
+                         f"{acc[0]:.3f} -> {acc[-1]:.3f} (original {v['clean_accuracy']:.3f})"))
+    return rows
+
+
+def rows_evd(s) -> list[tuple[str, str]]:
+    """tau and its rule, the cliff layer (chosen, and by each method), mean EVD, the hard - easy gap."""
+    m = s["metrics"]
+    rows = []
     e = m.get("evd", {})
     if "tau" in e:
         rows.append(("tau", f"{e['tau']['value']:.4g} ({e['tau']['rule']})"))
@@ -199,8 +245,22 @@ def key_numbers(s) -> list[tuple[str, str]]:
                      + ", ".join(f"{k}={v['layer']}" for k, v in e["cliffs"].items())))
         rows.append(("mean EVD", _fmt(e.get("mean_evd"))))
         rows.append(("EVD gap hard - easy", _fmt(e.get("gap_hard_minus_easy"))))
-    rows += probe_rows(m.get("probes", {}))
-    visual = m.get("rank", {}).get("visual", {})
+    return rows
+
+
+def rows_probes(s) -> list[tuple[str, str]]:
+    """Per probe task, where the answer becomes decodable at the prediction site (probe_rows)."""
+    return probe_rows(s["metrics"].get("probes", {}))
+
+
+def rows_rank(s) -> list[tuple[str, str]]:
+    """Visual effective rank at the first and the last layer, and the ER ratio at the cliff (or why not)."""
+    rows = []
+    visual = s["metrics"].get("rank", {}).get("visual", {})
+    for c, v in visual.items():
+        est = np.asarray(v["mean"]["estimate"], dtype=float)
+        rows.append((f"visual ER {c} at layer {v['layers'][0]} -> {v['layers'][-1]}",
+                     f"{est[0]:.2f} -> {est[-1]:.2f} (n={v['mean']['n']})"))
     for c, v in visual.items():
         if "er_ratio" in v:
             rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})", _fmt(v["er_ratio"])))
@@ -210,8 +270,29 @@ def key_numbers(s) -> list[tuple[str, str]]:
     return rows
 
 
+def rows_lens(s) -> list[tuple[str, str]]:
+    """Logit-lens accuracy at the last layer, every condition in one row."""
+    ln = {c: v for c, v in s["metrics"].get("lens", {}).items() if isinstance(v, dict) and "layers" in v}
+    by_layer: dict = {}
+    for c, v in ln.items():
+        last = np.asarray(v["accuracy"]["estimate"], dtype=float)[-1]
+        by_layer.setdefault(v["layers"][-1], []).append(f"{c} {last:.3f}")
+    return [(f"logit lens accuracy at layer {layer}", ", ".join(found)) for layer, found in by_layer.items()]
+
+
+def key_numbers(s) -> list[tuple[str, str]]:
+    """Every metric's report rows, in registry order (a metric the run skipped: one row with the reason)."""
+    rows = []
+    for entry in metrics.registered(s["metrics"]):
+        m = s["metrics"][entry.name]
+        rows += [(entry.name, f"skipped: {m['skipped']}")] if "skipped" in m else entry.rows(s)
+    return rows
+
+
 def write_report(summary: dict, out, results: dict | None = None) -> Path:
-    """Figures for every store in ``summary`` and one report.html beside them."""
+    """Figures for every store in ``summary`` and one report.html beside them: per store, the key numbers
+    and the figures of each metric it ran, in registry order. ``results``: {store: results Dataset}
+    (figures that need arrays, e.g. delta_evd, are left out without it)."""
     out = Path(out)
     parts = ["<html><head><meta charset='utf-8'><title>gapcache report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}"
@@ -220,10 +301,8 @@ def write_report(summary: dict, out, results: dict | None = None) -> Path:
         fig_dir = out / name
         fig_dir.mkdir(parents=True, exist_ok=True)
         res = (results or {}).get(name)
-        cliff = s.get("cliff_layer")
-        figs = [f(s["metrics"], fig_dir, cliff) if f is not fig_accuracy else f(s["metrics"], fig_dir)
-                for f in (fig_accuracy, fig_truncation, fig_rank, fig_probes, fig_lens)]
-        figs.insert(2, fig_evd(s["metrics"], res, fig_dir, cliff))
+        ctx = Context(cliff_layer=s.get("cliff_layer"), arrays={} if res is None else res)
+        figs = [entry.figure(s, fig_dir, ctx) for entry in metrics.registered(s["metrics"])]
         model = s["store"].get("model") or {}
         parts.append(f"<h2>{html.escape(name)}: {html.escape(str(model.get('id')))} "
                      f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")

@@ -34,7 +34,6 @@ import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
-import scipy.stats
 
 from gapcache.errors import ConfigError, DataError
 
@@ -47,16 +46,19 @@ _BATCH_ELEMENTS = 2_000_000  # resampled values held at once (keeps memory ~16 M
 # --------------------------------------------------------------------------- result types
 
 
-def _jsonable(v):
-    """numpy scalars/arrays -> Python floats/ints/lists (NaN stays float('nan'))."""
+def jsonable(v):
+    """Plain Python for ``json.dumps``: numpy scalars/arrays -> floats/ints/lists (NaN stays float('nan')),
+    dataclass instances -> dicts, tuples -> lists; dicts and lists converted recursively."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return jsonable(dataclasses.asdict(v))
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v
 
 
@@ -94,7 +96,7 @@ class Interval:
 
     def to_dict(self) -> dict:
         """Plain-Python dict (``json.dumps`` works on it)."""
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def to_xarray(self):
         """An ``xarray.Dataset`` with estimate/low/high over ``dims``; the rest in ``attrs``."""
@@ -126,7 +128,8 @@ def _check_method(method: str, func: str) -> str:
     return METHODS[key]
 
 
-def _check_level(level: float, func: str) -> float:
+def check_level(level: float, func: str) -> float:
+    """``level`` as a float, checked to lie in (0, 1); ``func`` names the caller in the error."""
     if not isinstance(level, (float, int)) or not 0 < level < 1:
         raise ConfigError(f"The 'level' parameter of {func} must be a float in (0, 1). Got {level!r} instead.")
     return float(level)
@@ -165,7 +168,8 @@ def _check_statistic(statistic, func: str, name: str | None = None) -> str:
 # --------------------------------------------------------------------------- inputs
 
 
-def _is_dataarray(x) -> bool:
+def is_dataarray(x) -> bool:
+    """True for an xarray.DataArray (duck-typed: dims, coords and transpose; xarray is not imported)."""
     return hasattr(x, "dims") and hasattr(x, "transpose") and hasattr(x, "coords")
 
 
@@ -176,7 +180,7 @@ def as_samples(x, dim: str = "sample", name: str = "x", func: str = "as_samples"
     inputs to a bootstrap are per-sample scalars, small).  A numpy array must already have samples
     on axis 0.  NaNs are refused (a failed sample must be dropped explicitly, the same in both arms).
     """
-    if _is_dataarray(x):
+    if is_dataarray(x):
         if dim not in x.dims:
             raise DataError(f"The '{name}' parameter of {func} must have a {dim!r} dim. Got dims {x.dims} instead.")
         x = x.transpose(dim, ...)
@@ -211,7 +215,7 @@ def align_samples(a, b, dim: str = "sample") -> Aligned:
     lost.  Duplicate ids raise DataError (a pairing would be ambiguous).
     """
     for name, x in (("a", a), ("b", b)):
-        if not _is_dataarray(x) or dim not in x.coords:
+        if not is_dataarray(x) or dim not in x.coords:
             raise DataError(
                 f"The '{name}' parameter of align_samples must be a DataArray with a {dim!r} coordinate. "
                 f"Got {type(x).__name__} instead."
@@ -233,10 +237,10 @@ def align_samples(a, b, dim: str = "sample") -> Aligned:
 def _paired_inputs(a, b, dim: str, func: str):
     """(a, b, extra dims, coords, n_dropped) with rows paired by sample id."""
     dropped = 0
-    if _is_dataarray(a) and _is_dataarray(b):
+    if is_dataarray(a) and is_dataarray(b):
         al = align_samples(a, b, dim)
         a, b, dropped = al.a, al.b, al.dropped_a + al.dropped_b
-    elif _is_dataarray(a) != _is_dataarray(b):
+    elif is_dataarray(a) != is_dataarray(b):
         raise DataError(
             f"The 'a' and 'b' parameters of {func} must both be DataArrays (paired by {dim} id) or both arrays "
             f"(paired by row). Got {type(a).__name__} and {type(b).__name__} instead."
@@ -271,6 +275,8 @@ def _run_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, see
     Where the bootstrap distribution has zero spread (e.g. a constant difference), the interval is
     set to [estimate, estimate] exactly (BCa is undefined there).
     """
+    import scipy.stats  # imported here: ~1 s, and the CLI imports this module (metric registry)
+
     estimate = np.asarray(statistic(*arrays, axis=0), dtype=float)
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)  # handled just below
@@ -332,7 +338,7 @@ def bootstrap_ci(data, statistic: Callable, *, paired: bool = True, level: float
     """
     func = "bootstrap_ci"
     label = _check_statistic(statistic, func, name)
-    method, level = _check_method(method, func), _check_level(level, func)
+    method, level = _check_method(method, func), check_level(level, func)
     n_resamples = _check_resamples(n_resamples, func)
     data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
     _check_same_ids(data, dim, func)
@@ -348,7 +354,7 @@ def bootstrap_ci(data, statistic: Callable, *, paired: bool = True, level: float
 
 
 def _check_same_ids(data, dim, func):
-    ids = [x[dim].values.tolist() for x in data if _is_dataarray(x) and dim in x.coords]
+    ids = [x[dim].values.tolist() for x in data if is_dataarray(x) and dim in x.coords]
     if any(i != ids[0] for i in ids[1:]):
         raise DataError(
             f"The 'data' DataArrays of {func} must list the same {dim} ids in the same order. "
@@ -377,7 +383,7 @@ def paired_ci(a, b, statistic: Callable, *, level: float = 0.95, method: str = "
     """
     func = "paired_ci"
     label = _check_statistic(statistic, func, name)
-    method, level = _check_method(method, func), _check_level(level, func)
+    method, level = _check_method(method, func), check_level(level, func)
     n_resamples = _check_resamples(n_resamples, func)
     va, vb, dims, coords, dropped = _paired_inputs(a, b, dim, func)
     return _interval(label, [va, vb], statistic, paired=True, level=level, method=method,
@@ -476,6 +482,8 @@ def adjust_pvalues(p, method: str = "holm"):
     if method == "none":
         out = flat.copy()
     elif method == "bh":
+        import scipy.stats
+
         out = scipy.stats.false_discovery_control(flat, method="bh")
     else:
         out = _holm(flat)
@@ -518,7 +526,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("pvalue", "p_adjusted", "reject", "alpha", "test", "correction", "n_tests")}
-        return _jsonable({"interval": self.interval.to_dict(), **d, "survivors": self.survivors})
+        return jsonable({"interval": self.interval.to_dict(), **d, "survivors": self.survivors})
 
 
 def compare_paired(a, b, *, test: str = "signflip", correction: str = "holm", alpha: float = 0.05,

@@ -25,7 +25,14 @@ import sys
 from gapcache import __version__
 from gapcache.errors import GapcacheError
 
-METRIC_NAMES = ("accuracy", "truncation", "evd", "rank", "probes", "lens")  # = gapcache.analyze.pipeline.METRICS
+
+def __getattr__(name):
+    """``METRIC_NAMES``: the registered analysis metrics, read from gapcache.analyze.metrics on access."""
+    if name == "METRIC_NAMES":
+        from gapcache.analyze.metrics import names
+
+        return names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="CPU tier: metrics, CIs, figures and a report from store(s)")
     an.add_argument("stores", nargs="+", help="one or more stores (two or more: EVD gaps between them)")
     an.add_argument("--out", required=True, help="directory for summary.json, results, figures, report.html")
-    an.add_argument("--metrics", default=",".join(METRIC_NAMES), help=f"comma list of {','.join(METRIC_NAMES)}")
+    from gapcache.analyze.metrics import registered  # the metric registry: --metrics default and help
+
+    an.add_argument("--metrics", default=",".join(m.name for m in registered()),
+                    help="comma list, run in this order (default: all): "
+                         + "; ".join(f"{m.name} ({m.description})" for m in registered()))
     an.add_argument("--cliff-layer", type=int, help="fix the cliff layer for every metric and figure")
     an.add_argument("--cliff-method", default="steepest", choices=["median_evd", "steepest", "first_crossing"])
     an.add_argument("--strategy", default="zero", help="truncation strategy that defines Delta/EVD (zero|drop)")

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from gapcache.analyze import pipeline, stats
+from gapcache.analyze.metrics import Context
 from gapcache.analyze.pipeline import AnalysisParams
 from gapcache.analyze.probes import probe_accuracy_ci, probe_layers
 from gapcache.config import load_config
@@ -82,10 +83,10 @@ def extract_and_score(out_dir) -> dict:
     finally:
         torch.set_num_threads(threads)
     assert (ds.status.values == 1).all(), "every sample must extract under every condition"
-    results: dict = {}
-    acc = pipeline.accuracy(ds, P, results)
+    result = pipeline.accuracy(ds, P, Context())
+    acc = result.summary
     conds = [str(c) for c in ds.condition.values]
-    correct = dict(zip(conds, results["forced_choice_correct"][1]))
+    correct = dict(zip(conds, result.arrays["forced_choice_correct"].values))
     kinds = np.array([question_kind(q, c) for q, c in zip(pipeline.strs(ds.question), pipeline.strs(ds.category))])
     n_cand = ds.candidate_mask.values.sum(1)
     cands = pipeline.strs(ds.candidate)
@@ -186,7 +187,7 @@ def test_truncation_curve_falls_to_chance_early_and_recovers_after_the_transfer(
     # counting (an aggregate over all 16 patches) is read into the text later than presence and colour
     assert T["count"] > max(T["presence"], T["colour"]), T
     # the same curve as the analysis tier reports it (all samples): monotone recovery, exact at the end
-    tr = pipeline.truncation(run["ds"], P, {})
+    tr = pipeline.truncation(run["ds"], P, Context()).summary
     assert tr[strategy]["layers"] == TRUNC
     assert tr[strategy]["mean_delta"]["estimate"][-1] == 0.0
     assert tr[strategy]["accuracy"][0] < tr[strategy]["accuracy"][-1]
@@ -196,7 +197,7 @@ def test_evd_locates_the_transfer_and_separates_hard_from_easy(run):
     from gapcache.analyze import evd as evd_mod
 
     params = AnalysisParams(n_resamples=P.n_resamples, seed=P.seed, cliff_method="median_evd")
-    out = pipeline.evd(run["ds"], params, {})
+    out = pipeline.evd(run["ds"], params, Context()).summary
     deltas = evd_mod.truncation_deltas(run["ds"].gold_logprob.load()).sel(strategy="zero")
     d = deltas.transpose("sample", "layer").values
     layers = deltas.layer.values

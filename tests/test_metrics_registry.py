@@ -1,0 +1,130 @@
+"""The metric registry: every registered metric gives summary entries, a figure and report rows, and a
+metric registered by a test (no other edit) reaches the CLI, the summary, the results and the report."""
+
+import html
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from gapcache.analyze import metrics
+from gapcache.analyze.metrics import Context, Metric, MetricResult
+from gapcache.analyze.pipeline import AnalysisParams, labelled, run_analysis
+from gapcache.cli import main
+from gapcache.errors import ConfigError, UnknownNameError
+from test_extract_run import write_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reg")
+    cfg = write_config(tmp, conditions=["original", "blind_black", "truncated"], truncation_layers=[-1, 0, 1, 2, 3],
+                       truncation_strategies=["zero"])
+    assert main(["extract", str(cfg), "--out", str(tmp / "run")]) == 0
+    return tmp / "run" / "store.zarr"
+
+
+def table_row(label, value) -> str:
+    return f"<tr><td>{html.escape(label)}</td><td>{html.escape(value)}</td></tr>"
+
+
+def test_every_registered_metric_gives_summary_entries_a_figure_and_report_rows(store, tmp_path):
+    out = tmp_path / "a"
+    summary = run_analysis([store], out, AnalysisParams(n_resamples=49, n_splits=2))
+    s = summary["stores"]["store"]
+    assert tuple(s["metrics"]) == metrics.names() == tuple(s["timing_s"])
+    report = (out / "report.html").read_text()
+    # each figure again, from summary.json and results_store.zarr alone (what a later report reads)
+    s_json = json.loads((out / "summary.json").read_text())["stores"]["store"]
+    ctx = Context(cliff_layer=s_json["cliff_layer"], arrays=xr.open_zarr(out / "results_store.zarr"))
+    again = tmp_path / "again"
+    again.mkdir()
+    for entry in metrics.registered():
+        m = s["metrics"][entry.name]
+        assert m and "skipped" not in m, (entry.name, m)
+        fig = entry.figure(s_json, again, ctx)
+        assert fig and (again / fig).is_file(), (entry.name, fig)
+        assert (out / "store" / fig).is_file() and f"store/{fig}" in report, (entry.name, fig)
+        rows = entry.rows(s)
+        assert rows, entry.name
+        for label, value in rows:
+            assert table_row(label, value) in report, (entry.name, label)
+
+
+# a toy metric: the number of samples and the cliff the metrics before it found, one array, a figure, a row
+def toy_compute(ds, params, ctx):
+    """{"n_samples", "cliff_seen"} and the array toy_ones (sample)."""
+    n = ds.sizes["sample"]
+    return MetricResult({"n_samples": n, "cliff_seen": ctx.cliff_layer},
+                        {"toy_ones": labelled(ds, np.ones(n), ("sample",))})
+
+
+def toy_figure(s, out, ctx):
+    """toy.png: a bar of the sample count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.bar([0], [s["metrics"]["toy"]["n_samples"]])
+    fig.savefig(out / "toy.png")
+    plt.close(fig)
+    return "toy.png"
+
+
+def toy_rows(s):
+    return [("toy samples", str(s["metrics"]["toy"]["n_samples"]))]
+
+
+TOY = Metric("toy", toy_compute, toy_figure, toy_rows, "a metric registered by the test")
+
+
+def test_a_registered_toy_metric_reaches_cli_summary_results_and_report(store, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "a"
+    assert main(["analyze", str(store), "--out", str(out), "--metrics", "toy"]) == 1  # not registered yet
+    assert "The 'metrics' parameter must be a subset of ['accuracy'," in capsys.readouterr().err
+
+    monkeypatch.setitem(metrics.REGISTRY, "toy", TOY)
+    import gapcache.cli
+    from gapcache.analyze import pipeline
+
+    assert metrics.names()[-1] == "toy" and gapcache.cli.METRIC_NAMES == pipeline.METRICS == metrics.names()
+    assert AnalysisParams().metrics == metrics.names()
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    assert "toy (a metric registered by the test)" in " ".join(capsys.readouterr().out.split())
+
+    assert main(["analyze", str(store), "--out", str(out), "--n-resamples", "49", "--metrics", "toy,evd"]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())["stores"]["store"]
+    assert list(s["metrics"]) == ["evd", "toy"]  # registry order, not the order asked
+    assert s["metrics"]["toy"] == {"n_samples": 24, "cliff_seen": s["metrics"]["evd"]["cliff_layer"]}
+    assert s["cliff_layer"] == s["metrics"]["evd"]["cliff_layer"] is not None
+    assert "toy samples" in printed
+    report = (out / "report.html").read_text()
+    assert table_row("toy samples", "24") in report and "store/toy.png" in report
+    assert (out / "store" / "toy.png").is_file()
+    res = xr.open_zarr(out / "results_store.zarr")
+    assert res.toy_ones.dims == ("sample",) and float(res.toy_ones.sum()) == 24 and "evd" in res
+
+
+def test_registry_refuses_what_would_lose_or_overwrite_a_result():
+    with pytest.raises(ConfigError, match="must not be registered already. Got 'evd'"):
+        metrics.register(metrics.get("evd"))
+    with pytest.raises(ConfigError, match="'compute' of Metric 'x' must be callable"):
+        metrics.register(Metric("x", None, toy_figure, toy_rows))
+    with pytest.raises(UnknownNameError, match="Unknown metric 'nope'. Supported metrics: accuracy"):
+        metrics.get("nope")
+    ctx = Context().updated(MetricResult({}, {"a": 1}, {"cliff_layer": 3.0}), "m1")
+    assert ctx.cliff_layer == 3.0 and dict(ctx.arrays) == {"a": 1}
+    with pytest.raises(ConfigError, match=r"must have names no earlier metric used. Got \['a'\]"):
+        ctx.updated(MetricResult({}, {"a": 2}), "m2")
+    with pytest.raises(ConfigError, match=r"must only set \['cliff_layer'\]. Got \['tau'\]"):
+        ctx.updated(MetricResult({}, context={"tau": 1.0}), "m2")
+    assert metrics.as_result({"skipped": "why"}, "m").summary == {"skipped": "why"}
+    with pytest.raises(ConfigError, match="must return a MetricResult or a summary dict. Got int"):
+        metrics.as_result(3, "m")
