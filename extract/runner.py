@@ -245,6 +245,7 @@ class Extraction:
         mine = self.units(layout, task_index, n_tasks)
         # the writer closes (flushing every shard) before the locks are released
         with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path) as writer:
+            writer.heal_flag_records()
             pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in mine}}
             todo = [(ci, shard) for ci, shard in mine if shard in pending[ci]]
             for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):

@@ -5,6 +5,7 @@ Usage::
     gapcache verify runs/q25/store.zarr [--json] [--deep] [--allow-incomplete]   # exit 1 on any problem
     gapcache merge runs/a/store.zarr runs/b/store.zarr --out runs/ab/store.zarr
     gapcache freeze runs/ab/store.zarr                                              # read-only from now on
+    gapcache migrate runs/old/store.zarr                                            # schema 1 -> current, in place
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def register(subparsers) -> None:
     f.add_argument("--allow-incomplete", action="store_true", help="freeze even with pending samples")
     f.set_defaults(func=cmd_freeze)
 
+    g = subparsers.add_parser("migrate", help="upgrade a store of an older schema version in place (stop writers first)")
+    g.add_argument("store")
+    g.set_defaults(func=cmd_migrate)
+
 
 def cmd_verify(args) -> int:
     from gapcache.store.verify import verify
@@ -60,4 +65,16 @@ def cmd_freeze(args) -> int:
 
     res = freeze(args.store, allow_incomplete=args.allow_incomplete)
     print(f"frozen {res['path']} ({res['files']} files read-only, at {res['frozen']['at']})")
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from gapcache.store.migrate import migrate
+
+    res = migrate(args.store)
+    if res["from"] == res["to"]:
+        print(f"{res['path']} is already at schema version {res['to']}; nothing to do")
+    else:
+        print(f"migrated {res['path']} from schema {res['from']} to {res['to']} ({len(res['arrays'])} arrays rewritten "
+              "with checksums)")
     return 0

@@ -231,8 +231,9 @@ def _check_shards(path, storage_options, g, attrs, found, status, labels, rep: R
     n_shards = -(-n // spc)
     vis_of = visual_index(g) if "visual_condition" in found and labels else {}
     vlen = found["visual_length"][...] if "visual_length" in found else np.zeros(n, int)
-    unit_specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in found and s.name != arrays.FLAG
-                  and 0 not in found[s.name].shape[2:]]
+    version = int(attrs.get("schema_version", 1))  # status chunks are recorded from schema 2 on
+    unit_specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in found
+                  and (s.name != arrays.FLAG or version >= 2) and 0 not in found[s.name].shape[2:]]
     n_ok = n_records = 0
     for ci in range(n_cond):
         for shard in range(n_shards):
@@ -266,7 +267,8 @@ def _check_record(reader, arr, key, label, rep: Report, *, recorded, flagged, re
     if raw is None:
         if recorded and flagged and required:
             rep.problems.append(f"{label}: no checksum record although the samples are flagged done "
-                                "(the shard was never committed, or its record was deleted)")
+                                "(the shard was never committed, or its record was deleted; a writer killed right "
+                                "after flagging: rerun the extraction, which records it)")
         return False, False
     try:
         rec = json.loads(raw)

@@ -47,8 +47,6 @@ __all__ = ["ShardPayload", "StoreWriter", "StoreFrozenError", "create", "consoli
 
 def _create_array(group, spec: ArraySpec, shape, layout: Layout):
     """One declared array: chunking, codecs and fill value follow its spec (``along``, dtype)."""
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
     chunks, shards = chunking(spec, shape, layout)
     dtype = spec.numpy_dtype(layout.model_dtype)
     kw = dict(shape=shape, dtype=STR if dtype == object else dtype, chunks=chunks, dimension_names=spec.dims,
@@ -57,10 +55,18 @@ def _create_array(group, spec: ArraySpec, shape, layout: Layout):
         _, encoding = codec.storage_for(layout.model_dtype)
         kw.update(shards=shards, compressors=codec.state_codecs(layout.compression_level),
                   attributes={codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype})
-    else:  # every other chunk carries its own CRC-32C (portable core codec); creation-time arrays store all chunks
-        kw.update(compressors=[ZstdCodec(level=0), Crc32cCodec()],
-                  config={"write_empty_chunks": spec.at_creation})
+    else:
+        kw.update(checked_codecs(spec))
     return group.create_array(spec.name, **kw)
+
+
+def checked_codecs(spec: ArraySpec) -> dict:
+    """Codec settings of every array but the hidden states (schema 2): each chunk carries its own CRC-32C
+    (portable core ``crc32c`` codec after zstd), and creation-time arrays store every chunk, so a deleted
+    chunk is told from a fill-valued one."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()], "config": {"write_empty_chunks": spec.at_creation}}
 
 
 def chunking(spec: ArraySpec, shape, layout: Layout):
@@ -376,7 +382,27 @@ class StoreWriter:
             start = p.shard * self._shard_len(spec)
             arr[lead, start : start + rows.shape[0]] = rows
             self._record(spec.name, arr.metadata.encode_chunk_key((lead, p.shard) + (0,) * (arr.ndim - 2)))
-        self.arrays[arrays.FLAG][p.condition, s0:s1] = p.values[arrays.FLAG]
+        flags = self.arrays[arrays.FLAG]
+        flags[p.condition, s0:s1] = p.values[arrays.FLAG]
+        self._record(arrays.FLAG, flags.metadata.encode_chunk_key((p.condition, p.shard)))
+
+    def heal_flag_records(self) -> int:
+        """Record the status chunks of fully flagged units that have no checksum record: a writer killed
+        between writing the flags and their record (the chunk's own crc32c still vouches for its bytes).
+        Returns how many were recorded; call before writing (resume)."""
+        if self._root is None:
+            return 0
+        flags = self.arrays[arrays.FLAG]
+        status = flags[...]
+        healed = 0
+        for ci in range(status.shape[0]):
+            for shard in range(-(-status.shape[1] // self.spc)):
+                key = flags.metadata.encode_chunk_key((ci, shard))
+                done = (status[ci, shard * self.spc : (shard + 1) * self.spc] != STATUS_PENDING).all()
+                if done and not checksums.record_path(self._root / flags.path, key).is_file():
+                    self._record(arrays.FLAG, key)
+                    healed += 1
+        return healed
 
     def _put_states(self, name: str, lead: int, shard: int, shard_len: int, rows: np.ndarray):
         """Rows of one whole shard (``lead``, rows from ``shard * shard_len``); the rest of it is padding.
