@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gapcache import conditions
 from gapcache.analyze import evd as evd_mod
 from gapcache.analyze import stats
 from gapcache.errors import ConfigError, DataError, GapcacheError
@@ -113,7 +114,7 @@ def accuracy(ds, p: AnalysisParams, results: dict) -> dict:
 def truncation(ds, p: AnalysisParams, results: dict) -> dict:
     from gapcache.analyze.scoring import gold_candidate_index
 
-    if "truncated" not in set(ds.condition_kind.values.tolist()):
+    if not any(conditions.in_group(ds.condition_kind.values, conditions.TRUNCATION)):
         return {"skipped": "no truncated condition in the store"}
     gold_idx = gold_candidate_index(ds.answer.values, ds.candidate.values)
     curves = evd_mod.truncation_curves(ds.gold_logprob.load(), ds.candidate_logprob.values,
@@ -136,7 +137,7 @@ def truncation(ds, p: AnalysisParams, results: dict) -> dict:
 
 def evd(ds, p: AnalysisParams, results: dict) -> dict:
     """EVD per sample (strategy p.strategy), tau rule, the three cliffs, hard-vs-easy EVD gap."""
-    if "truncated" not in set(ds.condition_kind.values.tolist()):
+    if not any(conditions.in_group(ds.condition_kind.values, conditions.TRUNCATION)):
         return {"skipped": "no truncated condition in the store"}
     deltas = evd_mod.truncation_deltas(ds.gold_logprob.load())
     if p.strategy not in deltas.strategy.values:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gapcache import conditions
+
 
 def _plt():
     import matplotlib
@@ -150,7 +152,7 @@ def fig_lens(m, out, cliff):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for c, v in ln.items():
-        if not c.startswith("truncated"):
+        if not conditions.label_in_group(c, conditions.TRUNCATION):
             _band(ax, v["layers"], v["accuracy"], c)
     _mark_cliff(ax, cliff)
     ax.set(xlabel="layer", ylabel="lens accuracy", title="Logit lens at the prediction site")
@@ -187,10 +189,10 @@ def key_numbers(s) -> list[tuple[str, str]]:
     m = s["metrics"]
     rows = []
     for c, ci in m.get("accuracy", {}).get("per_condition", {}).items():
-        if not c.startswith("truncated"):
+        if not conditions.label_in_group(c, conditions.TRUNCATION):
             rows.append((f"accuracy {c}", _fmt(ci)))
     for c, ci in m.get("accuracy", {}).get("vs_original", {}).items():
-        if not c.startswith("truncated"):
+        if not conditions.label_in_group(c, conditions.TRUNCATION):
             rows.append((f"accuracy {c} - original (paired)", _fmt(ci)))
     e = m.get("evd", {})
     if "tau" in e:
