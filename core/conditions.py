@@ -153,12 +153,10 @@ def _truncated_label(c: Condition) -> str:
     return f"{c.kind}_{c.strategy}_L{_layer_tag(c.truncation_layer)}"
 
 
-_TRUNCATED_LABEL = re.compile(r"^(?P<kind>[a-z]+)_(?P<strategy>[a-z0-9_]+?)_L(?P<layer>m?\d+)$")
-
-
 def _parse_truncated(entry: ConditionKind, label: str) -> Condition | None:
-    m = _TRUNCATED_LABEL.match(label)
-    if not m or m["kind"] != entry.name:
+    """``<kind>_<strategy>_L<layer>`` (layer ``m1`` = -1) -> its Condition; None for another label."""
+    m = re.match(rf"^{re.escape(entry.name)}_(?P<strategy>[a-z0-9_]+?)_L(?P<layer>m?\d+)$", label)
+    if not m:
         return None
     layer = -int(m["layer"][1:]) if m["layer"].startswith("m") else int(m["layer"])
     return Condition(entry.name, layer, m["strategy"])
