@@ -39,7 +39,7 @@ from gapcache.errors import ConfigError, UnknownNameError  # noqa: E402
 from gapcache.extract import data as data_mod  # noqa: E402
 from gapcache.extract import interventions  # noqa: E402
 from gapcache.extract.data import load_dataset  # noqa: E402
-from gapcache.extract.hooks import Capture, replace_hidden, hidden_of  # noqa: E402
+from gapcache.extract.hooks import Capture, hidden_of, replace_hidden  # noqa: E402
 from gapcache.extract.models import ADAPTERS, get_adapter  # noqa: E402
 from gapcache.extract.runner import Extraction  # noqa: E402
 from gapcache.extract.tiny import build_tiny_checkpoint  # noqa: E402
