@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from gapcache import conditions
 from gapcache.errors import ConfigError, DataError
 
 CLIFF_METHODS = ("median_evd", "steepest", "first_crossing")
@@ -256,8 +257,8 @@ def truncation_deltas(gold, clean: str = "original"):
 
     ``gold`` has dims (condition, sample) and the coordinates ``condition_kind``,
     ``truncation_layer`` and ``truncation_strategy`` along ``condition`` (``ds.gold_logprob``).
-    Delta[strategy, L, i] = gold[clean, i] - gold[truncated_<strategy>_L<L>, i]; a (strategy, L)
-    the store lacks is NaN.
+    Delta[strategy, L, i] = gold[clean, i] - gold[truncated_<strategy>_L<L>, i] over the conditions
+    of the registry's truncation group; a (strategy, L) the store lacks is NaN.
     """
     import xarray as xr
 
@@ -268,7 +269,7 @@ def truncation_deltas(gold, clean: str = "original"):
             f"with conditions {list(gold['condition'].values)} instead."
         )
     s_clean = gold.sel(condition=clean, drop=True)
-    trunc = gold.isel(condition=np.nonzero(np.asarray(gold["condition_kind"].values) == "truncated")[0])
+    trunc = gold.isel(condition=np.nonzero(conditions.in_group(gold["condition_kind"].values, conditions.TRUNCATION))[0])
     if trunc.sizes["condition"] == 0:
         raise DataError("truncation_deltas: the input has no truncated condition.")
     strategies = sorted(set(trunc["truncation_strategy"].values.tolist()))
@@ -305,8 +306,8 @@ def truncation_curves(gold, candidate_logprob=None, candidate_mask=None, gold_in
     acc = xr.DataArray(np.full(d.shape[:2], np.nan), dims=("strategy", "layer"),
                        coords={k: d[k] for k in ("strategy", "layer")})
     cond = list(gold["condition"].values)
-    for k, kind in enumerate(gold["condition_kind"].values):
-        if kind == "truncated":
+    for k, truncated in enumerate(conditions.in_group(gold["condition_kind"].values, conditions.TRUNCATION)):
+        if truncated:
             st, lay = str(gold["truncation_strategy"].values[k]), int(gold["truncation_layer"].values[k])
             acc.loc[{"strategy": st, "layer": lay}] = _nanmean(correct[k], axis=0)
     ds["accuracy"] = acc

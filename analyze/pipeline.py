@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gapcache import conditions
 from gapcache.analyze import evd as evd_mod
 from gapcache.analyze import metrics as registry
 from gapcache.analyze import report, stats
@@ -134,7 +135,7 @@ def truncation(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     Array: delta (strategy, trunc_layer, sample)."""
     from gapcache.analyze.scoring import gold_candidate_index
 
-    if "truncated" not in set(ds.condition_kind.values.tolist()):
+    if not any(conditions.in_group(ds.condition_kind.values, conditions.TRUNCATION)):
         return {"skipped": "no truncated condition in the store"}
     gold_idx = gold_candidate_index(ds.answer.values, ds.candidate.values)
     curves = evd_mod.truncation_curves(ds.gold_logprob.load(), ds.candidate_logprob.values,
@@ -156,7 +157,7 @@ def truncation(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
 
 def evd(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     """EVD per sample (strategy p.strategy), tau rule, the three cliffs, hard-vs-easy EVD gap."""
-    if "truncated" not in set(ds.condition_kind.values.tolist()):
+    if not any(conditions.in_group(ds.condition_kind.values, conditions.TRUNCATION)):
         return {"skipped": "no truncated condition in the store"}
     deltas = evd_mod.truncation_deltas(ds.gold_logprob.load())
     if p.strategy not in deltas.strategy.values:

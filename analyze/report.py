@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gapcache import conditions
 from gapcache.analyze import metrics
 from gapcache.analyze.metrics import Context
 
@@ -170,7 +171,7 @@ def fig_lens(s, out, ctx: Context):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for c, v in ln.items():
-        if not c.startswith("truncated"):
+        if not conditions.label_in_group(c, conditions.TRUNCATION):
             _band(ax, v["layers"], v["accuracy"], c)
     _mark_cliff(ax, cliff)
     ax.set(xlabel="layer", ylabel="lens accuracy", title="Logit lens at the prediction site")
@@ -209,10 +210,10 @@ def rows_accuracy(s) -> list[tuple[str, str]]:
     m = s["metrics"]
     rows = []
     for c, ci in m.get("accuracy", {}).get("per_condition", {}).items():
-        if not c.startswith("truncated"):
+        if not conditions.label_in_group(c, conditions.TRUNCATION):
             rows.append((f"accuracy {c}", _fmt(ci)))
     for c, ci in m.get("accuracy", {}).get("vs_original", {}).items():
-        if not c.startswith("truncated"):
+        if not conditions.label_in_group(c, conditions.TRUNCATION):
             rows.append((f"accuracy {c} - original (paired)", _fmt(ci)))
     return rows
 

@@ -1,4 +1,4 @@
-"""The one registry of input conditions (DESIGN.md, "Conditions").
+"""The one registry of input conditions and intervention strategies (DESIGN.md, "Conditions").
 
 Every condition keeps the prompt and the token layout of ``original`` so that positions line up
 sample by sample. ``truncated`` expands into one store entry per (strategy, L):
@@ -6,89 +6,436 @@ sample by sample. ``truncated`` expands into one store entry per (strategy, L):
 index > 3 reads intervened ones (the intervention acts on the *input* of layers L+1.., i.e. the
 residual stream leaving layer L; L = -1: no layer sees the image's states).
 
-This module is torch-free: the analysis tier reads the same names.
+Two tables, one entry each:
+
+* ``KINDS``: a :class:`ConditionKind` per condition name a config may list: the image it feeds,
+  the analysis group it belongs to, whether its visual states are recorded, the config options it
+  reads, how it expands into store entries (:class:`Condition`) and labels them, the parameters
+  it records under ``condition_params``, the hook it installs (:class:`Hook`: strategy, layers,
+  positions) and the invariant its recorded states satisfy (:class:`Invariant`).
+* ``STRATEGIES``: a :class:`Strategy` per intervention strategy: what it does, whether it acts on
+  the hidden states or on the attention mask, and which condition kinds accept it. Its torch
+  implementation is registered under the same name in ``gapcache.extract.interventions``.
+
+Adding a truncation strategy: one ``Strategy`` entry here plus its hook class in
+``extract/interventions.py`` (``@implements(name)``); the conformance test
+(``tests/test_interventions.py``) picks both up. This module is torch-free: the analysis tier
+reads the same names and groups.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from gapcache.errors import ConfigError, UnknownNameError
 
-CONDITIONS = {
-    "original": "the sample's image",
-    "blind_black": "an all-black image of the original's size",
-    "blind_mean": "a uniform image of the mean RGB over the run's samples (recorded)",
-    "blind_randomimage": "another sample's image (a recorded derangement), resized to the original's size",
-    "truncated": "the original image; visual-token states intervened on at the input of every layer > L",
-}
-
-#: truncation strategies: what layers > L receive at the visual positions
-STRATEGIES = {
-    "zero": "visual-position states overwritten with zeros at the input of each layer > L (still attended)",
-    "drop": "visual positions masked out of attention (as keys) in every layer > L",
-}
-
 NO_LAYER = -999  # truncation_layer of a condition that is not truncated
+
+#: the images a condition can feed; their pixels come from ``gapcache.extract.data.feed_image``
+IMAGES = {
+    "original": "the sample's image",
+    "black": "an all-black image of the original's size",
+    "mean": "a uniform image of the mean RGB over the run's samples",
+    "randomimage": "another sample's image (the recorded derangement), resized to the original's size",
+}
+#: images that need the run's mean RGB / a donor sample's image
+NEEDS_MEAN_RGB = frozenset({"mean"})
+NEEDS_DONOR = frozenset({"randomimage"})
+
+#: token positions a hook can act on (per planned sample; ``gapcache.extract.interventions.POSITIONS``)
+POSITIONS = {"visual": "the sample's visual span (every image-token position)"}
+
+#: analysis groups: the analysis asks for a group, never for a condition name
+CLEAN, BLIND, TRUNCATION = "clean", "blind", "truncation"
+GROUPS = {
+    CLEAN: "the unmodified input (the reference of every paired comparison)",
+    BLIND: "the prompt with another image: what the answer owes to this image",
+    TRUNCATION: "the original image, visual states intervened on at the input of every layer > L (Delta, EVD)",
+}
+
+#: what a strategy changes: the hidden states at its positions, or which keys its positions are
+ACTS_ON = ("states", "attention")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One intervention strategy (``truncation_strategies`` entry)."""
+
+    name: str
+    description: str
+    acts_on: str  # one of ACTS_ON
+    kinds: tuple[str, ...] = ("truncated",)  # the condition kinds that accept it
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Where a condition intervenes: ``strategy`` on the input of decoder ``layers`` at ``positions``."""
+
+    strategy: str
+    layers: tuple[int, ...]  # decoder layer indices whose input is intervened on
+    positions: str = "visual"  # a key of POSITIONS
+    params: tuple[tuple[str, object], ...] = ()  # extra keyword arguments of the hook, as (name, value)
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """What a condition's recorded text-site states owe to ``original``'s, sample by sample.
+
+    Hidden-state indices 0..``equal_through`` are bit-for-bit ``original``'s; with ``later_differ``
+    every later index differs (at least one text site of every sample)."""
+
+    equal_through: int
+    later_differ: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run knows when it writes its store attributes (``ConditionKind.params`` reads it)."""
+
+    extract: object  # the run's ExtractConfig (or anything with the same option attributes)
+    mean_rgb: tuple | None = None
+    donor: tuple | None = None
 
 
 @dataclass(frozen=True)
 class Condition:
     """One store entry along the ``condition`` dimension."""
 
-    kind: str  # a key of CONDITIONS
+    kind: str  # a key of KINDS
     truncation_layer: int = NO_LAYER
     strategy: str = ""
 
     @property
+    def entry(self) -> ConditionKind:
+        return kind(self.kind)
+
+    @property
     def label(self) -> str:
-        if self.kind != "truncated":
-            return self.kind
-        layer = f"m{-self.truncation_layer}" if self.truncation_layer < 0 else str(self.truncation_layer)
-        return f"truncated_{self.strategy}_L{layer}"
+        return self.entry.label(self)
 
     @property
     def image_kind(self) -> str:
-        """Which image is fed: 'original', 'black', 'mean' or 'randomimage'."""
-        return {"blind_black": "black", "blind_mean": "mean", "blind_randomimage": "randomimage"}.get(
-            self.kind, "original"
-        )
+        """Which image is fed: a key of IMAGES."""
+        return self.entry.image
 
     @property
     def records_visual(self) -> bool:
-        """Visual-span states are cached for the non-truncated conditions only."""
-        return self.kind != "truncated"
+        """Whether the store caches this condition's visual-span states."""
+        return self.entry.records_visual
+
+    @property
+    def group(self) -> str:
+        return self.entry.group
+
+    def hook(self, n_layers: int) -> Hook | None:
+        """The intervention this entry installs on a model of ``n_layers`` decoder layers (None: none)."""
+        return self.entry.hook(self, n_layers)
+
+    def invariant(self, n_layers: int) -> Invariant:
+        return self.entry.invariant(self, n_layers)
 
 
-def expand(names, truncation_layers=(), strategies=("zero",), n_layers: int | None = None) -> list[Condition]:
+# ----------------------------------------------------------------------------- rules of the kinds
+
+
+def _plain_label(c: Condition) -> str:
+    return c.kind
+
+
+def _layer_tag(layer: int) -> str:
+    return f"m{-layer}" if layer < 0 else str(layer)
+
+
+def _truncated_label(c: Condition) -> str:
+    return f"{c.kind}_{c.strategy}_L{_layer_tag(c.truncation_layer)}"
+
+
+def _parse_truncated(entry: ConditionKind, label: str) -> Condition | None:
+    """``<kind>_<strategy>_L<layer>`` (layer ``m1`` = -1) -> its Condition; None for another label."""
+    m = re.match(rf"^{re.escape(entry.name)}_(?P<strategy>[a-z0-9_]+?)_L(?P<layer>m?\d+)$", label)
+    if not m:
+        return None
+    layer = -int(m["layer"][1:]) if m["layer"].startswith("m") else int(m["layer"])
+    return Condition(entry.name, layer, m["strategy"])
+
+
+def _parse_plain(entry: ConditionKind, label: str) -> Condition | None:
+    return Condition(entry.name) if label == entry.name else None
+
+
+def _expand_single(entry: ConditionKind, options: Mapping, n_layers: int | None) -> list[Condition]:
+    return [Condition(entry.name)]
+
+
+def _expand_truncated(entry: ConditionKind, options: Mapping, n_layers: int | None) -> list[Condition]:
+    layers, strategies = list(options.get("truncation_layers", ())), list(options.get("truncation_strategies", ()))
+    if not layers:
+        raise ConfigError(
+            "The 'truncation_layers' parameter must be a non-empty list of layers when "
+            f"'{entry.name}' is among the conditions. Got [] instead."
+        )
+    out = []
+    for name in strategies:
+        check_strategy(name, entry.name)
+        for layer in layers:
+            if layer < -1 or (n_layers is not None and layer >= n_layers):
+                top = "n_layers - 1" if n_layers is None else n_layers - 1
+                raise ConfigError(f"The 'truncation_layers' entries must lie in [-1, {top}]. Got {layer} instead.")
+            out.append(Condition(entry.name, int(layer), name))
+    return out
+
+
+def _validate_none(entry: ConditionKind, options: Mapping, used: bool) -> None:
+    return None
+
+
+def _validate_truncated(entry: ConditionKind, options: Mapping, used: bool) -> None:
+    accepted = strategies_of(entry.name)
+    for s in options["truncation_strategies"]:
+        _check(s in accepted, "extract.truncation_strategies", f"a list of {list(accepted)}", s)
+    for layer in options["truncation_layers"]:
+        _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= -1,
+               "extract.truncation_layers", "a list of ints >= -1", layer)
+    if used:
+        _check(bool(options["truncation_layers"]), "extract.truncation_layers",
+               f"non-empty when '{entry.name}' is run", options["truncation_layers"])
+
+
+def _no_hook(c: Condition, n_layers: int) -> Hook | None:
+    return None
+
+
+def _truncated_hook(c: Condition, n_layers: int) -> Hook | None:
+    layers = tuple(range(c.truncation_layer + 1, n_layers))
+    return Hook(c.strategy, layers, "visual") if layers else None
+
+
+def _clean_invariant(c: Condition, n_layers: int) -> Invariant:
+    return Invariant(n_layers, False, "the reference itself")
+
+
+def _blind_invariant(c: Condition, n_layers: int) -> Invariant:
+    return Invariant(0, False, "same token layout as original: the text sites' embedding output (index 0) is original's")
+
+
+def _truncated_invariant(c: Condition, n_layers: int) -> Invariant:
+    """Layers 0..L read real visual states, so every stream up to the input of layer L+1 is original's at the
+    text sites (L+1 itself intervenes on visual positions or inside its attention only); later ones differ."""
+    same = min(c.truncation_layer + 1, n_layers)
+    return Invariant(same, same < n_layers,
+                     "text-site states at indices <= L+1 equal original's, every later index differs")
+
+
+def _no_params(facts: RunFacts):
+    return None
+
+
+def _mean_params(facts: RunFacts):
+    return {"mean_rgb": list(facts.mean_rgb) if facts.mean_rgb else None}
+
+
+def _randomimage_params(facts: RunFacts):
+    return {"seed": facts.extract.seed, "donor": list(facts.donor), "resize": "PIL bicubic to the original's size"}
+
+
+def _truncated_params(facts: RunFacts):
+    e = facts.extract
+    return {"layers": list(e.truncation_layers), "strategies": list(e.truncation_strategies),
+            "convention": "input of every decoder layer with index > L is intervened on"}
+
+
+@dataclass(frozen=True)
+class ConditionKind:
+    """One condition name of a config, and everything that derives from it.
+
+    ``options``: the ExtractConfig fields it reads; ``default``: run when the config names no
+    conditions; the callables are ``(entry, options, n_layers) -> [Condition]`` (expand),
+    ``(entry, options, used) -> None`` raising ConfigError (validate), ``Condition -> str``
+    (label), ``(entry, label) -> Condition | None`` (parse, the label rule's inverse),
+    ``RunFacts -> dict | None`` (params, recorded under ``condition_params[name]``; None: no key),
+    ``(Condition, n_layers) -> Hook | None`` and ``(Condition, n_layers) -> Invariant``.
+    """
+
+    name: str
+    description: str
+    image: str  # a key of IMAGES
+    group: str  # a key of GROUPS
+    records_visual: bool = True
+    default: bool = True
+    options: tuple[str, ...] = ()
+    expand: Callable = field(default=_expand_single, repr=False)
+    validate: Callable = field(default=_validate_none, repr=False)
+    label: Callable = field(default=_plain_label, repr=False)
+    parse: Callable = field(default=_parse_plain, repr=False)
+    params: Callable = field(default=_no_params, repr=False)
+    hook: Callable = field(default=_no_hook, repr=False)
+    invariant: Callable = field(default=_clean_invariant, repr=False)
+
+
+KINDS: dict[str, ConditionKind] = {}
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_kind(entry: ConditionKind) -> ConditionKind:
+    """Add a condition kind (its image, group and positions must be known names)."""
+    for table, value, what in ((IMAGES, entry.image, "image"), (GROUPS, entry.group, "condition group")):
+        if value not in table:
+            raise UnknownNameError(what, value, table)
+    KINDS[entry.name] = entry
+    return entry
+
+
+def register_strategy(entry: Strategy) -> Strategy:
+    """Add an intervention strategy; its hook is registered under the same name in extract/interventions.py."""
+    if entry.acts_on not in ACTS_ON:
+        raise ConfigError(f"The 'acts_on' parameter of register_strategy must be one of {list(ACTS_ON)}. "
+                          f"Got {entry.acts_on!r} instead.")
+    STRATEGIES[entry.name] = entry
+    return entry
+
+
+register_kind(ConditionKind("original", "the sample's image", "original", CLEAN))
+register_kind(ConditionKind("blind_black", "an all-black image of the original's size", "black", BLIND,
+                            invariant=_blind_invariant))
+register_kind(ConditionKind("blind_mean", "a uniform image of the mean RGB over the run's samples (recorded)",
+                            "mean", BLIND, params=_mean_params, invariant=_blind_invariant))
+register_kind(ConditionKind("blind_randomimage",
+                            "another sample's image (a recorded derangement), resized to the original's size",
+                            "randomimage", BLIND, params=_randomimage_params, invariant=_blind_invariant))
+register_kind(ConditionKind(
+    "truncated", "the original image; visual-token states intervened on at the input of every layer > L",
+    "original", TRUNCATION, records_visual=False, default=False,  # needs truncation_layers: opt-in
+    options=("truncation_layers", "truncation_strategies"), expand=_expand_truncated, validate=_validate_truncated,
+    label=_truncated_label, parse=_parse_truncated, params=_truncated_params, hook=_truncated_hook,
+    invariant=_truncated_invariant,
+))
+
+register_strategy(Strategy(
+    "zero", "visual-position states overwritten with zeros at the input of each layer > L (still attended)", "states"))
+register_strategy(Strategy(
+    "drop", "visual positions masked out of attention (as keys) in every layer > L", "attention"))
+
+# ----------------------------------------------------------------------------- lookups
+
+
+def _check(ok: bool, name: str, expected: str, got) -> None:
+    if not ok:
+        raise ConfigError(f"The '{name}' parameter must be {expected}. Got {got!r} instead.")
+
+
+def kind(name: str) -> ConditionKind:
+    """The registry entry of a condition kind; UnknownNameError if there is none."""
+    if name not in KINDS:
+        raise UnknownNameError("condition", name, KINDS)
+    return KINDS[name]
+
+
+def strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise UnknownNameError("truncation strategy", name, STRATEGIES)
+    return STRATEGIES[name]
+
+
+def strategies_of(kind_name: str) -> tuple[str, ...]:
+    """The strategies a condition kind accepts, in registry order."""
+    return tuple(n for n, s in STRATEGIES.items() if kind_name in s.kinds)
+
+
+def check_strategy(name: str, kind_name: str) -> Strategy:
+    """The strategy entry, if ``kind_name`` accepts it; UnknownNameError otherwise."""
+    accepted = strategies_of(kind_name)
+    if name not in accepted:
+        raise UnknownNameError("truncation strategy" if kind_name == "truncated" else f"{kind_name} strategy",
+                               name, accepted)
+    return STRATEGIES[name]
+
+
+def default_conditions() -> list[str]:
+    """What a config without ``extract.conditions`` runs: every kind that needs no options."""
+    return [n for n, k in KINDS.items() if k.default]
+
+
+def option_names() -> tuple[str, ...]:
+    """Every ExtractConfig field some kind reads, in registry order."""
+    return tuple(dict.fromkeys(o for k in KINDS.values() for o in k.options))
+
+
+def validate_extract(e) -> None:
+    """The condition checks of ``load_config``: names, then each kind's options (``used``: it is run)."""
+    _check(isinstance(e.conditions, list) and bool(e.conditions), "extract.conditions", "a non-empty list",
+           e.conditions)
+    for c in e.conditions:
+        _check(c in KINDS, "extract.conditions", f"a list of {list(KINDS)}", c)
+    options = {o: getattr(e, o) for o in option_names()}
+    for entry in KINDS.values():
+        entry.validate(entry, options, entry.name in e.conditions)
+
+
+def kinds_in_group(group: str) -> tuple[str, ...]:
+    if group not in GROUPS:
+        raise UnknownNameError("condition group", group, GROUPS)
+    return tuple(n for n, k in KINDS.items() if k.group == group)
+
+
+def in_group(kinds, group: str) -> list[bool]:
+    """Per condition kind (e.g. a store's ``condition_kind`` values): is it in ``group``? Unknown kinds: no."""
+    members = set(kinds_in_group(group))
+    return [str(k) in members for k in kinds]
+
+
+def parse_label(label: str) -> Condition:
+    """The store entry a label names (the label rules' inverse); UnknownNameError if none matches."""
+    for entry in KINDS.values():
+        cond = entry.parse(entry, str(label))
+        if cond is not None and cond.label == label:
+            return cond
+    raise UnknownNameError("condition label", str(label), KINDS)
+
+
+def label_in_group(label: str, group: str) -> bool:
+    """Whether a condition label (a summary key, say) names an entry of ``group``; False for other strings."""
+    try:
+        return parse_label(label).group == group
+    except UnknownNameError:
+        return False
+
+
+def expand(names, truncation_layers=(), strategies=("zero",), n_layers: int | None = None,
+           **options) -> list[Condition]:
     """Condition names from a config -> the ordered store entries.
+
+    ``options``: further kind options by ExtractConfig field name (``truncation_layers`` and
+    ``truncation_strategies`` are the two positional ones).
 
     >>> [c.label for c in expand(["original", "truncated"], [-1, 2], ["zero", "drop"])]
     ['original', 'truncated_zero_Lm1', 'truncated_zero_L2', 'truncated_drop_Lm1', 'truncated_drop_L2']
     """
+    options = {"truncation_layers": truncation_layers, "truncation_strategies": strategies, **options}
     out: list[Condition] = []
     for name in names:
-        if name not in CONDITIONS:
-            raise UnknownNameError("condition", name, CONDITIONS)
-        if name != "truncated":
-            out.append(Condition(name))
-            continue
-        if not truncation_layers:
-            raise ConfigError(
-                "The 'truncation_layers' parameter must be a non-empty list of layers when "
-                "'truncated' is among the conditions. Got [] instead."
-            )
-        for strategy in strategies:
-            if strategy not in STRATEGIES:
-                raise UnknownNameError("truncation strategy", strategy, STRATEGIES)
-            for layer in truncation_layers:
-                if layer < -1 or (n_layers is not None and layer >= n_layers):
-                    top = "n_layers - 1" if n_layers is None else n_layers - 1
-                    raise ConfigError(
-                        f"The 'truncation_layers' entries must lie in [-1, {top}]. Got {layer} instead."
-                    )
-                out.append(Condition("truncated", int(layer), strategy))
+        entry = kind(name)
+        out.extend(entry.expand(entry, options, n_layers))
     labels = [c.label for c in out]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"The 'conditions' parameter must not repeat a condition. Got {labels} instead.")
+    return out
+
+
+def expand_config(e, n_layers: int | None = None) -> list[Condition]:
+    """``expand`` with every option the kinds read taken from an ExtractConfig ``e``."""
+    opts = {o: getattr(e, o) for o in option_names()}
+    return expand(e.conditions, opts.pop("truncation_layers", ()), opts.pop("truncation_strategies", ()),
+                  n_layers, **opts)
+
+
+def condition_params(facts: RunFacts) -> dict:
+    """The store's ``condition_params``: each kind's recorded parameters, in registry order."""
+    out = {}
+    for name, entry in KINDS.items():
+        value = entry.params(facts)
+        if value is not None:
+            out[name] = value
     return out

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from gapcache.conditions import CONDITIONS, STRATEGIES
+from gapcache import conditions as conditions_mod
 from gapcache.errors import ConfigError
 
 VISUAL_MODES = ("all", "subset", "pool")
@@ -56,8 +56,8 @@ class GenerateConfig:
 
 @dataclass
 class ExtractConfig:
-    # truncated needs truncation_layers, so it is opt-in
-    conditions: list = field(default_factory=lambda: [c for c in CONDITIONS if c != "truncated"])
+    # the registry's default kinds (truncated needs truncation_layers, so it is opt-in)
+    conditions: list = field(default_factory=conditions_mod.default_conditions)
     truncation_layers: list = field(default_factory=list)
     truncation_strategies: list = field(default_factory=lambda: ["zero", "drop"])
     layers: object = "all"  # "all" or a list of hidden-state indices (0 = embedding output)
@@ -203,17 +203,7 @@ def validate(cfg: Config) -> None:
     _check(isinstance(d.dataset, str) and bool(d.dataset), "data.dataset", "a dataset name", d.dataset)
     _check(d.limit is None or (_is_int(d.limit) and d.limit > 0), "data.limit", "a positive int or null", d.limit)
     _check(isinstance(d.options, dict), "data.options", "a mapping", d.options)
-    _check(isinstance(e.conditions, list) and bool(e.conditions), "extract.conditions", "a non-empty list",
-           e.conditions)
-    for c in e.conditions:
-        _check(c in CONDITIONS, "extract.conditions", f"a list of {list(CONDITIONS)}", c)
-    for s in e.truncation_strategies:
-        _check(s in STRATEGIES, "extract.truncation_strategies", f"a list of {list(STRATEGIES)}", s)
-    for layer in e.truncation_layers:
-        _check(_is_int(layer) and layer >= -1, "extract.truncation_layers", "a list of ints >= -1", layer)
-    if "truncated" in e.conditions:
-        _check(bool(e.truncation_layers), "extract.truncation_layers", "non-empty when 'truncated' is run",
-               e.truncation_layers)
+    conditions_mod.validate_extract(e)  # names and every kind's options, from the registry
     _check(e.layers == "all" or (isinstance(e.layers, list) and e.layers and all(_is_int(x) and x >= 0 for x in e.layers)),
            "extract.layers", "'all' or a non-empty list of hidden-state indices >= 0", e.layers)
     v = e.visual

@@ -102,6 +102,7 @@ __all__ = [
     "SYNTHETIC_KINDS",
     "Sample",
     "blind_image",
+    "feed_image",
     "derangement",
     "load_dataset",
     "mean_of_sums",
@@ -775,8 +776,6 @@ for _spec in _HF_SPECS.values():
 # --------------------------------------------------------------------------------------------
 # blind conditions
 
-BLIND_KINDS = ("black", "mean", "randomimage")
-
 
 def pixel_sum(image: Image.Image) -> tuple[np.ndarray, int]:
     """(per-channel sum as int64 (3,), number of pixels) of an RGB image: what ``mean_rgb`` adds up."""
@@ -821,6 +820,28 @@ def derangement(n: int, seed: int) -> np.ndarray:
             return perm
 
 
+def _black(original: Image.Image, mean_rgb, donor) -> Image.Image:
+    return Image.new("RGB", original.size, (0, 0, 0))
+
+
+def _uniform_mean(original: Image.Image, mean_rgb, donor) -> Image.Image:
+    return Image.new("RGB", original.size, _mean_colour(mean_rgb))
+
+
+def _donor_resized(original: Image.Image, mean_rgb, donor) -> Image.Image:
+    if donor is None:
+        raise ConfigError("blind_image('randomimage') needs a donor image. Got donor=None.")
+    rgb = _to_rgb(donor)
+    return rgb if rgb.size == original.size else rgb.resize(original.size, Image.Resampling.BICUBIC)
+
+
+#: the blind images by kind: ``(original, mean_rgb, donor) -> RGB image of original's size``
+BLIND_FEEDS = {"black": _black, "mean": _uniform_mean, "randomimage": _donor_resized}
+BLIND_KINDS = tuple(BLIND_FEEDS)
+#: every image a condition can feed (the keys of ``gapcache.conditions.IMAGES``)
+IMAGE_FEEDS = {"original": lambda original, mean_rgb, donor: original, **BLIND_FEEDS}
+
+
 def blind_image(kind: str, original: Image.Image, *, mean_rgb: Sequence[float] | None = None,
                 donor: Image.Image | None = None) -> Image.Image:
     """The image of a blind condition, RGB and of ``original``'s size.
@@ -828,17 +849,17 @@ def blind_image(kind: str, original: Image.Image, *, mean_rgb: Sequence[float] |
     ``black``: all zeros. ``mean``: uniform ``mean_rgb``, each channel rounded half up.
     ``randomimage``: ``donor`` in RGB, resized with ``PIL.Image.Resampling.BICUBIC``.
     """
-    size = original.size
-    if kind == "black":
-        return Image.new("RGB", size, (0, 0, 0))
-    if kind == "mean":
-        return Image.new("RGB", size, _mean_colour(mean_rgb))
-    if kind == "randomimage":
-        if donor is None:
-            raise ConfigError("blind_image('randomimage') needs a donor image. Got donor=None.")
-        rgb = _to_rgb(donor)
-        return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC)
-    raise UnknownNameError("blind image kind", kind, BLIND_KINDS)
+    if kind not in BLIND_FEEDS:
+        raise UnknownNameError("blind image kind", kind, BLIND_KINDS)
+    return BLIND_FEEDS[kind](original, mean_rgb, donor)
+
+
+def feed_image(kind: str, original: Image.Image, *, mean_rgb: Sequence[float] | None = None,
+               donor: Image.Image | None = None) -> Image.Image:
+    """The image a condition feeds (``kind``: its ``image_kind``): ``original`` itself, or ``blind_image``."""
+    if kind not in IMAGE_FEEDS:
+        raise UnknownNameError("condition image", kind, IMAGE_FEEDS)
+    return IMAGE_FEEDS[kind](original, mean_rgb, donor)
 
 
 def _mean_colour(value: Sequence[float] | None) -> tuple[int, int, int]:

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 from gapcache import __version__
-from gapcache.conditions import expand
+from gapcache.conditions import NEEDS_DONOR, NEEDS_MEAN_RGB, RunFacts, condition_params, expand_config
+from gapcache.conditions import kind as condition_kind
 from gapcache.errors import SampleError, StoreError
 from gapcache.extract import data as data_mod
-from gapcache.extract.hooks import Capture, Truncation
+from gapcache.extract import interventions
+from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, codec, create
@@ -61,8 +63,7 @@ class Extraction:
             self.model, self.processor = self.adapter.load(self.cfg.model)
         self.processor.tokenizer.padding_side = "right"
         self.n_layers = self.adapter.n_layers(self.model)
-        self.conditions = expand(self.cfg.extract.conditions, self.cfg.extract.truncation_layers,
-                                 self.cfg.extract.truncation_strategies, self.n_layers)
+        self.conditions = expand_config(self.cfg.extract, self.n_layers)
         layers = self.cfg.extract.layers
         self.record = list(range(self.n_layers + 1)) if layers == "all" else sorted(set(layers))
         if self.record[-1] > self.n_layers:
@@ -81,7 +82,7 @@ class Extraction:
         self.planned = [self.planner.plan(i, s) for i, s in it]
         self.candidates, self.cand_mask = candidate_table(self.planner, self.planned)
         ok = [p.pixel_sum for p in self.planned if p.ok]  # images decoded once, while planning
-        need_mean = "blind_mean" in self.cfg.extract.conditions
+        need_mean = any(condition_kind(c).image in NEEDS_MEAN_RGB for c in self.cfg.extract.conditions)
         self.mean_rgb = data_mod.mean_of_sums(ok) if need_mean and ok else None
         self.donor = donors(self.planned, self.cfg.extract.seed)
         self.visual_select = [self._visual_selection(p) for p in self.planned]
@@ -127,14 +128,7 @@ class Extraction:
             "answer_prefix": self.adapter.answer_prefix,
             "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
             "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
-            "condition_params": {
-                "blind_mean": {"mean_rgb": list(self.mean_rgb) if self.mean_rgb else None},
-                "blind_randomimage": {"seed": cfg.extract.seed, "donor": self.donor.tolist(),
-                                      "resize": "PIL bicubic to the original's size"},
-                "truncated": {"layers": list(cfg.extract.truncation_layers),
-                              "strategies": list(cfg.extract.truncation_strategies),
-                              "convention": "input of every decoder layer with index > L is intervened on"},
-            },
+            "condition_params": condition_params(RunFacts(cfg.extract, self.mean_rgb, tuple(self.donor.tolist()))),
             "provenance": {
                 "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
                 "gapcache": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -329,18 +323,15 @@ class Extraction:
 
     # ------------------------------------------------------------------ one batch
     def condition_image(self, i, cond):
+        """The image ``cond`` feeds for planned sample i (the registry's ``image_kind``)."""
         p = self.planned[i]
-        image = p.sample.load_image()
-        kind = cond.image_kind
-        if kind == "original":
-            return image
         donor = None
-        if kind == "randomimage":
+        if cond.image_kind in NEEDS_DONOR:
             d = int(self.donor[i])
             if d < 0:
-                raise SampleError(p.sample.id, "no donor image for blind_randomimage (fewer than 2 loadable images)")
+                raise SampleError(p.sample.id, f"no donor image for {cond.label} (fewer than 2 loadable images)")
             donor = self.planned[d].sample.load_image()
-        return data_mod.blind_image(kind, image, mean_rgb=self.mean_rgb, donor=donor)
+        return data_mod.feed_image(cond.image_kind, p.sample.load_image(), mean_rgb=self.mean_rgb, donor=donor)
 
     def batch_inputs(self, indices, cond):
         """Processed batch with each row's gold answer appended after its prompt (right padded)."""
@@ -387,19 +378,14 @@ class Extraction:
         inputs = self.batch_inputs(indices, cond) if inputs is None else inputs
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
-        capture = Capture(layers, self.adapter.final_norm(self.model), self.record)
-        trunc = self.truncation(P, cond, inputs, offsets=[0] * len(P))
-        try:
+        with Capture(layers, self.adapter.final_norm(self.model), self.record) as capture, \
+                self.intervention(P, cond, inputs, offsets=[0] * len(P)):
             capture.set_batch(text_idx, vis_idx if cond.records_visual else None)
             keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
             device = self.model.device
             model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model(**model_inputs, use_cache=False, logits_to_keep=torch.tensor(keep, device=device))
             text, vis = capture.collect()  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
-        finally:
-            capture.remove()
-            if trunc is not None:
-                trunc.remove()
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
         col = {pos: c for c, pos in enumerate(keep)}
         results = []
@@ -433,19 +419,12 @@ class Extraction:
             return t.contiguous().view(torch.int16).numpy().view(np.uint16)
         return t.numpy()
 
-    def truncation(self, P, cond, inputs, offsets):
-        """The condition's Truncation hooks for this batch (None unless ``cond`` is truncated); row r's
+    def intervention(self, P, cond, inputs, offsets):
+        """The hooks of ``cond`` (its registry ``Hook``: strategy, layers, positions) for this batch, as a
+        context manager that removes them on exit; installs nothing for a condition without a hook. Row r's
         prompt starts at ``offsets[r]`` (0 right padded; left padded: the padding before it)."""
-        if cond.kind != "truncated":
-            return None
-        trunc = Truncation(self.adapter.decoder_layers(self.model), cond.truncation_layer, cond.strategy)
-        rows = torch.tensor([r for r, p in enumerate(P) for _ in range(p.visual_length)], dtype=torch.long)
-        pos = torch.tensor([o + p.visual_start + t for o, p in zip(offsets, P) for t in range(p.visual_length)],
-                           dtype=torch.long)
-        vis_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)  # (batch, seq)
-        vis_mask[rows, pos] = True
-        trunc.set_batch((rows, pos), vis_mask, inputs["attention_mask"])
-        return trunc
+        return interventions.install(self.adapter.decoder_layers(self.model), cond.hook(self.n_layers), P, offsets,
+                                     inputs)
 
     @torch.inference_mode()
     def generate(self, indices, cond) -> list[str]:
@@ -455,8 +434,8 @@ class Extraction:
 
     @torch.inference_mode()
     def generate_ids(self, indices, cond) -> torch.Tensor:
-        """(batch, new tokens) greedy continuation of each prompt under ``cond``; truncated conditions keep
-        their hooks on for every decoding step (zero: the cached visual K/V were computed from zeroed
+        """(batch, new tokens) greedy continuation of each prompt under ``cond``; an intervention keeps
+        its hooks on for every decoding step (zero: the cached visual K/V were computed from zeroed
         states; drop: the generated tokens see no visual key at layers > L)."""
         tok = self.processor.tokenizer
         P = [self.planned[i] for i in indices]
@@ -472,12 +451,8 @@ class Extraction:
         for r, (o, p) in enumerate(zip(offsets, P)):
             if inputs["input_ids"][r, o:].tolist() != p.prompt_ids:
                 raise SampleError(p.sample.id, f"left-padded prompt under {cond.label} differs from the planned one")
-        trunc = self.truncation(P, cond, inputs, offsets)
-        try:
+        with self.intervention(P, cond, inputs, offsets):
             model_inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model.generate(**model_inputs, do_sample=False, pad_token_id=tok.pad_token_id,
                                       max_new_tokens=self.cfg.extract.generate.max_new_tokens)
-        finally:
-            if trunc is not None:
-                trunc.remove()
         return out[:, seq:].cpu()

@@ -99,7 +99,7 @@ def free_ports(n: int) -> list[int]:
 
 def assert_greedy_under_truncation(ex, cond, batches):
     """Each token ``ex.generate_ids`` generates under the truncated ``cond`` is the argmax of a teacher-forced
-    forward (no cache, one unpadded row) of prompt + the tokens before it under the same Truncation."""
+    forward (no cache, one unpadded row) of prompt + the tokens before it under the same intervention."""
     import torch
 
     eos = ex.processor.tokenizer.eos_token_id
@@ -119,10 +119,7 @@ def assert_greedy_under_truncation(ex, cond, batches):
                     extra = torch.tensor([ids[:-1]]) if key == "input_ids" else \
                         torch.full((1, len(ids) - 1), int(key == "attention_mask"), dtype=inputs[key].dtype)
                     inputs[key] = torch.cat([inputs[key], extra], dim=1)  # text positions (token type 0)
-                trunc = ex.truncation([p], cond, inputs, offsets=[0])
-                try:
+                with ex.intervention([p], cond, inputs, offsets=[0]):
                     logits = ex.model(**inputs, use_cache=False).logits[0]  # (seq, vocab)
-                finally:
-                    trunc.remove()
             want = logits[p.prediction : p.prediction + len(ids)].argmax(-1).tolist()
             assert ids == want, (cond.label, batch, i, ids, want)

@@ -33,6 +33,7 @@ pytest.importorskip("torchvision")
 
 from PIL import Image  # noqa: E402
 
+from gapcache.conditions import strategies_of  # noqa: E402
 from gapcache.config import ModelConfig, load_config  # noqa: E402
 from gapcache.extract.data import load_dataset  # noqa: E402
 from gapcache.extract.models import ADAPTERS, get_adapter  # noqa: E402
@@ -50,7 +51,7 @@ N_LAYERS = 3
 N_SAMPLES = 12
 BATCH = 4
 TRUNC_LAYERS = (-1, 0, 1, N_LAYERS - 1)
-STRATEGIES = ("zero", "drop")
+STRATEGIES = strategies_of("truncated")  # every registered truncation strategy
 VISUAL_CONDITIONS = ("original", "blind_black", "blind_mean", "blind_randomimage")
 # both attention paths: `drop` rewrites the eager float mask and the SDPA mask
 ATTN = {"llava": "eager", "qwen2_vl": "sdpa", "qwen2_5_vl": "eager", "qwen3_vl": "sdpa", "qwen3_vl_moe": "eager"}

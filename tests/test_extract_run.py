@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from gapcache.cli import main
+from gapcache.conditions import strategies_of
 from gapcache.errors import IncompatibleStoreError
 from gapcache.store import info, open_store
 from helpers import assert_greedy_under_truncation, assert_stores_equal
@@ -229,7 +230,7 @@ def test_generation_is_recorded_when_enabled(tmp_path):
     assert any(len(g) > 0 for g in trunc) and (trunc != gens).any()  # generated with the hooks on
 
 
-@pytest.mark.parametrize("strategy", ["zero", "drop"])
+@pytest.mark.parametrize("strategy", strategies_of("truncated"))
 def test_generation_under_truncation_is_the_truncated_models_greedy_continuation(tmp_path, strategy):
     """The hooks act at every decoding step, with left padding (batch of 4) and without (batch of 1, where
     SDPA may pass no mask); the families test runs the same check on every supported architecture."""

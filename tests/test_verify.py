@@ -128,5 +128,5 @@ def test_zarr_fallback_path_records_checksums_too(tmp_path):
             w.submit(p)
     rep = verify(tmp_path / "s.zarr")
     assert rep.ok, rep.problems
-    assert rep.checked["checksums"].startswith("42 of 42")
+    assert rep.checked["checksums"].startswith("51 of 51")  # 42 state/score records + 9 status chunks (schema 2)
     np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").status.values, 1)
