@@ -31,6 +31,7 @@ from gapcache.extract import data as data_mod
 from gapcache.extract.hooks import Capture, Truncation
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
+from gapcache.extract.sites import POSITION_SITES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, codec, create
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED
 from gapcache.store.writer import _consolidate, check_compatible, check_same_samples
@@ -156,7 +157,7 @@ class Extraction:
             "visual_start": np.array([p.visual_start for p in P], np.int32),
             "span_length": np.array([p.visual_length for p in P], np.int32),
             "gold_ntokens": np.array([len(p.answer_ids) for p in P], np.int32),
-            "site_position": np.array([[p.instruction, p.prediction] for p in P], np.int32),
+            "site_position": np.array([position_row(p.sites) for p in P], np.int32).reshape(-1, len(POSITION_SITES)),
             "candidate_mask": self.cand_mask,
             "candidate_prefix_tokens": np.array([p.cand_prefix for p in P], np.int32),
             "donor": self.donor.astype(np.int64),
@@ -372,8 +373,8 @@ class Extraction:
 
     def site_indices(self, indices):
         P = [self.planned[i] for i in indices]
-        text_rows = torch.tensor([r for r in range(len(P)) for _ in SITES])
-        text_pos = torch.tensor([pos for p in P for pos in (p.instruction, p.prediction)])
+        text_rows = torch.tensor([r for r in range(len(P)) for _ in POSITION_SITES])
+        text_pos = torch.tensor([pos for p in P for pos in position_row(p.sites)])
         vrows, vpos = [], []
         for r, (i, p) in enumerate(zip(indices, P)):
             sel = self.visual_select[i]
