@@ -192,11 +192,12 @@ class Extraction:
     def write_lens(self, group):
         """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates.
 
-        ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = w * h / sqrt(mean(h**2) + eps)`` gives the
+        ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = (offset + w) * h / sqrt(mean(h**2) + eps)`` (the
+        adapter's ``lens_norm``; offset 0 for Llama/Qwen RMSNorm, 1 for Gemma-style norms) gives the
         logit of ``lens_token_id[t]``; ``candidate_lens_token[i, c]`` is the row scoring candidate c
         of sample i (its first distinguishing token; -1 if c is not among the sample's candidates).
         """
-        norm = self.adapter.final_norm(self.model)
+        norm = self.adapter.lens_norm(self.model)
         head = self.model.get_output_embeddings().weight  # (vocab, hidden)
         tokens = sorted({t for p in self.planned for t in p.cand_tokens})
         row = {t: r for r, t in enumerate(tokens)}
@@ -204,12 +205,10 @@ class Extraction:
         for p in self.planned:
             for c, t in zip(p.cand_columns, p.cand_tokens):
                 which[p.index, c] = row[t]
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
-        attrs = {"norm_class": type(norm).__name__, "eps": eps,
-                 "formula": "logits = lens_unembed @ (w * h / sqrt(mean(h**2) + eps))"}
+        attrs = {k: norm[k] for k in ("norm_class", "eps", "offset", "formula")}
         h = head.shape[1]
         arrays = {
-            "lens_norm_weight": (("hidden",), norm.weight.detach().float().cpu().numpy(), (h,)),
+            "lens_norm_weight": (("hidden",), norm["weight"], (h,)),
             "lens_token_id": (("lens_token",), np.array(tokens, np.int64), (max(1, len(tokens)),)),
             "lens_unembed": (("lens_token", "hidden"), head[tokens].detach().float().cpu().numpy().reshape(len(tokens), h),
                              (max(1, len(tokens)), h)),
