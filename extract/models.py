@@ -1,13 +1,13 @@
-"""Model-family adapters: the one registry mapping a family to what differs between families.
+"""Model loading helpers around the family registry (``gapcache.extract.families``).
 
 Usage::
 
-    adapter = get_adapter("qwen3_vl_moe")
+    adapter = get_adapter("qwen3_vl_moe")              # re-exported from gapcache.extract.families
     model, processor = adapter.load(cfg.model)         # AutoModelForImageTextToText / AutoProcessor
-    layers = adapter.decoder_layers(model)             # model.model.language_model.layers
+    path = resolve_model_path("builtin:tiny-qwen2-vl", "qwen2_vl")
 
 All five families load through ``AutoModelForImageTextToText`` and ``AutoProcessor`` from a hub
-id or a local directory. Torch is imported lazily so the registry itself is torch-free.
+id or a local directory. Torch is imported lazily so this module is torch-free.
 """
 
 from __future__ import annotations
@@ -15,91 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from gapcache.errors import ConfigError, UnknownNameError
+from gapcache.extract.families import ADAPTERS, Adapter, get_adapter
 
-
-@dataclass(frozen=True)
-class Adapter:
-    family: str
-    model_class: str  # class AutoModelForImageTextToText must produce
-    answer_prefix: str  # text put before an answer when it is tokenized after the generation prompt
-    description: str
-
-    # --- structure (transformers 5.x: the same paths for all five families)
-    def decoder_layers(self, model):
-        return model.model.language_model.layers
-
-    def final_norm(self, model):
-        return model.model.language_model.norm
-
-    def n_layers(self, model) -> int:
-        return len(self.decoder_layers(model))
-
-    def hidden_size(self, model) -> int:
-        return int(model.config.get_text_config().hidden_size)
-
-    def image_token_id(self, model) -> int:
-        return int(model.config.image_token_id)
-
-    def messages(self, question: str) -> list:
-        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-
-    def n_image_tokens(self, model, inputs, row: int) -> int:
-        """How many image embeddings the model inserts for one row of a processed batch."""
-        if self.family == "llava":
-            vc = model.config.vision_config
-            h, w = inputs["pixel_values"].shape[-2:]
-            n = (h // vc.patch_size) * (w // vc.patch_size)
-            return n if model.config.vision_feature_select_strategy == "default" else n + 1
-        merge = model.config.vision_config.spatial_merge_size
-        return int(inputs["image_grid_thw"][row].prod()) // merge**2
-
-    # --- loading
-    def load(self, mcfg):
-        """Model (eval mode) and processor, through the Auto classes, offline-friendly."""
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        path = resolve_model_path(mcfg.id, self.family)
-        common = dict(revision=mcfg.revision, trust_remote_code=mcfg.trust_remote_code)
-        try:
-            processor = AutoProcessor.from_pretrained(path, **common)
-            model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=getattr(torch, mcfg.dtype), device_map=mcfg.device_map,
-                attn_implementation=mcfg.attn_implementation, **common,
-            )
-        except OSError as err:
-            raise ConfigError(
-                f"Cannot load model {mcfg.id!r} (family {self.family}): {err}. "
-                "Point model.id at a local checkpoint directory, or pre-download it on a login node with "
-                f"`huggingface-cli download {mcfg.id}` and set HF_HUB_OFFLINE=1 on compute nodes."
-            ) from None
-        if type(model).__name__ != self.model_class:
-            raise ConfigError(
-                f"The 'model.family' {self.family!r} expects {self.model_class}; {mcfg.id!r} loaded as "
-                f"{type(model).__name__}. Set model.family to the checkpoint's family."
-            )
-        model.eval()
-        return model, processor
-
-
-ADAPTERS = {
-    "llava": Adapter("llava", "LlavaForConditionalGeneration", " ", "LLaVA-1.5 (CLIP + Llama)"),
-    "qwen2_vl": Adapter("qwen2_vl", "Qwen2VLForConditionalGeneration", "", "Qwen2-VL"),
-    "qwen2_5_vl": Adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "", "Qwen2.5-VL"),
-    "qwen3_vl": Adapter("qwen3_vl", "Qwen3VLForConditionalGeneration", "", "Qwen3-VL (deepstack)"),
-    "qwen3_vl_moe": Adapter("qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "",
-                            "Qwen3-VL MoE, e.g. Qwen3-VL-30B-A3B (48 layers)"),
-}
-
-
-def get_adapter(family: str) -> Adapter:
-    if family not in ADAPTERS:
-        raise UnknownNameError("model family", family, ADAPTERS)
-    return ADAPTERS[family]
+__all__ = ["ADAPTERS", "Adapter", "get_adapter", "resolve_model_path", "processor_fingerprint", "cache_dir",
+           "shipped_dir", "BUILTIN_PREFIX", "SHIPPED"]
 
 
 BUILTIN_PREFIX = "builtin:"

@@ -6,12 +6,9 @@ Across samples: the candidate set and its token ids, the mean RGB (``blind_mean`
 derangement (``blind_randomimage``). A sample that fails here is recorded as failed with its
 reason; the run goes on.
 
-Site rules (DESIGN.md, "Token sites"):
-* visual: the contiguous run of the model's image token; its length must equal the number of
-  image embeddings the model inserts;
-* instruction: the last non-special token overlapping the question text in the user turn;
-* prediction: the last prompt token (end of the generation prompt), whose next-token
-  distribution predicts the first answer token. Never an answer token.
+The sites come from the site registry (``gapcache.extract.sites``); family specifics (how many
+image embeddings, where the question lands after the processor expanded the image placeholder)
+from the family adapter. The planner itself knows neither sites nor families.
 """
 
 from __future__ import annotations
@@ -21,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gapcache.errors import ConfigError, SampleError, SiteError
+from gapcache.errors import ConfigError, SampleError
 from gapcache.extract.data import Sample, derangement, pixel_sum
+from gapcache.extract.sites import SiteContext, find_sites, site_value
 
 
 @dataclass
@@ -31,10 +29,7 @@ class PlannedSample:
     sample: Sample
     prompt: str = ""
     prompt_ids: list = field(default_factory=list)
-    visual_start: int = -1
-    visual_length: int = 0
-    instruction: int = -1
-    prediction: int = -1
+    sites: dict = field(default_factory=dict)  # site name -> position (int) or span (start, length)
     answer_ids: list = field(default_factory=list)
     image_sha256: str = ""
     image_size: tuple = (0, 0)
@@ -48,39 +43,28 @@ class PlannedSample:
     def ok(self) -> bool:
         return not self.failure
 
+    @property
+    def visual_start(self) -> int:
+        return int(site_value(self.sites, "visual")[0])
+
+    @property
+    def visual_length(self) -> int:
+        return int(site_value(self.sites, "visual")[1])
+
+    @property
+    def instruction(self) -> int:
+        return int(site_value(self.sites, "instruction"))
+
+    @property
+    def prediction(self) -> int:
+        return int(site_value(self.sites, "prediction"))
+
 
 def image_sha256(image) -> str:
     """sha256 of the decoded RGB pixels and the size (independent of the file encoding)."""
     h = hashlib.sha256(f"{image.size[0]}x{image.size[1]}:".encode())
     h.update(np.asarray(image.convert("RGB"), dtype=np.uint8).tobytes())
     return h.hexdigest()
-
-
-def find_visual_span(ids, image_token_id: int, expected: int, sample_id: str) -> tuple[int, int]:
-    """(start, length) of the image-token run; SiteError if empty, split or of the wrong length."""
-    pos = np.flatnonzero(np.asarray(ids) == image_token_id)
-    if pos.size == 0:
-        raise SiteError(sample_id, f"no image token (id {image_token_id}) in the processed prompt")
-    if pos[-1] - pos[0] + 1 != pos.size:
-        raise SiteError(sample_id, f"image tokens are not one contiguous span (positions {pos[0]}..{pos[-1]}, "
-                                   f"{pos.size} tokens); one image per sample is supported")
-    if pos.size != expected:
-        raise SiteError(sample_id, f"visual span has {pos.size} tokens but the model inserts {expected} "
-                                   "image embeddings; processor and model config disagree")
-    if pos[-1] >= len(ids):
-        raise SiteError(sample_id, "visual span runs past the end of the sequence")
-    return int(pos[0]), int(pos.size)
-
-
-def find_instruction(offsets, ids, special_ids, q_end: int, sample_id: str) -> int:
-    """Last non-special token whose characters start before the question's end."""
-    best = -1
-    for i, (start, end) in enumerate(offsets):
-        if end > start and start < q_end and int(ids[i]) not in special_ids:
-            best = i
-    if best < 0:
-        raise SiteError(sample_id, "no content token of the question found in the prompt")
-    return best
 
 
 class Planner:
@@ -122,13 +106,13 @@ class Planner:
         inputs = self.processor(text=[ps.prompt], images=[image], return_tensors="pt",
                                 return_offsets_mapping=True)
         ids = inputs["input_ids"][0].tolist()
-        expected = self.adapter.n_image_tokens(self.model, inputs, 0)
-        ps.visual_start, ps.visual_length = find_visual_span(ids, self.image_token_id, expected, s.id)
-        q_end = ps.prompt.rfind(s.question) + len(s.question)
-        shift = (ps.visual_length - 1) * len(self.image_token)  # placeholder expanded by the processor
-        offsets = inputs["offset_mapping"][0].tolist()
-        ps.instruction = find_instruction(offsets, ids, self.special_ids, q_end + shift, s.id)
-        ps.prediction = len(ids) - 1
+        ctx = SiteContext(
+            sample_id=s.id, ids=ids, offsets=inputs["offset_mapping"][0].tolist(), special_ids=self.special_ids,
+            image_token_id=self.image_token_id, image_token=self.image_token,
+            n_image_tokens=self.adapter.n_image_tokens(self.model, inputs, 0), prompt=ps.prompt,
+            question=s.question, adapter=self.adapter,
+        )
+        find_sites(ctx, ps.sites)
         ps.prompt_ids = ids
         ps.answer_ids = self.encode_answer(s.answer)
         if not ps.answer_ids:

@@ -33,6 +33,7 @@ from gapcache.extract import interventions
 from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
+from gapcache.extract.sites import POSITION_SITES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, codec, create
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME
 from gapcache.store.writer import check_compatible, check_same_samples
@@ -149,7 +150,7 @@ class Extraction:
             "visual_start": np.array([p.visual_start for p in P], np.int32),
             "span_length": np.array([p.visual_length for p in P], np.int32),
             "gold_ntokens": np.array([len(p.answer_ids) for p in P], np.int32),
-            "site_position": np.array([[p.instruction, p.prediction] for p in P], np.int32),
+            "site_position": np.array([position_row(p.sites) for p in P], np.int32).reshape(-1, len(POSITION_SITES)),
             "candidate_mask": self.cand_mask,
             "candidate_prefix_tokens": np.array([p.cand_prefix for p in P], np.int32),
             "donor": self.donor.astype(np.int64),
@@ -186,11 +187,12 @@ class Extraction:
         """What a CPU logit lens needs: the final norm and the unembedding rows of the candidates, and the
         norm's attributes.
 
-        ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = w * h / sqrt(mean(h**2) + eps)`` gives the
+        ``lens_unembed[t] @ rmsnorm(h)`` with ``rmsnorm(h) = (offset + w) * h / sqrt(mean(h**2) + eps)`` (the
+        adapter's ``lens_norm``; offset 0 for Llama/Qwen RMSNorm, 1 for Gemma-style norms) gives the
         logit of ``lens_token_id[t]``; ``candidate_lens_token[i, c]`` is the row scoring candidate c
         of sample i (its first distinguishing token; -1 if c is not among the sample's candidates).
         """
-        norm = self.adapter.final_norm(self.model)
+        norm = self.adapter.lens_norm(self.model)
         head = self.model.get_output_embeddings().weight  # (vocab, hidden)
         tokens = sorted({t for p in self.planned for t in p.cand_tokens})
         row = {t: r for r, t in enumerate(tokens)}
@@ -198,12 +200,10 @@ class Extraction:
         for p in self.planned:
             for c, t in zip(p.cand_columns, p.cand_tokens):
                 which[p.index, c] = row[t]
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
-        attrs = {"norm_class": type(norm).__name__, "eps": eps,
-                 "formula": "logits = lens_unembed @ (w * h / sqrt(mean(h**2) + eps))"}
+        attrs = {k: norm[k] for k in ("norm_class", "eps", "offset", "formula")}
         h = head.shape[1]
         values = {
-            "lens_norm_weight": norm.weight.detach().float().cpu().numpy(),  # (hidden,)
+            "lens_norm_weight": norm["weight"],  # (hidden,)
             "lens_token_id": np.array(tokens, np.int64),  # (lens_token,)
             "lens_unembed": head[tokens].detach().float().cpu().numpy().reshape(len(tokens), h),  # (lens_token, hidden)
             "candidate_lens_token": which,  # (sample, candidate)
@@ -362,8 +362,8 @@ class Extraction:
 
     def site_indices(self, indices):
         P = [self.planned[i] for i in indices]
-        text_rows = torch.tensor([r for r in range(len(P)) for _ in SITES])
-        text_pos = torch.tensor([pos for p in P for pos in (p.instruction, p.prediction)])
+        text_rows = torch.tensor([r for r in range(len(P)) for _ in POSITION_SITES])
+        text_pos = torch.tensor([pos for p in P for pos in position_row(p.sites)])
         vrows, vpos = [], []
         for r, (i, p) in enumerate(zip(indices, P)):
             sel = self.visual_select[i]

@@ -24,6 +24,9 @@ Family facts (defaults):
   16 ``<|image_pad|>`` tokens and a 96x64 image 24 (dynamic resolution is kept).
   Qwen3-VL families have one deepstack level (vision block 0 -> added after text layer 0).
 
+Each family's tokenizer, config and processor are chosen by its adapter's ``build_tiny``
+(``gapcache.extract.families``), from the family-neutral helpers of this module.
+
 The weights are random (seeded); ``config.vocab_size`` is the tokenizer length rounded up
 to a multiple of 64, as in real checkpoints (logit columns >= len(tokenizer)).
 
@@ -38,7 +41,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+from gapcache.errors import ConfigError
+from gapcache.extract.families import ADAPTERS
+
+FAMILIES = tuple(ADAPTERS)  # every registered family builds a tiny checkpoint (its adapter's build_tiny)
 
 # Qwen2's pre-tokenizer split regex (transformers/models/qwen2/tokenization_qwen2.py):
 # training with the same pre-tokenizer keeps the merges valid when Qwen2Tokenizer rebuilds it.
@@ -61,16 +67,16 @@ _DEFAULT_CORPUS = (
 )
 
 # Real special tokens, in the real checkpoints' order (ids differ: they follow our tiny BPE vocab).
-_LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
-_QWEN_SPECIALS = [
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-_QWEN3_EXTRA_SPECIALS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
+QWEN3_EXTRA_SPECIALS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 
 # llava-hf/llava-1.5-7b-hf chat_template.json
-_LLAVA_TEMPLATE = (
+LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
     "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
     "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
@@ -81,7 +87,7 @@ _LLAVA_TEMPLATE = (
 )
 
 # Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct chat_template (default system prompt).
-_QWEN2_TEMPLATE = (
+QWEN2_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in "
     "messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
     "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
@@ -96,7 +102,7 @@ _QWEN2_TEMPLATE = (
 
 # Qwen/Qwen3-VL-*-Instruct chat_template without the tool-calling branches (no default system
 # prompt); renders plain system/user/assistant conversations exactly like the real one.
-_QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
+QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0].content is string %}{{- messages[0].content }}{%- else %}
         {%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}
@@ -183,7 +189,7 @@ def build_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, extra_special_tokens=specials)
 
 
-def _qwen_tokenizer(corpus: list[str], specials: list[str], vocab_size: int):
+def qwen_tokenizer(corpus: list[str], specials: list[str], vocab_size: int):
     """A real `Qwen2Tokenizer` (what Qwen-VL checkpoints load as) over our trained BPE."""
     from transformers import Qwen2Tokenizer
 
@@ -200,11 +206,11 @@ def _qwen_tokenizer(corpus: list[str], specials: list[str], vocab_size: int):
     return tok
 
 
-def _llava_tokenizer(corpus: list[str], vocab_size: int):
+def llava_tokenizer(corpus: list[str], vocab_size: int):
     """LLaVA-1.5-hf style tokenizer: BOS `<s>` prepended, `<image>` and `<pad>` specials."""
     from transformers import PreTrainedTokenizerFast
 
-    backend = _train_bpe(corpus, _LLAVA_SPECIALS, vocab_size)
+    backend = _train_bpe(corpus, LLAVA_SPECIALS, vocab_size)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens=["<image>"], add_bos_token=True, add_eos_token=False, padding_side="left",
@@ -235,7 +241,7 @@ def _text_common(hidden: int, layers: int, vocab: int) -> dict[str, Any]:
     )
 
 
-def _llava_config(tok, hidden: int, layers: int) -> dict[str, Any]:
+def llava_config(tok, hidden: int, layers: int) -> dict[str, Any]:
     ids = _token_ids(tok, {"image": "<image>", "pad": "<pad>", "bos": "<s>", "eos": "</s>"})
     text = _text_common(hidden, layers, _round_vocab(len(tok)))
     text.update(model_type="llama", num_key_value_heads=2, pad_token_id=ids["pad"],
@@ -254,35 +260,22 @@ def _qwen_ids(tok) -> dict[str, int]:
     })
 
 
-def _qwen_config(family: str, tok, hidden: int, layers: int) -> dict[str, Any]:
+def qwen_config(tok, hidden: int, layers: int, family_update) -> dict[str, Any]:
+    """The config shared by the Qwen-VL families; ``family_update(text, vision, head_dim, section)``
+    adds the family's own keys (rope, vision tower, MoE) to the two dicts in place."""
     ids = _qwen_ids(tok)
     text = _text_common(hidden, layers, _round_vocab(len(tok)))
     text.update(pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
     head_dim = hidden // text["num_attention_heads"]
-    section = _mrope_section(head_dim)
+    section = mrope_section(head_dim)
     vis: dict[str, Any] = dict(depth=2, num_heads=2, in_channels=3, patch_size=8, spatial_merge_size=2,
                                temporal_patch_size=2, initializer_range=0.02)
-    if family == "qwen2_vl":
-        text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section})
-        vis.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
-    elif family == "qwen2_5_vl":
-        text.update(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section})
-        # window 32 px = 2x2 merged tokens; block 1 does full attention (like 7, 15, 23, 31 in the 7B)
-        vis.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=32,
-                   fullatt_block_indexes=[1], tokens_per_second=2)
-    else:  # qwen3_vl, qwen3_vl_moe
-        text.update(head_dim=head_dim, rope_parameters={
-            "rope_type": "default", "rope_theta": 5e6, "mrope_section": section, "mrope_interleaved": True})
-        vis.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, num_position_embeddings=64,
-                   deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh")
-        if family == "qwen3_vl_moe":
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
-                        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)
+    family_update(text, vis, head_dim, section)
     top = {k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
     return dict(text_config=text, vision_config=vis, tie_word_embeddings=False, **top)
 
 
-def _mrope_section(head_dim: int) -> list[int]:
+def mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies into (t, h, w) like the real [16, 24, 24] of 64."""
     half = head_dim // 2
     hw = (3 * half) // 8
@@ -304,14 +297,18 @@ def _make_config(family: str, cfg: dict[str, Any]):
 # --------------------------------------------------------------------------- processors
 
 
-def _qwen_processor(family: str, tok, image_overrides: dict[str, Any] | None):
-    """Processor with patch 8, merge 2: one visual token per 16x16 px, between 4 and 64 tokens."""
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def qwen_processor(tok, image_overrides: dict[str, Any] | None, *, mean, std, processor_cls, video_cls,
+                   chat_template: str):
+    """Processor with patch 8, merge 2: one visual token per 16x16 px, between 4 and 64 tokens.
+
+    The family picks the normalization (``mean``, ``std``), the processor and video-processor
+    classes and the chat template."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     factor = 8 * 2
-    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    is_q3 = family.startswith("qwen3")
-    mean, std = ([0.5] * 3, [0.5] * 3) if is_q3 else (clip_mean, clip_std)
     img_kwargs = _merge(dict(
         size={"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor},
         patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=mean, image_std=std,
@@ -319,25 +316,12 @@ def _qwen_processor(family: str, tok, image_overrides: dict[str, Any] | None):
     image_processor = Qwen2VLImageProcessor(**img_kwargs)
     vid_kwargs = dict(size={"shortest_edge": 4 * factor * factor, "longest_edge": 64 * factor * factor},
                       patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=mean, image_std=std)
-    if is_q3:
-        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-        video = Qwen3VLVideoProcessor(**vid_kwargs)
-        return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video,
-                                chat_template=_QWEN3_TEMPLATE)
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    video = Qwen2VLVideoProcessor(**vid_kwargs)
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor as proc_cls
-    else:
-        from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor as proc_cls
-    return proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video,
-                    chat_template=_QWEN2_TEMPLATE)
+    video = video_cls(**vid_kwargs)
+    return processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video,
+                         chat_template=chat_template)
 
 
-def _llava_processor(tok, image_overrides: dict[str, Any] | None):
+def llava_processor(tok, image_overrides: dict[str, Any] | None):
     """CLIP preprocessing at 32 px, patch 8: 16 `<image>` tokens (CLS dropped, 'default' strategy)."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -347,7 +331,7 @@ def _llava_processor(tok, image_overrides: dict[str, Any] | None):
     ), image_overrides))
     return LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=_LLAVA_TEMPLATE, image_token="<image>")
+                          chat_template=LLAVA_TEMPLATE, image_token="<image>")
 
 
 # --------------------------------------------------------------------------- model
@@ -380,10 +364,12 @@ def build_tiny_checkpoint(
     `vision_config`, `image_processor` dicts update the family defaults; any other key is
     set on the top-level model config.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in ADAPTERS:
+        raise ConfigError(f"The 'family' parameter of build_tiny_checkpoint must be one of {list(ADAPTERS)}. "
+                          f"Got {family!r} instead.")
     if hidden_size % 2:
-        raise ValueError("hidden_size must be even (2 attention heads)")
+        raise ConfigError(f"The 'hidden_size' parameter of build_tiny_checkpoint must be even (2 attention "
+                          f"heads). Got {hidden_size} instead.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = list(corpus) if corpus is not None else list(_DEFAULT_CORPUS)
@@ -391,15 +377,7 @@ def build_tiny_checkpoint(
     vision_over = overrides.pop("vision_config", None)
     image_over = overrides.pop("image_processor", None)
 
-    if family == "llava":
-        tok = _llava_tokenizer(texts, 512)
-        cfg = _llava_config(tok, hidden_size, num_layers)
-        processor = _llava_processor(tok, image_over)
-    else:
-        specials = _QWEN_SPECIALS + (_QWEN3_EXTRA_SPECIALS if family.startswith("qwen3") else [])
-        tok = _qwen_tokenizer(texts, specials, 512)
-        cfg = _qwen_config(family, tok, hidden_size, num_layers)
-        processor = _qwen_processor(family, tok, image_over)
+    cfg, processor = ADAPTERS[family].build_tiny(texts, hidden_size, num_layers, image_over)
     cfg["text_config"] = _merge(cfg["text_config"], text_over)
     cfg["vision_config"] = _merge(cfg["vision_config"], vision_over)
     cfg.update(overrides)

@@ -272,7 +272,7 @@ def test_ragged_visual_spans(run):
 def test_states_bit_for_bit(run, label):
     r = run
     cond, ci, vci = r.cond[label], r.ci(label), r.vci(label)
-    deepstack = r.family.startswith("qwen3")
+    deepstack = bool(r.adapter.deepstack_layers(r.model))
     norm = r.adapter.final_norm(r.model)
     for batch in run_batches(r):
         inputs, out, last = reference_forward(r, batch, cond)
@@ -284,6 +284,7 @@ def test_states_bit_for_bit(run, label):
         ds_feats = deepstack_features(r, inputs) if deepstack else []
         if deepstack:
             assert len(ds_feats) == 1  # tiny Qwen3-VL: one deepstack level, added after layer 0
+            assert r.adapter.deepstack_layers(r.model) == (0,)
         voff = 0
         for row, i in enumerate(batch):
             p = r.ex.planned[i]
@@ -302,6 +303,49 @@ def test_states_bit_for_bit(run, label):
                 assert np.array_equal(cached_vis[:, layer], want), (label, i, layer)
             voff += p.visual_length
         assert not deepstack or voff == ds_feats[0].shape[0]
+
+
+def test_lens_norm_reproduces_the_final_norm(run):
+    """The adapter's lens_norm, applied as the CPU lens does, is the model's final norm; the store holds it."""
+    from gapcache.analyze.lens import rmsnorm
+
+    r = run
+    ln = r.adapter.lens_norm(r.model)
+    h = torch.randn(5, r.adapter.hidden_size(r.model), generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        want = r.adapter.final_norm(r.model)(h).double().numpy()
+    got = rmsnorm(h.double().numpy(), ln["weight"].astype(np.float64), ln["eps"], ln["offset"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    attrs = r.ds.lens_norm_weight.attrs
+    assert {k: attrs[k] for k in ("norm_class", "eps", "offset", "formula")} == {
+        k: ln[k] for k in ("norm_class", "eps", "offset", "formula")}
+    assert ln["weight"].dtype == np.float32 and np.array_equal(r.ds.lens_norm_weight.values, ln["weight"])
+
+
+def test_lens_norm_of_a_one_plus_w_family():
+    """A Gemma-style final norm, ``(1 + w) * h / rms``: an adapter with norm_offset 1 records it so
+    that the CPU lens reproduces the module (and offset 0 would not)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from gapcache.analyze.lens import rmsnorm
+    from gapcache.extract.families import Adapter
+
+    class GemmaLike(Adapter):
+        family, norm_offset = "gemma_like", 1.0
+
+    norm = GemmaRMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(1))
+    model = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(norm=norm)))
+    ln = GemmaLike().lens_norm(model)
+    assert (ln["offset"], ln["eps"], ln["norm_class"]) == (1.0, 1e-6, "GemmaRMSNorm")
+    assert "(1 + w) * h" in ln["formula"]
+    h = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = norm(h).double().numpy()
+    np.testing.assert_allclose(rmsnorm(h.double().numpy(), ln["weight"], ln["eps"], ln["offset"]), want,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(rmsnorm(h.double().numpy(), ln["weight"], ln["eps"]), want, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- 3. answer scores
