@@ -192,8 +192,9 @@ def _is_int(x) -> bool:
 
 def validate(cfg: Config) -> None:
     """Every value check of every section, in one place."""
-    from gapcache.extract.models import ADAPTERS as FAMILY_NAMES
+    from gapcache.plugins import FAMILIES, names
 
+    FAMILY_NAMES = names(FAMILIES)  # the adapters' registry, read from package metadata (no extract import)
     m, d, e = cfg.model, cfg.data, cfg.extract
     _check(m.family in FAMILY_NAMES, "model.family", f"one of {list(FAMILY_NAMES)}", m.family)
     _check(isinstance(m.id, str) and bool(m.id), "model.id", "a hub id or a local directory", m.id)

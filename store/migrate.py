@@ -82,7 +82,9 @@ def _rewrite(path: Path, arr, spec) -> None:
         keys = {rec.name[: -len(".json")].replace(".", "/") for rec in (path / spec.name / checksums.DIRNAME).glob("*.json")}
         keys |= {str(f.relative_to(new_dir)) for f in (new_dir / "c").rglob("*") if f.is_file()}
         for key in sorted(keys):
-            checksums.write_record(new_dir, key, checksums.file_crc32c(new_dir / Path(*key.split("/"))))
+            algorithm = checksums.algorithm_for(spec.is_state)
+            checksums.write_record(new_dir, key, checksums.file_digest(new_dir / Path(*key.split("/")), algorithm),
+                                   algorithm)
     old = path / f".{spec.name}.old"
     os.rename(path / spec.name, old)
     os.rename(path / TMP_DIR / spec.name, path / spec.name)

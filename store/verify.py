@@ -30,7 +30,7 @@ import numpy as np
 
 from gapcache.errors import StoreError
 from gapcache.store import arrays, checksums
-from gapcache.store.reader import damaged_chunks
+from gapcache.store.reader import DECODE_ERRORS, damaged_chunks
 from gapcache.store.remote import KeyReader, is_url, zarr_store
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STATUS_NAMES, STATUS_PENDING
 #: core Zarr v3 codecs: none of them can execute or unpickle anything
@@ -95,7 +95,7 @@ def verify(path, storage_options: dict | None = None, *, allow_incomplete: bool 
     status = found[arrays.FLAG][...]
     try:
         labels = [str(x) for x in found["condition"][...]] if "condition" in found else []
-    except ValueError:
+    except DECODE_ERRORS:
         labels = []
     known = sorted(STATUS_NAMES)
     if not np.isin(status, known).all():
@@ -158,7 +158,7 @@ def _check_schema(g, attrs, rep: Report) -> dict:
     try:
         if "site" in found and [str(x) for x in found["site"][...]] != list(SITES):
             rep.problems.append(f"schema: site coordinate is not {list(SITES)}")
-    except ValueError:
+    except DECODE_ERRORS:
         pass  # damaged: named by _check_chunks
     spc = attrs.get("samples_per_shard")
     if "text_states" in found and spc and found["text_states"].shards and found["text_states"].shards[1] != spc:
@@ -175,7 +175,7 @@ def _check_spans(found, rep: Report) -> None:
     try:
         off, length = found["visual_offset"][...], found["visual_length"][...]
         owner = found["vtoken_sample"][...]
-    except ValueError:
+    except DECODE_ERRORS:
         return  # damaged: named by _check_chunks
     if (off + length > owner.shape[0]).any() or (off < 0).any():
         rep.problems.append("schema: visual_offset/visual_length point outside the vtoken axis")
@@ -229,8 +229,12 @@ def _check_shards(path, storage_options, g, attrs, found, status, labels, rep: R
     vshard = int(attrs.get("visual_shard_tokens") or 0)
     n_cond, n = status.shape
     n_shards = -(-n // spc)
-    vis_of = visual_index(g) if "visual_condition" in found and labels else {}
-    vlen = found["visual_length"][...] if "visual_length" in found else np.zeros(n, int)
+    try:
+        vis_of = visual_index(g) if "visual_condition" in found and labels else {}
+        vlen = found["visual_length"][...] if "visual_length" in found else np.zeros(n, int)
+    except DECODE_ERRORS:  # damaged (named by _check_chunks): the visual shards cannot be located
+        vis_of, vlen = {}, np.zeros(n, int)
+        rep.warnings.append("visual_states shards not checked: visual_condition/visual_length are damaged")
     version = int(attrs.get("schema_version", 1))  # status chunks are recorded from schema 2 on
     unit_specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in found
                   and (s.name != arrays.FLAG or version >= 2) and 0 not in found[s.name].shape[2:]]
@@ -272,12 +276,13 @@ def _check_record(reader, arr, key, label, rep: Report, *, recorded, flagged, re
         return False, False
     try:
         rec = json.loads(raw)
-        want_crc, want_n = rec[checksums.ALGORITHM], int(rec["nbytes"])
+        algorithm = checksums.record_algorithm(rec)
+        want, want_n = rec[algorithm], int(rec["nbytes"])
     except (ValueError, KeyError, TypeError):
         rep.problems.append(f"{label}: unreadable checksum record")
         return False, True
     data = reader.get(f"{arr.path}/{key}")
-    if want_crc is None:
+    if want is None:
         if data is not None:
             rep.problems.append(f"{label}: file present ({len(data)} bytes) but recorded as holding no data")
             return False, True
@@ -288,9 +293,10 @@ def _check_record(reader, arr, key, label, rep: Report, *, recorded, flagged, re
         rep.problems.append(f"{label}: shard file truncated ({len(data)} of {want_n} bytes)")
     elif len(data) != want_n:
         rep.problems.append(f"{label}: shard file has {len(data)} bytes, recorded {want_n}")
-    elif (found := checksums.crc32c_update(data)) != want_crc:
-        rep.problems.append(f"{label}: checksum mismatch (recorded crc32c {want_crc:#010x}, found "
-                            f"{found:#010x}): corrupted bytes")
+    elif (found := checksums.digest(data, algorithm)) != want:
+        shown = (lambda x: f"{x:#010x}") if algorithm == checksums.ALGORITHM else (lambda x: x[:16])
+        rep.problems.append(f"{label}: checksum mismatch (recorded {algorithm} {shown(want)}, found "
+                            f"{shown(found)}): corrupted bytes")
     else:
         return True, True
     return False, True

@@ -436,10 +436,11 @@ class StoreWriter:
         if self._root is None:
             return
         array_dir = self._root / self.arrays[name].path
+        algorithm = checksums.algorithm_for(arrays.get(name).is_state)
         if found is False:
-            checksums.record_file(array_dir, key)
+            checksums.record_file(array_dir, key, algorithm)
         else:
-            checksums.write_record(array_dir, key, found)
+            checksums.write_record(array_dir, key, found, algorithm)
 
 
 def _abort(staged):

@@ -8,11 +8,14 @@ Usage::
     layers = adapter.decoder_layers(model)             # model.model.language_model.layers
 
 Adding a family: one module with an ``Adapter`` subclass (see ``base.Adapter`` for what it must
-define) and one entry in ``_ADAPTER_CLASSES``. Torch-free to import.
+define) and one line in ``gapcache.plugins.BUILTIN[FAMILIES]`` (a plugin package can declare its own as
+an entry point of the ``gapcache.families`` group). Torch-free to import. The names are read from the
+registry (:func:`gapcache.plugins.names`), so the config can validate a family without importing this.
 """
 
 from __future__ import annotations
 
+from gapcache import plugins
 from gapcache.errors import UnknownNameError
 from gapcache.extract.families.base import Adapter
 from gapcache.extract.families.llava import LlavaAdapter
@@ -21,9 +24,12 @@ from gapcache.extract.families.qwen2_vl import Qwen2VLAdapter
 from gapcache.extract.families.qwen3_vl import Qwen3VLAdapter
 from gapcache.extract.families.qwen3_vl_moe import Qwen3VLMoeAdapter
 
-_ADAPTER_CLASSES = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter)
-
-ADAPTERS: dict[str, Adapter] = {cls.family: cls() for cls in _ADAPTER_CLASSES}
+ADAPTERS: dict[str, Adapter] = {name: cls() for name, cls in plugins.load(plugins.FAMILIES).items()}
+_ADAPTER_CLASSES = tuple(type(a) for a in ADAPTERS.values())
+for _name, _adapter in ADAPTERS.items():
+    if _adapter.family != _name:
+        raise plugins.PluginError(f"The {plugins.FAMILIES!r} entry point {_name!r} names the adapter of family "
+                                  f"{_adapter.family!r}; an entry point's name must be its family.")
 
 
 def get_adapter(family: str) -> Adapter:

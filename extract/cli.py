@@ -1,0 +1,85 @@
+"""``gapcache extract`` and ``gapcache demo``: the GPU tier's subcommands (registered through the
+``gapcache.commands`` entry points, so ``gapcache.cli`` never imports this package).
+
+Usage::
+
+    gapcache extract configs/qwen2.5-vl-7b.yaml --out runs/q25 [--limit N] [--check 3 | --dry-run]
+    gapcache demo --out demo_out
+"""
+
+from __future__ import annotations
+
+import sys
+
+from gapcache.cli import format_info, load_cli_config
+
+
+def register(sub) -> None:
+    ex = sub.add_parser("extract", help="run the model once per condition into a store (GPU tier)")
+    ex.add_argument("config", help="YAML config (see configs/)")
+    ex.add_argument("--out", required=True, help="run directory; the store is OUT/store.zarr")
+    ex.add_argument("--limit", type=int, help="only the first N samples (overrides data.limit)")
+    ex.add_argument("--task-index", type=int, help="this task's index in an array of --n-tasks (Slurm array)")
+    ex.add_argument("--n-tasks", type=int, help="number of tasks sharing the (condition, shard) units")
+    mode = ex.add_mutually_exclusive_group()
+    mode.add_argument("--check", type=int, metavar="N", help="print sites of N samples and time one batch; no writes")
+    mode.add_argument("--dry-run", action="store_true", help="print the store size and bandwidth the config needs")
+    ex.set_defaults(func=cmd_extract)
+
+    demo = sub.add_parser("demo", help="extract the built-in synthetic data with the built-in model")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_extract(args) -> int:
+    cfg = load_cli_config(args.config, args.limit)
+    if args.dry_run:
+        from gapcache.extract.estimate import dry_run
+
+        print(dry_run(cfg))
+        return 0
+    from gapcache.extract.runner import Extraction
+
+    ex = Extraction(cfg, args.out).load()
+    if args.check is not None:
+        from gapcache.extract.estimate import check
+
+        print(check(ex, args.check))
+        return 0
+    path = ex.run(task_index=args.task_index, n_tasks=args.n_tasks)
+    print(f"store written: {path}")
+    print(format_info(path))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import copy
+    from pathlib import Path
+
+    from gapcache.config import DEMO, load_config
+    from gapcache.extract.runner import Extraction
+
+    d = copy.deepcopy(DEMO)
+    if args.n is not None:
+        d["data"]["options"]["n"] = args.n
+    cfg = load_config(d)
+    out = Path(args.out)
+    print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
+          f"{len(cfg.extract.conditions)} conditions -> {out}", file=sys.stderr)
+    ex = Extraction(cfg, out).load()
+    path = ex.run()
+    print(format_info(path))
+    from gapcache.analyze.pipeline import AnalysisParams, run_analysis
+    from gapcache.analyze.report import key_numbers
+
+    print("analysing (CPU tier) ...", file=sys.stderr)
+    summary = run_analysis([path], out / "analysis", AnalysisParams())
+    print("\nkey numbers:")
+    for k, v in key_numbers(summary["stores"]["store"]):
+        print(f"  {k:<48} {v}")
+    print(f"\nreport:   {out / 'analysis' / 'report.html'}")
+    print(f"summary:  {out / 'analysis' / 'summary.json'}")
+    print(f"\nopen it:  python -c \"import gapcache.store as s; print(s.open_store('{path}'))\"")
+    print(f"or plain: python -c \"import xarray as xr; print(xr.open_zarr('{path}'))\"")
+    return 0

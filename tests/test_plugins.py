@@ -1,0 +1,58 @@
+"""core/ names the registries that live in other tiers by import path and imports nothing from extract/."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gapcache import plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_imports_nothing_from_extract():
+    pattern = re.compile(r"^\s*(from gapcache\.extract|import gapcache\.extract)", re.M)
+    offenders = [p.name for p in (ROOT / "core").glob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_the_cli_and_config_validation_load_neither_torch_nor_transformers():
+    code = ("import sys; from gapcache.cli import _parser; _parser(); "
+            "from gapcache.config import DEMO, load_config; load_config(DEMO); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.integration
+def test_family_names_are_the_adapters_registry():
+    from gapcache.extract.families import ADAPTERS
+
+    assert plugins.names(plugins.FAMILIES) == tuple(ADAPTERS)
+    assert all(a.family == name for name, a in ADAPTERS.items())
+
+
+def test_a_broken_entry_is_named(monkeypatch):
+    monkeypatch.setitem(plugins.BUILTIN, plugins.COMMANDS, {"nope": "gapcache.no_such_module:register"})
+    with pytest.raises(plugins.PluginError, match=r"'gapcache.commands' entry 'nope' \(gapcache.no_such_module:register\)"):
+        plugins.load(plugins.COMMANDS)
+
+
+def test_a_registered_command_appears_in_the_cli(monkeypatch, capsys):
+    from gapcache.cli import main
+
+    def register(sub):
+        p = sub.add_parser("hello", help="a test-only subcommand")
+        p.set_defaults(func=lambda args: print("hello from a plugin") or 0)
+
+    import types
+
+    mod = types.ModuleType("gapcache_test_plugin")
+    mod.register = register
+    monkeypatch.setitem(sys.modules, "gapcache_test_plugin", mod)
+    monkeypatch.setitem(plugins.BUILTIN, plugins.COMMANDS,
+                        {**plugins.BUILTIN[plugins.COMMANDS], "hello": "gapcache_test_plugin:register"})
+    assert main(["hello"]) == 0
+    assert "hello from a plugin" in capsys.readouterr().out
