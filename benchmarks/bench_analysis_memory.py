@@ -67,9 +67,10 @@ def build_store(path: Path, gb: float, hidden: int, layers: int, tokens: int, sp
             text = rng.standard_normal((len(idx), 2, layers, hidden), dtype=np.float32)
             text[:, :, layers // 2 :] += (labels[idx] * 2 - 1)[:, None, None, None] * direction  # planted signal
             vis = rng.standard_normal((len(idx) * tokens, layers, hidden), dtype=np.float32)
-            w.submit(ShardPayload(0, shard, codec.encode_bf16(text), codec.encode_bf16(vis),
-                                  np.zeros(len(idx), np.float32), np.zeros((len(idx), 2), np.float32),
-                                  np.ones(len(idx), np.uint8), np.array([""] * len(idx), dtype=object)))
+            w.submit(ShardPayload(0, shard, dict(
+                text_states=codec.encode_bf16(text), visual_states=codec.encode_bf16(vis),
+                gold_logprob=np.zeros(len(idx), np.float32), candidate_logprob=np.zeros((len(idx), 2), np.float32),
+                status=np.ones(len(idx), np.uint8), error=np.array([""] * len(idx), dtype=object))))
             print(f"\rwriting shard {shard + 1}/{layout.n_shards}", end="", file=sys.stderr)
     print(file=sys.stderr)
     return n

@@ -293,14 +293,13 @@ def _payloads(args):
     k = 2
     pays = []
     for s in range(n_shards):
-        pays.append(ShardPayload(
-            condition=0, shard=s,
+        pays.append(ShardPayload(0, s, dict(
             text_states=take((spc, 2, nl, h), 7919 * s + 1),
             visual_states=take((spc * v, nl, h), 1_000_003 * s + 13),
             gold_logprob=rng.standard_normal(spc).astype(np.float32),
             candidate_logprob=rng.standard_normal((spc, k)).astype(np.float32),
             status=np.ones(spc, np.uint8), error=np.array([""] * spc, dtype=object),
-        ))
+        )))
     return pays, n_shards
 
 
