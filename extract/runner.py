@@ -253,15 +253,19 @@ class Extraction:
         names = [s.name for s in arrays.specs(arrays.UNIT)]
         if not self.cfg.extract.generate.enabled:
             names.remove("generation")
-        return names + (["visual_states"] if cond.records_visual else [])
+        return names + [sp.states for sp in arrays.SPANS.values() if sp.recorded_by(cond)]
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
         """One (condition, shard) unit: fill-valued buffers of every unit array, then each planned sample's
         forward results (keyed by array name) in its row; failed samples keep the fill and their reason."""
         idx = list(layout.shard_samples(shard))
-        offs = [layout.visual_offsets[i] - layout.visual_offsets[idx[0]] for i in idx]
-        n_tok = sum(layout.visual_lengths[i] for i in idx)
-        buf = arrays.unit_buffers(self.unit_arrays(cond), layout.sizes(), len(idx), n_tok, self.cfg.model.dtype)
+        buf, offs = {}, {}  # a span's states: the shard group's rows; offs[array][j] = sample j's first row there
+        for name in self.unit_arrays(cond):
+            span = layout.spans.get(arrays.get(name).span)
+            n_tok = sum(span.lengths[i] for i in idx) if span else 0
+            buf.update(arrays.unit_buffers([name], layout.sizes(), len(idx), n_tok, self.cfg.model.dtype))
+            if span:
+                offs[name] = [span.offsets[i] - span.offsets[idx[0]] for i in idx]
         buf["status"][:] = STATUS_FAILED
         buf["error"][:] = [self.planned[i].failure for i in idx]
         todo = [j for j, i in enumerate(idx) if self.planned[i].ok]
@@ -273,8 +277,8 @@ class Extraction:
                     buf["error"][j] = res.reason
                     continue
                 for name, value in res.items():
-                    if name == "visual_states":
-                        buf[name][offs[j] : offs[j] + value.shape[0]] = value
+                    if name in offs:
+                        buf[name][offs[name][j] : offs[name][j] + value.shape[0]] = value
                     elif name in buf:
                         buf[name][j] = value
                 buf["status"][j] = STATUS_DONE

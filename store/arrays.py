@@ -27,6 +27,7 @@ commit time (:mod:`gapcache.store.checksums`), which also tells a missing file f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,49 @@ MERGE_LENS = "lens"  # the logit-lens tables: union of the candidate token rows
 
 
 @dataclass(frozen=True)
+class SpanSpec:
+    """A ragged per-sample span of token positions (the visual span; later e.g. every text token), stored
+    unpadded: sample i owns rows ``<name>_offset[i] : + <name>_length[i]`` of the ``token_dim`` axis, each shard
+    group of samples starting at a shard boundary. Declaring one SpanSpec declares all of its arrays."""
+
+    name: str  # the span site it stores (gapcache site registry)
+    token_dim: str  # its row dimension, e.g. "vtoken"
+    condition_dim: str  # the conditions that record it, e.g. "visual_condition"
+    records: str  # the Condition property saying whether a condition records it ("records_visual"), or "always"
+    doc: str
+
+    @property
+    def states(self) -> str:
+        return f"{self.name}_states"
+
+    @property
+    def offset(self) -> str:
+        return f"{self.name}_offset"
+
+    @property
+    def length(self) -> str:
+        return f"{self.name}_length"
+
+    @property
+    def owner(self) -> str:
+        return f"{self.token_dim}_sample"
+
+    @property
+    def position(self) -> str:
+        return f"{self.token_dim}_position"
+
+    def recorded_by(self, condition) -> bool:
+        return self.records == "always" or bool(getattr(condition, self.records))
+
+
+#: every ragged span the store holds (one entry declares its states, offsets and owner arrays)
+SPANS: dict[str, SpanSpec] = {
+    "visual": SpanSpec("visual", "vtoken", "visual_condition", "records_visual",
+                       "residual stream at the (recorded) visual tokens of the non-truncated conditions"),
+}
+
+
+@dataclass(frozen=True)
 class ArraySpec:
     """One array of the store: its contract for every tier."""
 
@@ -63,12 +107,17 @@ class ArraySpec:
     coord: bool = False  # a non-index coordinate: xarray shows it under coords
     merge: str = ""  # one of the MERGE_* rules ('' = derived from ``along``)
     every_unit: bool = True  # unit arrays: every written unit writes it (False: only runs that produce it)
+    span: str = ""  # the ragged span (a key of SPANS) a SPAN / VUNIT array, or a span's offsets, belong to
 
     def __post_init__(self):
         if self.along not in ALONG:
             raise StoreError(f"The 'along' of array spec {self.name!r} must be one of {ALONG}. Got {self.along!r}.")
-        lead = {SAMPLE: ("sample",), SPAN: ("vtoken",), UNIT: ("condition", "sample"),
-                VUNIT: ("visual_condition", "vtoken"), INDEX: (self.name,)}.get(self.along, ())
+        if self.along in (SPAN, VUNIT) and self.span not in SPANS:
+            raise StoreError(f"The array {self.name!r} is written along {self.along!r}; its 'span' must be one of "
+                             f"{list(SPANS)}. Got {self.span!r} instead.")
+        sp = SPANS.get(self.span)
+        lead = {SAMPLE: ("sample",), SPAN: (sp.token_dim,) if sp else (), UNIT: ("condition", "sample"),
+                VUNIT: (sp.condition_dim, sp.token_dim) if sp else (), INDEX: (self.name,)}.get(self.along, ())
         if tuple(self.dims[: len(lead)]) != lead:
             raise StoreError(f"An array written along {self.along!r} must have dimensions starting with {lead}. "
                              f"Got {self.dims} for {self.name!r} instead.")
@@ -103,11 +152,28 @@ class ArraySpec:
         return "" if self.dtype == STR else 0
 
 
+def span_arrays(sp: SpanSpec) -> list[ArraySpec]:
+    """The arrays of one span (its condition coordinate is an index array, declared with the others)."""
+    return [
+        ArraySpec(sp.states, (sp.condition_dim, sp.token_dim, "layer", "hidden"), STATE, VUNIT,
+                  f"{sp.doc}; sample i = rows {sp.offset}[i] : +{sp.length}[i]", span=sp.name),
+        ArraySpec(sp.owner, (sp.token_dim,), "int32", SPAN, "owning sample index of each row, -1 = padding",
+                  fill=-1, coord=True, merge=MERGE_LAYOUT, span=sp.name),
+        ArraySpec(sp.position, (sp.token_dim,), "int32", SPAN,
+                  "index in the span (subset: the kept token; pool: first token of the pool)", fill=-1, coord=True,
+                  span=sp.name),
+        ArraySpec(sp.offset, ("sample",), "int64", SAMPLE, f"first {sp.token_dim} row of the sample",
+                  merge=MERGE_LAYOUT, span=sp.name),
+        ArraySpec(sp.length, ("sample",), "int32", SAMPLE, f"recorded {sp.name} tokens of the sample", span=sp.name),
+    ]
+
+
 _SPECS = [
     # ------------------------------------------------------------------ dimension coordinates
     ArraySpec("sample", ("sample",), STR, INDEX, "sample ids"),
     ArraySpec("condition", ("condition",), STR, INDEX, "condition labels (e.g. truncated_zero_L3)"),
-    ArraySpec("visual_condition", ("visual_condition",), STR, INDEX, "labels of the conditions whose visual span is stored"),
+    *[ArraySpec(sp.condition_dim, (sp.condition_dim,), STR, INDEX, f"labels of the conditions that record the "
+                f"{sp.name} span") for sp in SPANS.values()],
     ArraySpec("layer", ("layer",), "int32", INDEX, "recorded hidden-state index i = the stream entering decoder layer i"),
     ArraySpec("site", ("site",), STR, INDEX, "text sites (store.schema.SITES)"),
     ArraySpec("candidate", ("candidate",), STR, INDEX, "every closed-set candidate answer of the run"),
@@ -128,15 +194,8 @@ _SPECS = [
     ArraySpec("generation", ("condition", "sample"), STR, UNIT, "greedy generation ('' if off)", every_unit=False),
     ArraySpec("error", ("condition", "sample"), STR, UNIT, "failure reason ('' if none)"),
     ArraySpec(FLAG, ("condition", "sample"), "uint8", UNIT, "0 pending, 1 done, 2 failed (written last)", fill=0),
-    # ------------------------------------------------------------------ ragged visual span
-    ArraySpec("visual_states", ("visual_condition", "vtoken", "layer", "hidden"), STATE, VUNIT,
-              "residual stream at the (recorded) visual tokens; sample i = rows visual_offset[i] : +visual_length[i]"),
-    ArraySpec("vtoken_sample", ("vtoken",), "int32", SPAN, "owning sample index of each row, -1 = padding",
-              fill=-1, coord=True, merge=MERGE_LAYOUT),
-    ArraySpec("vtoken_position", ("vtoken",), "int32", SPAN,
-              "index in the span (subset: the kept token; pool: first token of the pool)", fill=-1, coord=True),
-    ArraySpec("visual_offset", ("sample",), "int64", SAMPLE, "first vtoken row of the sample", merge=MERGE_LAYOUT),
-    ArraySpec("visual_length", ("sample",), "int32", SAMPLE, "recorded visual tokens of the sample"),
+    # ------------------------------------------------------------------ ragged spans (visual: visual_states, ...)
+    *[spec for sp in SPANS.values() for spec in span_arrays(sp)],
     # ------------------------------------------------------------------ per-sample metadata
     ArraySpec("dataset_name", ("sample",), STR, SAMPLE, "dataset of the sample", required=False),
     ArraySpec("split", ("sample",), STR, SAMPLE, "split of the sample", required=False),
@@ -182,6 +241,18 @@ def register(spec: ArraySpec) -> ArraySpec:
         raise StoreError(f"The array {spec.name!r} is already declared in gapcache.store.arrays.ARRAYS.")
     ARRAYS[spec.name] = spec
     return spec
+
+
+def register_span(span: SpanSpec, since: int = 2) -> SpanSpec:
+    """Add a ragged span to the store contract: its condition coordinate, states, owners and offsets."""
+    if span.name in SPANS:
+        raise StoreError(f"The span {span.name!r} is already declared in gapcache.store.arrays.SPANS.")
+    SPANS[span.name] = span
+    register(ArraySpec(span.condition_dim, (span.condition_dim,), STR, INDEX,
+                       f"labels of the conditions that record the {span.name} span", since=since))
+    for spec in span_arrays(span):
+        register(dataclasses.replace(spec, since=since))
+    return span
 
 
 def specs(along=None, *, state: bool | None = None, version: int | None = None) -> list[ArraySpec]:

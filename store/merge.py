@@ -65,7 +65,7 @@ SAME_SAMPLE_FIELDS = ("visual_length", "site_position", "seq_len", "image_sha256
 #: per-sample arrays carried over row by row from the input each sample comes from (or remapped)
 CARRIED = (arrays.MERGE_SAMPLE, arrays.MERGE_SAMPLE_INDEX)
 RESERVED_ATTRS = {"schema_version", "checksums", "gapcache_version", "layer_convention", "sites", "samples_per_shard",
-                  "visual_shard_tokens", "model_dtype", "conditions", "frozen"}
+                  "visual_shard_tokens", "span_shard_tokens", "model_dtype", "conditions", "frozen"}
 
 
 def safe_out(out) -> Path:
@@ -97,10 +97,14 @@ class _Source:
         self.samples = [str(x) for x in self.g["sample"][...]]
         self.conds = [Condition(c["kind"], int(c["truncation_layer"]), c["strategy"]) for c in self.attrs["conditions"]]
         self.labels = [c.label for c in self.conds]
-        self.vlabels = [str(x) for x in self.g["visual_condition"][...]] if len(self.g["visual_condition"].shape) else []
+        # per span: labels of the conditions recording it, each sample's offset and length
+        self.span_labels = {n: [str(x) for x in self.g[sp.condition_dim][...]] if sp.condition_dim in self.g else []
+                            for n, sp in arrays.SPANS.items()}
+        self.span_off = {n: self.g[sp.offset][...] if sp.offset in self.g else np.zeros(len(self.samples), np.int64)
+                         for n, sp in arrays.SPANS.items()}
+        self.span_len = {n: self.g[sp.length][...] if sp.length in self.g else np.zeros(len(self.samples), np.int32)
+                         for n, sp in arrays.SPANS.items()}
         self.status = self.g["status"][...]
-        self.voff = self.g["visual_offset"][...]
-        self.vlen = self.g["visual_length"][...]
         self.spc = int(self.attrs["samples_per_shard"])
         self.meta_names = sorted(s.name for s in arrays.specs(arrays.SAMPLE) if s.merge_rule in CARRIED
                                  and s.name in self.g)
@@ -195,7 +199,8 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
         sample_ids=tuple(sample_ids), conditions=tuple(conds), layers=tuple(int(x) for x in first.g["layer"][...]),
         hidden=int(first.g["text_states"].shape[-1]), model_dtype=first.attrs["model_dtype"],
         candidates=tuple(candidates_of(first.attrs, first.g)),
-        visual_lengths=tuple(int(home[s][0].vlen[home[s][1]]) for s in sample_ids),
+        visual_lengths=_span_lengths("visual", home, sample_ids),
+        span_lengths=tuple((n, _span_lengths(n, home, sample_ids)) for n in arrays.SPANS if n != "visual"),
         samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression_level=_zstd_level(first.g["text_states"]),
     )
     values, array_attrs = _creation_values(sources, home, sample_ids, layout)
@@ -246,6 +251,10 @@ def _creation_values(sources, home, sample_ids, layout) -> tuple[dict, dict]:
     values.update(lens)
     array_attrs.update(lens_attrs)
     return values, array_attrs
+
+
+def _span_lengths(span, home, sample_ids) -> tuple[int, ...]:
+    return tuple(int(home[s][0].span_len[span][home[s][1]]) for s in sample_ids)
 
 
 def _equal_everywhere(name, sources) -> np.ndarray:
@@ -301,8 +310,9 @@ def _merged_attrs(sources, layout, donor) -> dict:
 
 
 def _span_rows(name, sources, home, sample_ids, layout) -> np.ndarray:
-    """A per-token (``vtoken``) array gathered sample by sample from the input each sample comes from."""
+    """A per-token (span row) array gathered sample by sample from the input each sample comes from."""
     spec = arrays.get(name)
+    span = layout.spans[spec.span]
     cache = {}
     out = None
     for i, s in enumerate(sample_ids):
@@ -311,9 +321,9 @@ def _span_rows(name, sources, home, sample_ids, layout) -> np.ndarray:
             cache[src.path] = src.g[name][...]
         col = cache[src.path]
         if out is None:
-            out = np.full((layout.n_vtokens, *col.shape[1:]), spec.fill_value(), dtype=col.dtype)
-        n, o = layout.visual_lengths[i], int(src.voff[j])
-        out[layout.visual_offsets[i] : layout.visual_offsets[i] + n] = col[o : o + n]
+            out = np.full((span.n_tokens, *col.shape[1:]), spec.fill_value(), dtype=col.dtype)
+        n, o = span.lengths[i], int(src.span_off[spec.span][j])
+        out[span.offsets[i] : span.offsets[i] + n] = col[o : o + n]
     return out
 
 
@@ -352,13 +362,15 @@ def _payload(ci, cond, shard, layout, owner, sample_ids, group):
     if all(c is None for c in cells):
         return None
     specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in group
-             and (s.along == arrays.UNIT or cond.records_visual)]
-    n_tok = sum(layout.visual_lengths[i] for i in idx)
-    sizes = {**layout.sizes(), **dict(zip(group["text_states"].metadata.dimension_names, group["text_states"].shape))}
+             and (s.along == arrays.UNIT or arrays.SPANS[s.span].recorded_by(cond))]
+    sizes = layout.sizes()
     for s in specs:
         sizes.update(zip(s.dims, group[s.name].shape))
-    vals = arrays.unit_buffers([s.name for s in specs], sizes, len(idx), n_tok, layout.model_dtype)
-    base = layout.visual_offsets[idx[0]]
+    vals = {}
+    for s in specs:  # a VUNIT array holds the shard group's rows of its span
+        span = layout.spans.get(s.span)
+        n_tok = sum(span.lengths[i] for i in idx) if span else 0
+        vals.update(arrays.unit_buffers([s.name], sizes, len(idx), n_tok, layout.model_dtype))
     for j, (i, cell) in enumerate(zip(idx, cells)):
         if cell is None:
             continue
@@ -368,9 +380,11 @@ def _payload(ci, cond, shard, layout, owner, sample_ids, group):
                 continue
             if s.along == arrays.UNIT:
                 vals[s.name][j] = src.row(s.name, sci, si)
-            elif layout.visual_lengths[i]:
-                vci = src.vlabels.index(cond.label)
-                o, m = int(src.voff[si]), int(src.vlen[si])
-                d = layout.visual_offsets[i] - base
+                continue
+            span = layout.spans[s.span]
+            if span.lengths[i]:
+                vci = src.span_labels[s.span].index(cond.label)
+                o, m = int(src.span_off[s.span][si]), int(src.span_len[s.span][si])
+                d = span.offsets[i] - span.offsets[idx[0]]
                 vals[s.name][d : d + m] = src.g[s.name][vci, o : o + m]
     return ShardPayload(ci, shard, vals)

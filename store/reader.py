@@ -196,9 +196,15 @@ def damaged_chunks(arr) -> list[tuple[str, BaseException]]:
 
 def visual_span(ds, sample):
     """(vtoken, layer, hidden) states of one sample (index or id), for every visual condition."""
+    return span_rows(ds, sample, "visual")
+
+
+def span_rows(ds, sample, span: str = "visual"):
+    """(token, layer, hidden) states of one sample (index or id) in a ragged span, for every condition recording it."""
+    sp = arrays.SPANS[span]
     i = int(sample) if isinstance(sample, (int, np.integer)) else list(ds.sample.values).index(sample)
-    off, length = int(ds.visual_offset[i]), int(ds.visual_length[i])
-    return ds.visual_states.isel(vtoken=slice(off, off + length))
+    off, length = int(ds[sp.offset][i]), int(ds[sp.length][i])
+    return ds[sp.states].isel({sp.token_dim: slice(off, off + length)})
 
 
 def size_on_disk(path) -> int:

@@ -58,11 +58,13 @@ class Layout:
     candidates: tuple[str, ...]
     visual_lengths: tuple[int, ...]  # recorded visual tokens per sample (0 if failed at plan time)
     samples_per_shard: int = 32
-    visual_chunk_tokens: int = 64
+    visual_chunk_tokens: int = 64  # inner chunk rows of every span's states
     compression_level: int = 1
+    span_lengths: tuple = ()  # ((span name, per-sample lengths), ...) of spans other than "visual"
     visual_offsets: tuple[int, ...] = field(init=False)
     visual_shard_tokens: int = field(init=False)
     n_vtokens: int = field(init=False)
+    spans: dict = field(init=False, compare=False)  # span name -> SpanLayout (every declared span)
 
     def __post_init__(self):
         n = len(self.sample_ids)
@@ -74,12 +76,23 @@ class Layout:
             raise ConfigError("The 'samples_per_shard' and 'visual_chunk_tokens' parameters must be >= 1.")
         if len(set(self.sample_ids)) != n:
             raise ConfigError("Sample ids must be unique within a store.")
-        offsets, shard_tokens, total = visual_offsets(
-            self.visual_lengths, self.samples_per_shard, self.visual_chunk_tokens
-        )
-        object.__setattr__(self, "visual_offsets", offsets)
-        object.__setattr__(self, "visual_shard_tokens", shard_tokens)
-        object.__setattr__(self, "n_vtokens", total)
+        from gapcache.store.arrays import SPANS
+
+        given = {"visual": self.visual_lengths, **dict(self.span_lengths)}
+        unknown = sorted(set(given) - set(SPANS))
+        if unknown:
+            raise ConfigError(f"The 'span_lengths' of a Layout must name declared spans {list(SPANS)}. Got {unknown}.")
+        spans = {}
+        for name in SPANS:
+            lengths = tuple(int(x) for x in given.get(name, (0,) * n))
+            if len(lengths) != n:
+                raise ConfigError(f"The {name} span lengths have {len(lengths)} entries for {n} samples.")
+            offsets, shard_tokens, total = visual_offsets(lengths, self.samples_per_shard, self.visual_chunk_tokens)
+            spans[name] = SpanLayout(name, lengths, offsets, shard_tokens, total)
+        object.__setattr__(self, "spans", spans)
+        object.__setattr__(self, "visual_offsets", spans["visual"].offsets)
+        object.__setattr__(self, "visual_shard_tokens", spans["visual"].shard_tokens)
+        object.__setattr__(self, "n_vtokens", spans["visual"].n_tokens)
 
     @property
     def n_samples(self) -> int:
@@ -91,35 +104,46 @@ class Layout:
 
     @property
     def visual_conditions(self) -> tuple[Condition, ...]:
-        return tuple(c for c in self.conditions if c.records_visual)
+        return self.span_conditions("visual")
+
+    def span_conditions(self, span: str) -> tuple[Condition, ...]:
+        """The conditions that record ``span`` (its ``condition_dim``)."""
+        from gapcache.store.arrays import SPANS
+
+        return tuple(c for c in self.conditions if SPANS[span].recorded_by(c))
 
     def sizes(self) -> dict[str, int]:
         """Size of every dimension the layout fixes."""
-        return {"condition": len(self.conditions), "sample": self.n_samples, "site": len(SITES),
-                "layer": len(self.layers), "hidden": self.hidden, "candidate": len(self.candidates),
-                "visual_condition": len(self.visual_conditions), "vtoken": self.n_vtokens}
+        from gapcache.store.arrays import SPANS
+
+        out = {"condition": len(self.conditions), "sample": self.n_samples, "site": len(SITES),
+               "layer": len(self.layers), "hidden": self.hidden, "candidate": len(self.candidates)}
+        for name, sp in SPANS.items():
+            out[sp.condition_dim] = len(self.span_conditions(name))
+            out[sp.token_dim] = self.spans[name].n_tokens
+        return out
 
     def derived_values(self) -> dict[str, np.ndarray]:
         """Values of the creation-time arrays that follow from the layout (coordinates, offsets, owners);
         ``vtoken_position`` defaults to every token of the span in order (visual mode ``all``)."""
+        from gapcache.store.arrays import SPANS
+
         conds = self.conditions
-        owner = np.full(self.n_vtokens, -1, np.int32)
-        index = np.full(self.n_vtokens, -1, np.int32)
-        for i, (off, length) in enumerate(zip(self.visual_offsets, self.visual_lengths)):
-            owner[off : off + length] = i
-            index[off : off + length] = np.arange(length)
         strs = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731
-        return {
+        out = {
             "sample": strs(self.sample_ids), "condition": strs(c.label for c in conds),
-            "visual_condition": strs(c.label for c in self.visual_conditions),
             "layer": np.array(self.layers, np.int32), "site": strs(SITES), "candidate": strs(self.candidates),
             "condition_kind": strs(c.kind for c in conds),
             "truncation_layer": np.array([c.truncation_layer for c in conds], np.int32),
             "truncation_strategy": strs(c.strategy for c in conds),
-            "vtoken_sample": owner, "vtoken_position": index,
-            "visual_offset": np.array(self.visual_offsets, np.int64),
-            "visual_length": np.array(self.visual_lengths, np.int32),
         }
+        for name, sp in SPANS.items():
+            span = self.spans[name]
+            owner, index = span.owners()
+            out.update({sp.condition_dim: strs(c.label for c in self.span_conditions(name)),
+                        sp.owner: owner, sp.position: index,
+                        sp.offset: np.array(span.offsets, np.int64), sp.length: np.array(span.lengths, np.int32)})
+        return out
 
     def shard_samples(self, shard: int) -> range:
         """Sample indices of one shard (the unit of writing and of resume)."""
@@ -130,6 +154,26 @@ class Layout:
         """Rows of ``vtoken`` a shard owns (whole zarr shards)."""
         start = shard * self.visual_shard_tokens
         return range(start, start + self.visual_shard_tokens)
+
+
+@dataclass(frozen=True)
+class SpanLayout:
+    """Where each sample's rows of one ragged span lie (shard groups start at shard boundaries)."""
+
+    name: str
+    lengths: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shard_tokens: int  # rows per shard (the largest shard group, rounded up to the inner chunk)
+    n_tokens: int
+
+    def owners(self) -> tuple[np.ndarray, np.ndarray]:
+        """(owning sample of each row, -1 padding; index of the row within its sample's span)."""
+        owner = np.full(self.n_tokens, -1, np.int32)
+        index = np.full(self.n_tokens, -1, np.int32)
+        for i, (off, length) in enumerate(zip(self.offsets, self.lengths)):
+            owner[off : off + length] = i
+            index[off : off + length] = np.arange(length)
+        return owner, index
 
 
 def visual_offsets(lengths, samples_per_shard: int, chunk_tokens: int):

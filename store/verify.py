@@ -170,20 +170,22 @@ def _check_schema(g, attrs, rep: Report) -> dict:
 
 
 def _check_spans(found, rep: Report) -> None:
-    if not {"visual_offset", "visual_length", "vtoken_sample"} <= set(found):
-        return
-    try:
-        off, length = found["visual_offset"][...], found["visual_length"][...]
-        owner = found["vtoken_sample"][...]
-    except DECODE_ERRORS:
-        return  # damaged: named by _check_chunks
-    if (off + length > owner.shape[0]).any() or (off < 0).any():
-        rep.problems.append("schema: visual_offset/visual_length point outside the vtoken axis")
-        return
-    for i, (o, n) in enumerate(zip(off, length)):
-        if n and not (owner[o : o + n] == i).all():
-            rep.problems.append(f"schema: vtoken_sample disagrees with visual_offset/length for sample {i}")
-            return
+    """Each span's offsets/lengths point inside its token axis, at rows its owner array gives the sample."""
+    for sp in arrays.SPANS.values():
+        if not {sp.offset, sp.length, sp.owner} <= set(found):
+            continue
+        try:
+            off, length = found[sp.offset][...], found[sp.length][...]
+            owner = found[sp.owner][...]
+        except DECODE_ERRORS:
+            continue  # damaged: named by _check_chunks
+        if (off + length > owner.shape[0]).any() or (off < 0).any():
+            rep.problems.append(f"schema: {sp.offset}/{sp.length} point outside the {sp.token_dim} axis")
+            continue
+        for i, (o, n) in enumerate(zip(off, length)):
+            if n and not (owner[o : o + n] == i).all():
+                rep.problems.append(f"schema: {sp.owner} disagrees with {sp.offset}/{sp.length} for sample {i}")
+                break
 
 
 def _check_chunks(path, storage_options, g, attrs, found, rep: Report) -> None:
@@ -221,20 +223,22 @@ def _check_chunks(path, storage_options, g, attrs, found, rep: Report) -> None:
 
 def _check_shards(path, storage_options, g, attrs, found, status, labels, rep: Report, deep: bool) -> None:
     """Checksum records of every unit chunk / state shard (written at commit time) against the files."""
-    from gapcache.store.writer import visual_index
+    from gapcache.store.writer import span_index, span_shard_tokens
 
     reader = KeyReader(path, storage_options)
     recorded = bool(attrs.get(checksums.ATTR))
     spc = int(attrs.get("samples_per_shard") or found["text_states"].shards[1])
-    vshard = int(attrs.get("visual_shard_tokens") or 0)
+    shard_tokens = span_shard_tokens(attrs)
     n_cond, n = status.shape
     n_shards = -(-n // spc)
-    try:
-        vis_of = visual_index(g) if "visual_condition" in found and labels else {}
-        vlen = found["visual_length"][...] if "visual_length" in found else np.zeros(n, int)
-    except DECODE_ERRORS:  # damaged (named by _check_chunks): the visual shards cannot be located
-        vis_of, vlen = {}, np.zeros(n, int)
-        rep.warnings.append("visual_states shards not checked: visual_condition/visual_length are damaged")
+    span_of, span_len = {}, {}  # per span: condition -> span-condition index; per-sample lengths
+    for name, sp in arrays.SPANS.items():
+        try:
+            span_of[name] = span_index(g, name) if sp.condition_dim in found and labels else {}
+            span_len[name] = found[sp.length][...] if sp.length in found else np.zeros(n, int)
+        except DECODE_ERRORS:  # damaged (named by _check_chunks): the span's shards cannot be located
+            span_of[name], span_len[name] = {}, np.zeros(n, int)
+            rep.warnings.append(f"{sp.states} shards not checked: {sp.condition_dim}/{sp.length} are damaged")
     version = int(attrs.get("schema_version", 1))  # status chunks are recorded from schema 2 on
     unit_specs = [s for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in found
                   and (s.name != arrays.FLAG or version >= 2) and 0 not in found[s.name].shape[2:]]
@@ -249,9 +253,10 @@ def _check_shards(path, storage_options, g, attrs, found, status, labels, rep: R
                 if spec.along == arrays.UNIT:
                     lead, required = ci, spec.every_unit
                 else:
-                    if ci not in vis_of or not vshard:
+                    if ci not in span_of[spec.span] or not shard_tokens[spec.span]:
                         continue
-                    lead, required = vis_of[ci], bool(vlen[s0:s1].sum()) and spec.every_unit
+                    lead = span_of[spec.span][ci]
+                    required = bool(span_len[spec.span][s0:s1].sum()) and spec.every_unit
                 coords = (lead, shard) + (0,) * (arr.ndim - 2)
                 key = arr.metadata.encode_chunk_key(coords)
                 label = f"{spec.name} shard {key} ({where})"

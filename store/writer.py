@@ -73,7 +73,8 @@ def chunking(spec: ArraySpec, shape, layout: Layout):
     """(chunks, shards) of a declared array. Units and shard groups are whole chunks (or shards, for the
     hidden states, whose inner chunks hold one layer of one site / of ``visual_chunk_tokens`` tokens)."""
     full = tuple(max(1, int(n)) for n in shape)
-    spc, vshard = layout.samples_per_shard, layout.visual_shard_tokens
+    spc = layout.samples_per_shard
+    vshard = layout.spans[spec.span].shard_tokens if spec.span in layout.spans else 0
     lead = {arrays.INDEX: (), arrays.STORE: (), arrays.SAMPLE: (spc,), arrays.SPAN: (vshard,),
             arrays.UNIT: (1, spc), arrays.VUNIT: (1, vshard)}[spec.along]
     outer = lead + full[len(lead):]
@@ -167,6 +168,7 @@ def _root_attrs(layout: Layout, attrs: dict) -> dict:
         "sites": list(SITES),
         "samples_per_shard": layout.samples_per_shard,
         "visual_shard_tokens": layout.visual_shard_tokens,
+        "span_shard_tokens": {name: s.shard_tokens for name, s in layout.spans.items()},
         "model_dtype": layout.model_dtype,
         "conditions": [
             {"label": c.label, "kind": c.kind, "truncation_layer": c.truncation_layer, "strategy": c.strategy}
@@ -230,9 +232,9 @@ class StoreWriter:
         self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
         # every unit array the store has (an optional one a store lacks is simply never written)
         self.arrays = {s.name: self.group[s.name] for s in arrays.specs((arrays.UNIT, arrays.VUNIT)) if s.name in self.group}
-        self.visual_index = visual_index(self.group)
+        self.span_index = {name: span_index(self.group, name) for name in arrays.SPANS}
         self.spc = int(self.group.attrs["samples_per_shard"])
-        self.vshard = int(self.group.attrs["visual_shard_tokens"])
+        self.span_shard = span_shard_tokens(self.group.attrs)
         self.direct: dict = {}
         self.fallback: dict[str, str] = {}
         for spec in arrays.specs((arrays.UNIT, arrays.VUNIT), state=True):
@@ -340,11 +342,11 @@ class StoreWriter:
         self._commit(p, self._stage(p))
 
     def _shard_len(self, spec) -> int:
-        return self.spc if spec.along == arrays.UNIT else self.vshard
+        return self.spc if spec.along == arrays.UNIT else self.span_shard[spec.span]
 
     def _lead(self, spec, p: ShardPayload):
         """Index along the array's first dimension for ``p``'s condition (None: the array does not hold it)."""
-        return p.condition if spec.along == arrays.UNIT else self.visual_index.get(p.condition)
+        return p.condition if spec.along == arrays.UNIT else self.span_index[spec.span].get(p.condition)
 
     def _stage(self, p: ShardPayload) -> list:
         """Write the states of ``p``: direct shards to temporary files (returned), else through zarr."""
@@ -470,11 +472,24 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def span_index(group, span: str = "visual") -> dict[int, int]:
+    """condition index -> index along the span's condition dimension, for the conditions that record it."""
+    labels = list(group["condition"][:])
+    cdim = arrays.SPANS[span].condition_dim
+    vlabels = list(group[cdim][:]) if cdim in group else []
+    return {labels.index(v): i for i, v in enumerate(vlabels) if v in labels}
+
+
 def visual_index(group) -> dict[int, int]:
     """condition index -> visual_condition index, for conditions whose visual states are cached."""
-    labels = list(group["condition"][:])
-    vlabels = list(group["visual_condition"][:])
-    return {labels.index(v): i for i, v in enumerate(vlabels) if v in labels}
+    return span_index(group, "visual")
+
+
+def span_shard_tokens(attrs) -> dict[str, int]:
+    """Rows per shard of every span (stores before ``span_shard_tokens``: the visual span's attribute)."""
+    out = dict(attrs.get("span_shard_tokens") or {})
+    out.setdefault("visual", int(attrs.get("visual_shard_tokens") or 0))
+    return {name: int(out.get(name, 0)) for name in arrays.SPANS}
 
 
 def refuse_frozen(path) -> None:

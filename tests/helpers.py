@@ -45,12 +45,11 @@ def random_payloads(layout: Layout, seed=0, scale=1.0):
     for ci, cond in enumerate(layout.conditions):
         for shard in range(layout.n_shards):
             idx = list(layout.shard_samples(shard))
-            ntok = sum(layout.visual_lengths[i] for i in idx)
             values = {}
             for spec in arrays.specs((arrays.UNIT, arrays.VUNIT)):
-                if (spec.along == arrays.VUNIT and not cond.records_visual) or not spec.every_unit:
+                if (spec.along == arrays.VUNIT and not arrays.SPANS[spec.span].recorded_by(cond)) or not spec.every_unit:
                     continue
-                lead = len(idx) if spec.along == arrays.UNIT else ntok
+                lead = len(idx) if spec.along == arrays.UNIT else sum(layout.spans[spec.span].lengths[i] for i in idx)
                 values[spec.name] = random_values(spec, (lead, *arrays.unit_row_shape(spec, sizes)), rng,
                                                   layout.model_dtype, scale)
             values["status"] = np.ones(len(idx), np.uint8)

@@ -279,3 +279,46 @@ def test_migrate_refuses_a_damaged_store(old_store):
     with pytest.raises(StoreError, match="does not verify, so it is not migrated"):
         migrate(old_store)
     assert open_store(old_store).attrs["schema_version"] == 1
+
+
+@pytest.fixture
+def extra_span():
+    """A test-only ragged span recorded under every condition (like issue 14's every-text-token record)."""
+    saved_arrays, saved_spans = dict(arrays.ARRAYS), dict(arrays.SPANS)
+    span = arrays.register_span(arrays.SpanSpec("alltext", "ttoken", "alltext_condition", "always",
+                                                "residual stream at every text token"))
+    yield span
+    arrays.ARRAYS.clear()
+    arrays.ARRAYS.update(saved_arrays)
+    arrays.SPANS.clear()
+    arrays.SPANS.update(saved_spans)
+
+
+def test_a_new_span_is_one_declaration_written_verified_merged_and_read(tmp_path, extra_span):
+    from gapcache.store.reader import span_rows
+
+    base = small_layout("bfloat16")
+    paths = []
+    for name, ids, vis, text in (("a", ("s0", "s1", "s2"), (3, 4, 0), (5, 1, 7)), ("b", ("s3", "s4"), (2, 5), (2, 9))):
+        layout = Layout(ids, base.conditions, base.layers, 4, "bfloat16", base.candidates, vis, samples_per_shard=2,
+                        visual_chunk_tokens=4, span_lengths=(("alltext", text),))
+        create(tmp_path / f"{name}.zarr", layout, {"model": {"id": "test"}}, {})
+        with StoreWriter(tmp_path / f"{name}.zarr") as w:
+            for p in random_payloads(layout, seed=len(name) + len(ids)):
+                w.submit(p)
+        rep = verify(tmp_path / f"{name}.zarr")
+        assert rep.ok, rep.problems
+        paths.append(tmp_path / f"{name}.zarr")
+    ds = open_store(paths[0])
+    assert ds.alltext_states.dims == ("alltext_condition", "ttoken", "layer", "hidden")
+    assert list(ds.alltext_condition.values) == list(ds.condition.values)  # recorded under every condition
+    assert span_rows(ds, "s2", "alltext").sizes["ttoken"] == 7
+    merged = merge(paths, tmp_path / "m.zarr")
+    assert verify(merged).ok
+    dm = open_store(merged)
+    for src in (open_store(paths[0]), open_store(paths[1])):
+        for sid in src.sample.values:
+            np.testing.assert_array_equal(span_rows(dm, str(sid), "alltext").values,
+                                          span_rows(src, str(sid), "alltext").values)
+    flip_bit(first_chunk_file(merged, "alltext_states"))
+    assert any(p.startswith("alltext_states shard") for p in verify(merged).problems)
