@@ -25,6 +25,8 @@ reads the same names and groups.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -137,6 +139,16 @@ class Condition:
     def invariant(self, n_layers: int) -> Invariant:
         return self.entry.invariant(self, n_layers)
 
+    def to_dict(self) -> dict:
+        """The store's record of this condition (root attribute ``conditions``): its label and every field."""
+        return {"label": self.label, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Condition":
+        """Inverse of :meth:`to_dict` (fields a store does not record keep their defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
 
 # ----------------------------------------------------------------------------- rules of the kinds
 
@@ -247,6 +259,46 @@ def _truncated_params(facts: RunFacts):
             "convention": "input of every decoder layer with index > L is intervened on"}
 
 
+def _merge_first(name: str, found: list, remap) -> dict | None:
+    """Parameters of merged stores: the first input's (inputs that ran the kind with other settings add entries
+    of their own labels, so nothing of theirs is lost)."""
+    return found[0][1] if found else None
+
+
+def _merge_equal(name: str, found: list, remap) -> dict | None:
+    """The kind fed the same input in every store (e.g. one mean colour), or the stores cannot be merged."""
+    import json
+
+    from gapcache.errors import IncompatibleStoreError
+
+    if len({json.dumps(p, sort_keys=True) for _, p in found}) > 1:
+        key = next(iter(found[0][1] or {"value": None}))
+        raise IncompatibleStoreError(
+            f"Cannot merge: they differ in 'condition_params.{name}.{key}' ({dict(found)}); {name} fed a different "
+            f"input in each. Merge them without that condition's runs, or re-extract {name} over the union of samples.")
+    return _merge_first(name, found, remap)
+
+
+def _merge_donors(name: str, found: list, remap) -> dict | None:
+    """The recorded derangement, remapped to the merged sample order (``remap``: the merged donor array)."""
+    out = dict(_merge_first(name, found, remap) or {})
+    if out and remap is not None:
+        out["donor"] = [int(x) for x in remap]
+    return out or None
+
+
+def _merge_truncated(name: str, found: list, remap) -> dict | None:
+    """The union of the truncation layers and strategies the inputs ran."""
+    out = dict(_merge_first(name, found, remap) or {})
+    for key in ("layers", "strategies"):
+        seen = []
+        for _, p in found:
+            seen += [v for v in (p or {}).get(key, []) if v not in seen]
+        if seen:
+            out[key] = sorted(seen) if key == "layers" else seen
+    return out or None
+
+
 @dataclass(frozen=True)
 class ConditionKind:
     """One condition name of a config, and everything that derives from it.
@@ -256,7 +308,9 @@ class ConditionKind:
     ``(entry, options, used) -> None`` raising ConfigError (validate), ``Condition -> str``
     (label), ``(entry, label) -> Condition | None`` (parse, the label rule's inverse),
     ``RunFacts -> dict | None`` (params, recorded under ``condition_params[name]``; None: no key),
-    ``(Condition, n_layers) -> Hook | None`` and ``(Condition, n_layers) -> Invariant``.
+    ``(Condition, n_layers) -> Hook | None`` and ``(Condition, n_layers) -> Invariant``;
+    ``merge_params(name, [(store path, params)], donor) -> dict | None`` combines the recorded parameters
+    of stores being merged (``donor``: the merged per-sample donor indices, or None).
     """
 
     name: str
@@ -273,6 +327,7 @@ class ConditionKind:
     params: Callable = field(default=_no_params, repr=False)
     hook: Callable = field(default=_no_hook, repr=False)
     invariant: Callable = field(default=_clean_invariant, repr=False)
+    merge_params: Callable = field(default=_merge_first, repr=False)
 
 
 KINDS: dict[str, ConditionKind] = {}
@@ -301,15 +356,17 @@ register_kind(ConditionKind("original", "the sample's image", "original", CLEAN)
 register_kind(ConditionKind("blind_black", "an all-black image of the original's size", "black", BLIND,
                             invariant=_blind_invariant))
 register_kind(ConditionKind("blind_mean", "a uniform image of the mean RGB over the run's samples (recorded)",
-                            "mean", BLIND, params=_mean_params, invariant=_blind_invariant))
+                            "mean", BLIND, params=_mean_params, invariant=_blind_invariant, merge_params=_merge_equal))
 register_kind(ConditionKind("blind_randomimage",
                             "another sample's image (a recorded derangement), resized to the original's size",
-                            "randomimage", BLIND, params=_randomimage_params, invariant=_blind_invariant))
+                            "randomimage", BLIND, params=_randomimage_params, invariant=_blind_invariant,
+                            merge_params=_merge_donors))
 register_kind(ConditionKind(
     "truncated", "the original image; visual-token states intervened on at the input of every layer > L",
     "original", TRUNCATION, records_visual=False, default=False,  # needs truncation_layers: opt-in
     options=("truncation_layers", "truncation_strategies"), expand=_expand_truncated, validate=_validate_truncated,
     label=_truncated_label, parse=_parse_truncated, params=_truncated_params, hook=_truncated_hook,
+    merge_params=_merge_truncated,
     invariant=_truncated_invariant,
 ))
 

@@ -95,7 +95,7 @@ class _Source:
         self.attrs = root_attrs(path, storage_options)
         self.g = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
         self.samples = [str(x) for x in self.g["sample"][...]]
-        self.conds = [Condition(c["kind"], int(c["truncation_layer"]), c["strategy"]) for c in self.attrs["conditions"]]
+        self.conds = [Condition.from_dict(c) for c in self.attrs["conditions"]]
         self.labels = [c.label for c in self.conds]
         # per span: labels of the conditions recording it, each sample's offset and length
         self.span_labels = {n: [str(x) for x in self.g[sp.condition_dim][...]] if sp.condition_dim in self.g else []
@@ -140,16 +140,7 @@ def check_compatible_stores(sources) -> None:
                     f"({first.path} has {a!r}, {src.path} has {b!r}). Only stores of the same model revision, prompt "
                     "template and schema can be merged."
                 )
-    means = {}
-    for src in sources:
-        if "blind_mean" in src.labels:
-            means[src.path] = src.attrs.get("condition_params", {}).get("blind_mean", {}).get("mean_rgb")
-    if len({json.dumps(v) for v in means.values()}) > 1:
-        raise IncompatibleStoreError(
-            "Cannot merge: they differ in 'condition_params.blind_mean.mean_rgb' "
-            f"({means}); blind_mean fed a different image in each. Merge them without that condition's runs, "
-            "or re-extract blind_mean over the union of samples."
-        )
+    merged_condition_params(sources, None)  # refuses kinds whose inputs must agree (e.g. blind_mean's colour)
     names = {src.path: src.meta_names for src in sources}
     if len({tuple(v) for v in names.values()}) > 1:
         raise IncompatibleStoreError(f"Cannot merge: the per-sample metadata arrays differ: {names}.")
@@ -299,14 +290,28 @@ def _merged_attrs(sources, layout, donor) -> dict:
     names = sorted({str((s.attrs.get("dataset") or {}).get("name")) for s in sources})
     splits = sorted({str((s.attrs.get("dataset") or {}).get("split")) for s in sources})
     attrs["dataset"] = {"name": "+".join(names), "split": "+".join(splits), "n_samples": layout.n_samples}
-    params = json.loads(json.dumps(attrs.get("condition_params") or {}))
-    if donor is not None and "blind_randomimage" in params:
-        params["blind_randomimage"]["donor"] = [int(x) for x in donor]
-    for s in sources[1:]:  # conditions only a later store has: take their parameters from it
-        for k, v in (s.attrs.get("condition_params") or {}).items():
-            params.setdefault(k, v)
-    attrs["condition_params"] = params
+    attrs["condition_params"] = merged_condition_params(sources, donor)
     return attrs
+
+
+def merged_condition_params(sources, donor) -> dict:
+    """Each condition kind's recorded parameters, combined by the kind's own rule (``merge_params`` in the
+    condition registry: equal inputs, remapped donors, the union of truncation layers, ...)."""
+    from gapcache import conditions
+
+    params = {}
+    names = [k for s in sources for k in (s.attrs.get("condition_params") or {})]
+    for name in dict.fromkeys(names):
+        found = [(s.path, json.loads(json.dumps(s.attrs["condition_params"][name]))) for s in sources
+                 if name in (s.attrs.get("condition_params") or {}) and any(c.kind == name for c in s.conds)]
+        if not found:  # recorded but not run by any input: keep the first record
+            found = [(s.path, s.attrs["condition_params"][name]) for s in sources
+                     if name in (s.attrs.get("condition_params") or {})][:1]
+        entry = conditions.KINDS.get(name)  # a kind this gapcache does not know: the first record
+        value = entry.merge_params(name, found, donor) if entry else found[0][1]
+        if value is not None:
+            params[name] = value
+    return params
 
 
 def _span_rows(name, sources, home, sample_ids, layout) -> np.ndarray:

@@ -170,10 +170,7 @@ def _root_attrs(layout: Layout, attrs: dict) -> dict:
         "visual_shard_tokens": layout.visual_shard_tokens,
         "span_shard_tokens": {name: s.shard_tokens for name, s in layout.spans.items()},
         "model_dtype": layout.model_dtype,
-        "conditions": [
-            {"label": c.label, "kind": c.kind, "truncation_layer": c.truncation_layer, "strategy": c.strategy}
-            for c in layout.conditions
-        ],
+        "conditions": [c.to_dict() for c in layout.conditions],
     }
     clash = set(base) & set(attrs)
     if clash:

@@ -143,3 +143,33 @@ def test_merged_store_feeds_the_analysis(tmp_path):
     m = merge([a, b], tmp_path / "m.zarr")
     summary, _ = analyze_store(open_store(m), AnalysisParams(metrics=("rank",), cliff_layer=1, n_resamples=20))
     assert "rank" in summary["metrics"]
+
+
+def _layout_with(ids, lengths, conditions, layers):
+    return Layout(sample_ids=tuple(ids), conditions=tuple(expand(list(conditions), layers, ["zero"])),
+                  layers=(0, 1, 2), hidden=4, model_dtype="bfloat16", candidates=("no", "yes"),
+                  visual_lengths=tuple(lengths), samples_per_shard=2, visual_chunk_tokens=4)
+
+
+def test_condition_params_merge_by_each_kinds_rule(tmp_path):
+    """Each kind's recorded parameters combine by its registry rule: truncation layers are the union, donors are
+    remapped, blind_mean's colour must be the same in every input that ran blind_mean."""
+    def params(mean, layers, donor):
+        return {"blind_mean": {"mean_rgb": mean},
+                "blind_randomimage": {"seed": 0, "donor": donor, "resize": "PIL"},
+                "truncated": {"layers": layers, "strategies": ["zero"], "convention": "input of layers > L"}}
+
+    conds = ("original", "blind_mean", "blind_randomimage", "truncated")
+    a = _store(tmp_path / "a.zarr", _layout_with(["s0", "s1"], [2, 1], conds, [0]), 1,
+               {**PROV, "condition_params": params([1.0, 2.0, 3.0], [0], [1, 0])})
+    b = _store(tmp_path / "b.zarr", _layout_with(["s2", "s3"], [1, 2], conds, [1]), 2,
+               {**PROV, "condition_params": params([1.0, 2.0, 3.0], [1], [1, 0])})
+    m = open_store(merge([a, b], tmp_path / "m.zarr"))
+    got = m.attrs["condition_params"]
+    assert got["truncated"]["layers"] == [0, 1]
+    assert got["blind_randomimage"]["donor"] == [1, 0, 3, 2] == m.donor.values.tolist()
+    assert got["blind_mean"]["mean_rgb"] == [1.0, 2.0, 3.0]
+    c = _store(tmp_path / "c.zarr", _layout_with(["s4"], [1], conds, [0]), 3,
+               {**PROV, "condition_params": params([9.0, 9.0, 9.0], [0], [0])})
+    with pytest.raises(IncompatibleStoreError, match=r"'condition_params.blind_mean.mean_rgb'"):
+        merge([a, c], tmp_path / "m2.zarr")
