@@ -55,7 +55,6 @@ def lens_choice_correct(h, weight, eps, unembed, which, gold, offset: float = 0.
 
 def logit_lens_correct(ds, site: str = "prediction"):
     """Lazy DataArray (condition, layer, sample) of logit-lens forced-choice correctness."""
-    import dask.array as da
     import xarray as xr
 
     for name in ("lens_norm_weight", "lens_unembed", "candidate_lens_token"):

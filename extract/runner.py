@@ -34,7 +34,7 @@ from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.extract.sites import POSITION_SITES, position_row
-from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, codec, create
+from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, create
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME
 from gapcache.store.writer import check_compatible, check_same_samples
 

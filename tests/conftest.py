@@ -13,3 +13,14 @@ def _gapcache_cache(tmp_path_factory):
     if "GAPCACHE_CACHE" not in os.environ:
         os.environ["GAPCACHE_CACHE"] = str(tmp_path_factory.mktemp("gapcache_cache"))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op torch thread is ~5x faster than two fighting over 2 shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

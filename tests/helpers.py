@@ -122,3 +122,27 @@ def assert_greedy_under_truncation(ex, cond, batches):
                     logits = ex.model(**inputs, use_cache=False).logits[0]  # (seq, vocab)
             want = logits[p.prediction : p.prediction + len(ids)].argmax(-1).tolist()
             assert ids == want, (cond.label, batch, i, ids, want)
+
+
+def ragged_samples(n: int, wide=(96, 64)):
+    """n synthetic samples; every odd one's image resized to ``wide`` (ragged Qwen visual spans)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from gapcache.extract.data import load_dataset
+
+    samples = load_dataset("synthetic", n=n, image_size=64)
+    return [s if i % 2 == 0 else dataclasses.replace(s, image=s.load_image().resize(wide, Image.Resampling.BICUBIC))
+            for i, s in enumerate(samples)]
+
+
+def allowed_keys(mask, q_len, attn_2d):
+    """(batch, q, kv) bool: which keys each query may attend to, from a layer's attention_mask kwarg."""
+    import torch
+
+    if mask is None:
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        return causal[None] & attn_2d.bool()[:, None, :]
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    return keep[:, 0] if keep.dim() == 4 else keep

@@ -19,7 +19,6 @@ checked with exact equality wherever the arithmetic allows:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from types import SimpleNamespace
 
@@ -35,13 +34,12 @@ from PIL import Image  # noqa: E402
 
 from gapcache.conditions import strategies_of  # noqa: E402
 from gapcache.config import ModelConfig, load_config  # noqa: E402
-from gapcache.extract.data import load_dataset  # noqa: E402
 from gapcache.extract.models import ADAPTERS, get_adapter  # noqa: E402
 from gapcache.extract.runner import Extraction  # noqa: E402
 from gapcache.extract.tiny import build_tiny_checkpoint  # noqa: E402
 from gapcache.store import open_store, visual_span  # noqa: E402
 from gapcache.store.schema import SITES, STATUS_DONE  # noqa: E402
-from helpers import assert_greedy_under_truncation  # noqa: E402
+from helpers import allowed_keys, assert_greedy_under_truncation, ragged_samples  # noqa: E402
 from test_tiny import n_visual_features  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -64,19 +62,8 @@ I_INSTR, I_PRED = SITES.index("instruction"), SITES.index("prediction")
 
 
 def make_samples():
-    """12 synthetic samples; every odd one's image resized to 96x64 (ragged Qwen spans)."""
-    samples = load_dataset("synthetic", n=N_SAMPLES, image_size=64)
-    return [s if i % 2 == 0 else dataclasses.replace(s, image=s.load_image().resize(WIDE, Image.Resampling.BICUBIC))
-            for i, s in enumerate(samples)]
+    return ragged_samples(N_SAMPLES, WIDE)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~5x faster than two fighting over 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -465,14 +452,6 @@ def test_truncated_zero_hooks_see_zeros(run, L):
                 assert torch.equal(seen[j][row], torch.zeros_like(seen[j][row]))
 
 
-def _allowed(mask, q_len, attn_2d):
-    """(batch, q, kv) bool: which keys each query may attend to, from a layer's attention_mask kwarg."""
-    if mask is None:
-        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-        return causal[None] & attn_2d.bool()[:, None, :]
-    keep = mask if mask.dtype == torch.bool else mask == 0
-    return keep[:, 0] if keep.dim() == 4 else keep
-
 
 @pytest.mark.parametrize("single", (False, True), ids=("batch", "single"))
 @pytest.mark.parametrize("L", (-1, 1))
@@ -497,7 +476,7 @@ def test_truncated_drop_masks_visual_keys(run, L, single):
         def hook(j):
             def fn(module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
-                seen[j] = _allowed(kwargs.get("attention_mask"), h.shape[1], inputs["attention_mask"])
+                seen[j] = allowed_keys(kwargs.get("attention_mask"), h.shape[1], inputs["attention_mask"])
             return fn
 
         handles = [m.register_forward_pre_hook(hook(j), with_kwargs=True) for j, m in enumerate(layers)]

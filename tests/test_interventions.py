@@ -18,7 +18,6 @@ position kind a finder; existing labels and ``condition_params`` are pinned byte
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from types import SimpleNamespace
@@ -31,19 +30,18 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 
-from PIL import Image  # noqa: E402
 
 from gapcache import conditions  # noqa: E402
 from gapcache.config import ModelConfig, load_config  # noqa: E402
 from gapcache.errors import ConfigError, UnknownNameError  # noqa: E402
 from gapcache.extract import data as data_mod  # noqa: E402
 from gapcache.extract import interventions  # noqa: E402
-from gapcache.extract.data import load_dataset  # noqa: E402
 from gapcache.extract.hooks import Capture, hidden_of, replace_hidden  # noqa: E402
 from gapcache.extract.models import ADAPTERS, get_adapter  # noqa: E402
 from gapcache.extract.runner import Extraction  # noqa: E402
 from gapcache.extract.tiny import build_tiny_checkpoint  # noqa: E402
 from gapcache.store import open_store  # noqa: E402
+from helpers import allowed_keys, ragged_samples  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -162,9 +160,7 @@ def test_config_validation_comes_from_the_registry():
 
 
 def make_samples():
-    samples = load_dataset("synthetic", n=N_SAMPLES, image_size=64)
-    return [s if i % 2 == 0 else dataclasses.replace(s, image=s.load_image().resize(WIDE, Image.Resampling.BICUBIC))
-            for i, s in enumerate(samples)]
+    return ragged_samples(N_SAMPLES, WIDE)
 
 
 def extraction(r, tmp, **extract):
@@ -176,13 +172,6 @@ def extraction(r, tmp, **extract):
     ex.plan(r.samples, show=False)
     return ex
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -228,14 +217,6 @@ def test_recorded_states_satisfy_the_declared_invariant(run, label):
     assert_invariant(cond, results, run.original)
 
 
-def _allowed(mask, q_len, attn_2d):
-    """(batch, q, kv) bool: which keys each query may attend to, from a layer's attention_mask kwarg."""
-    if mask is None:
-        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-        return causal[None] & attn_2d.bool()[:, None, :]
-    keep = mask if mask.dtype == torch.bool else mask == 0
-    return keep[:, 0] if keep.dim() == 4 else keep
-
 
 def hooked_inputs(r, cond, batch):
     """Per decoder layer: (hidden, allowed keys) just before and just after the condition's own hooks."""
@@ -246,7 +227,7 @@ def hooked_inputs(r, cond, batch):
     def probe(j, when):
         def fn(module, args, kwargs):
             h = hidden_of(args, kwargs)
-            seen[j, when] = (h.detach().clone(), _allowed(kwargs.get("attention_mask"), h.shape[1],
+            seen[j, when] = (h.detach().clone(), allowed_keys(kwargs.get("attention_mask"), h.shape[1],
                                                            inputs["attention_mask"]).expand(h.shape[0], -1, -1))
         return fn
 
