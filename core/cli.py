@@ -35,7 +35,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gapcache", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"gapcache {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)  # every subcommand sets its handler (set_defaults(func=...))

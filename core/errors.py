@@ -77,3 +77,7 @@ class DamagedChunkError(StoreError):
 
 class SlurmError(GapcacheError):
     """sbatch/scontrol failed, or a submission would collide with running jobs."""
+
+
+class PluginError(GapcacheError):
+    """A registry entry (gapcache.plugins) cannot be loaded: a broken plugin, or an entry naming a missing object."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from gapcache.errors import GapcacheError
+from gapcache.errors import PluginError
 
 FAMILIES = "gapcache.families"  # model family -> its Adapter class
 COMMANDS = "gapcache.commands"  # CLI section -> register(subparsers)
@@ -34,10 +34,6 @@ BUILTIN = {
         "slurm": "gapcache.slurm.cli:register",  # slurm plan|submit|status
     },
 }
-
-
-class PluginError(GapcacheError):
-    """A registry entry cannot be loaded (a broken plugin, or an entry naming a missing object)."""
 
 
 def entries(group: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ def test_core_imports_nothing_from_extract():
 
 
 def test_the_cli_and_config_validation_load_neither_torch_nor_transformers():
-    code = ("import sys; from gapcache.cli import _parser; _parser(); "
+    code = ("import sys; from gapcache.cli import build_parser; build_parser(); "
             "from gapcache.config import DEMO, load_config; load_config(DEMO); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -56,3 +56,10 @@ def test_a_registered_command_appears_in_the_cli(monkeypatch, capsys):
                         {**plugins.BUILTIN[plugins.COMMANDS], "hello": "gapcache_test_plugin:register"})
     assert main(["hello"]) == 0
     assert "hello from a plugin" in capsys.readouterr().out
+
+
+def test_every_error_class_is_defined_in_core_errors():
+    pattern = re.compile(r"^class \w+\((\w+\.)?\w*(Error|Exception)\w*\)", re.M)
+    where = {p.relative_to(ROOT).as_posix() for d in ("core", "extract", "store", "analyze", "slurm")
+             for p in (ROOT / d).rglob("*.py") if pattern.search(p.read_text())}
+    assert where == {"core/errors.py"}
