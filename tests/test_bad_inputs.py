@@ -342,3 +342,43 @@ def test_a_killed_writer_leaves_staged_files_that_the_resume_removes(tmp_path):
     rep = verify(out / "store.zarr")
     assert rep.ok and not rep.warnings, (rep.problems, rep.warnings)
     shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------ analyze (items 5, 6, 9)
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    """A store with a single truncation layer."""
+    tmp = tmp_path_factory.mktemp("one")
+    cfg = _cfg(tmp, conditions=["original", "truncated"], truncation_layers=[1], truncation_strategies=["zero"])
+    assert main(["extract", str(cfg), "--out", str(tmp / "run")]) == 0
+    return tmp / "run" / "store.zarr"
+
+
+def test_analyze_cliff_layer_out_of_the_store_range_is_refused(one_layer, tmp_path, capsys):
+    _one_line(capsys, 1, ["analyze", one_layer, "--out", tmp_path / "a", "--cliff-layer", "999"],
+              "The 'cliff_layer' parameter (--cliff-layer) of analyze must be a layer of the store, in [0, ",
+              "Got 999 instead.")
+    assert not (tmp_path / "a" / "summary.json").exists()
+
+
+def test_analyze_out_naming_a_file_is_one_line(one_layer, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    _one_line(capsys, 1, ["analyze", one_layer, "--out", tmp_path / "f"], "must be a directory. Got the file")
+
+
+def test_a_single_truncation_layer_store_runs_every_metric_that_can_and_says_why_not_for_the_others(
+        one_layer, tmp_path, capsys):
+    rc = main(["analyze", str(one_layer), "--out", str(tmp_path / "a"), "--n-resamples", "99"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    m = summary["stores"]["store"]["metrics"]
+    assert set(m) >= {"accuracy", "truncation", "evd", "rank"}
+    assert "skipped" not in m["accuracy"] and "skipped" not in m["truncation"]
+    evd = m["evd"]
+    if "skipped" in evd:
+        assert "truncates at layer(s) [1]" in evd["skipped"]
+    else:
+        assert "at least 2 layers" in evd["cliffs"]["steepest"]["skipped"]
+        assert "cliff_skipped" in evd and "pass --cliff-layer" in evd["cliff_skipped"]
+    assert "steepest_decline needs at least 2 layers" in out or "skipped" in out
