@@ -398,9 +398,10 @@ def _check_cliff_layer(ds, p: AnalysisParams) -> None:
     if p.cliff_layer is None or "layer" not in ds.coords:
         return
     layers = [int(x) for x in ds.layer.values]
-    if layers and not (min(layers) <= p.cliff_layer <= max(layers)):
+    lo = min(layers) - 1  # one below the first layer: no layer reads the image (L = -1)
+    if layers and not (lo <= p.cliff_layer <= max(layers)):
         raise ConfigError(f"The 'cliff_layer' parameter (--cliff-layer) of analyze must be a layer of the store, in "
-                          f"[{min(layers)}, {max(layers)}]. Got {p.cliff_layer} instead.")
+                          f"[{lo}, {max(layers)}] ({lo}: no layer reads the image). Got {p.cliff_layer} instead.")
 
 
 def _check_out(out: Path) -> None:

@@ -356,7 +356,7 @@ def one_layer(tmp_path_factory):
 
 def test_analyze_cliff_layer_out_of_the_store_range_is_refused(one_layer, tmp_path, capsys):
     _one_line(capsys, 1, ["analyze", one_layer, "--out", tmp_path / "a", "--cliff-layer", "999"],
-              "The 'cliff_layer' parameter (--cliff-layer) of analyze must be a layer of the store, in [0, ",
+              "The 'cliff_layer' parameter (--cliff-layer) of analyze must be a layer of the store, in [-1, ",
               "Got 999 instead.")
     assert not (tmp_path / "a" / "summary.json").exists()
 
