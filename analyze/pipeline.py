@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,17 +165,39 @@ def evd(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
         raise ConfigError(f"The 'strategy' parameter must be one of {deltas.strategy.values.tolist()} (the store's "
                           f"truncation strategies). Got {p.strategy!r} instead.")
     d = deltas.sel(strategy=p.strategy).transpose("sample", "layer")
+    try:
+        return _evd(ds, d, p)
+    except GapcacheError as err:  # e.g. too few truncation layers for any tau or cliff: say why, go on
+        return {"skipped": f"{err} (this store truncates at layer(s) {d.layer.values.tolist()})"}
+
+
+def _cliffs(dv, layers, tau: float) -> dict:
+    """Each cliff method's result, or {'skipped': why} for a method the store cannot support."""
+    out = {}
+    for m in ("median_evd", "steepest", "first_crossing"):
+        try:
+            out[m] = evd_mod.cliff(dv, layers, tau, method=m)
+        except GapcacheError as err:
+            out[m] = {"skipped": f"{err} (truncation layers {list(map(int, layers))})", "method": m, "layer": None,
+                      "mean_curve": evd_mod.mean_curve(dv).tolist()}
+    return out
+
+
+def _evd(ds, d, p: AnalysisParams) -> MetricResult:
     keep = np.isfinite(d.values).all(axis=1)
     dv, layers = d.values[keep], d.layer.values
     tau = evd_mod.fixed_tau(p.tau) if p.tau is not None else evd_mod.adaptive_tau(dv, p.tau_ratio, p.n_pilot, p.seed)
     e = evd_mod.evd(dv, layers, tau.value)
-    cliffs = {m: evd_mod.cliff(dv, layers, tau.value, method=m) for m in ("median_evd", "steepest", "first_crossing")}
-    chosen = p.cliff_layer if p.cliff_layer is not None else cliffs[p.cliff_method].layer
+    cliffs = _cliffs(dv, layers, tau.value)
+    method = cliffs[p.cliff_method]
+    chosen = p.cliff_layer if p.cliff_layer is not None else None if isinstance(method, dict) else method.layer
     full = np.full(len(d.sample), np.nan)
     full[keep] = e
     out = {"strategy": p.strategy, "tau": stats.jsonable(tau), "n": int(keep.sum()),
            "n_never_reach_tau": int(np.isnan(e).sum()),
            "cliffs": {m: stats.jsonable(c) for m, c in cliffs.items()},
+           **({"cliff_skipped": f"--cliff-method {p.cliff_method}: {method['skipped']}; pass --cliff-layer or "
+                                "another --cliff-method"} if p.cliff_layer is None and isinstance(method, dict) else {}),
            "cliff_layer": None if chosen is None or not np.isfinite(chosen) else float(chosen),
            "cliff_source": "fixed (--cliff-layer)" if p.cliff_layer is not None else p.cliff_method,
            "area": _ci(evd_mod.evd_area(dv, layers, tau.value), p).to_dict()}
@@ -355,6 +378,7 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
     import xarray as xr
 
     p.validate()
+    _check_cliff_layer(ds, p)
     summary = {"store": {k: ds.attrs.get(k) for k in ("model", "dataset", "provenance", "config_hash")},
                "params": dataclasses.asdict(p), "metrics": {}, "timing_s": {}}
     ctx = Context(cliff_layer=p.cliff_layer)
@@ -369,12 +393,34 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
     return summary, xr.Dataset(dict(ctx.arrays))
 
 
+def _check_cliff_layer(ds, p: AnalysisParams) -> None:
+    """A fixed cliff layer must lie within the store's recorded layers."""
+    if p.cliff_layer is None or "layer" not in ds.coords:
+        return
+    layers = [int(x) for x in ds.layer.values]
+    lo = min(layers) - 1  # one below the first layer: no layer reads the image (L = -1)
+    if layers and not (lo <= p.cliff_layer <= max(layers)):
+        raise ConfigError(f"The 'cliff_layer' parameter (--cliff-layer) of analyze must be a layer of the store, in "
+                          f"[{lo}, {max(layers)}] ({lo}: no layer reads the image). Got {p.cliff_layer} instead.")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"The 'out' parameter (--out) of analyze must be a directory. Got the file '{out}' "
+                          "instead; pass a new directory.")
+    base = next(q for q in (out.absolute(), *out.absolute().parents) if q.exists())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"The 'out' parameter (--out) of analyze must be a directory you can write. Got '{out}' "
+                          f"instead ('{base}' is not writable).")
+
+
 def run_analysis(paths, out, p: AnalysisParams) -> dict:
     """Analyse each store, compare stores pairwise (EVD gap, paired by sample id), write everything."""
     from gapcache.analyze.scheduler import scheduler
     from gapcache.store import open_store
 
     out = Path(out)
+    _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"stores": {}, "comparisons": {}}
     evds, all_results = {}, {}

@@ -12,7 +12,9 @@ Usage::
     gapcache slurm status RUN
     gapcache verify STORE | gapcache merge A B --out C | gapcache freeze STORE
 
-Exit codes: 0 ok, 1 a gapcache error (message on stderr), 2 bad command line.
+Exit codes: 0 ok, 1 a gapcache error or an environment fault such as a full disk (one line on stderr;
+``extract``: also when every sample failed), 2 bad command line, 130 interrupted (Ctrl-C). The table of
+every bad input and fault: docs/faults.md.
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ def main(argv=None) -> int:
         return args.func(args)  # every subcommand sets its handler (set_defaults(func=...))
     except GapcacheError as err:
         print(f"gapcache {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gapcache {args.command}: interrupted (Ctrl-C); what was flagged done is kept, rerun the same "
+              "command to resume.", file=sys.stderr)
+        return 130
+    except OSError as err:  # disk full, permissions, a vanished file: the environment, not gapcache
+        if args.verbose:
+            raise
+        where = f" ('{err.filename}')" if err.filename else ""
+        print(f"gapcache {args.command}: error: {err.strerror or err}{where}. Free space, fix the permissions or "
+              "choose another path, then rerun (-v shows the traceback).", file=sys.stderr)
         return 1
 
 

@@ -39,8 +39,13 @@ def cmd_extract(args) -> int:
 
         print(dry_run(cfg))
         return 0
+    from gapcache.extract.preflight import check_task, preflight
     from gapcache.extract.runner import Extraction
 
+    if args.check is not None:  # writes nothing: no run-directory checks
+        check_task(args.task_index, args.n_tasks)
+    else:  # everything that needs no model, before the model loads
+        preflight(cfg, args.out, args.task_index, args.n_tasks)
     ex = Extraction(cfg, args.out).load()
     if args.check is not None:
         from gapcache.extract.estimate import check
@@ -50,7 +55,22 @@ def cmd_extract(args) -> int:
     path = ex.run(task_index=args.task_index, n_tasks=args.n_tasks)
     print(f"store written: {path}")
     print(format_info(path))
-    return 0
+    return _exit_if_nothing_done(path)
+
+
+def _exit_if_nothing_done(path) -> int:
+    """1 (with a message) when the store holds no sample done under any condition and nothing pending:
+    every sample failed, so no analysis can run. 0 otherwise."""
+    from gapcache.store import info
+
+    d = info(path)
+    conds = d["conditions"].values()
+    if any(c["done"] for c in conds) or any(c["pending"] for c in conds):
+        return 0
+    print(f"gapcache extract: error: every sample failed under every condition; the store at {path} records "
+          "each reason (`gapcache info`, the 'error' array). Fix the config or the data and extract into a new "
+          "--out.", file=sys.stderr)
+    return 1
 
 
 def cmd_demo(args) -> int:
@@ -65,6 +85,9 @@ def cmd_demo(args) -> int:
         d["data"]["options"]["n"] = args.n
     cfg = load_config(d)
     out = Path(args.out)
+    from gapcache.extract.preflight import preflight
+
+    preflight(cfg, out)
     print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
           f"{len(cfg.extract.conditions)} conditions -> {out}", file=sys.stderr)
     ex = Extraction(cfg, out).load()

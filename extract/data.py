@@ -160,8 +160,36 @@ def _reopen(im: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(fp.getvalue())) if isinstance(fp, io.BytesIO) else im
 
 
+#: 16-bit integer modes (PNG 16-bit grayscale): scaled to 8 bits, never clipped (PIL clips to white)
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A grayscale image of more than 8 bits per pixel as mode ``L``, scaled to 0..255.
+
+    ``I;16*``: 0..65535 -> 0..255 (v / 257). ``I`` (32-bit int; Pillow opens some 16-bit PNGs so):
+    0..255 kept, up to 65535 scaled as 16 bits, wider scaled by its own maximum. ``F`` (float):
+    values in [0, 1] scaled by 255, within [0, 255] kept, wider scaled by the maximum. Negative values
+    clip to 0. ``Image.convert`` instead clips every value above 255 to white."""
+    a = np.asarray(im).astype(np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if im.mode.startswith("I;16"):
+        scale = 65535.0
+    elif im.mode == "F" and top <= 1.0:
+        scale = 1.0
+    elif top <= 255.0:
+        scale = 255.0
+    elif im.mode == "I" and top <= 65535.0:
+        scale = 65535.0
+    else:
+        scale = top
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8), mode="L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     im = ImageOps.exif_transpose(im)
+    if im.mode in _WIDE_INT_MODES or im.mode == "F":
+        return _to_8bit(im).convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         out = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -172,6 +200,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def _open_rgb(sample_id: str, path: str) -> Image.Image:
     p = Path(path)
+    if p.is_dir():
+        raise SampleError(sample_id, f"image path '{p}' is a directory, not an image file")
     if not p.is_file():
         raise SampleError(sample_id, f"image file '{p}' does not exist")
     try:
@@ -408,8 +438,13 @@ def _load_manifest(
     if not file.is_file():
         raise DataError(f"Manifest '{file}' does not exist or is not a file.")
     samples, first_line = [], {}
-    with file.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with file.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}:{lineno}: the manifest must be UTF-8 text. Got byte {raw[e.start]:#04x} "
+                                f"at column {e.start + 1} instead; re-save the file as UTF-8.") from None
             if not line.strip():
                 continue
             s = _manifest_sample(_parse_line(line, file, lineno), file, lineno, split or "test")

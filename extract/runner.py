@@ -27,14 +27,16 @@ import torch
 from gapcache import __version__
 from gapcache.conditions import NEEDS_DONOR, NEEDS_MEAN_RGB, RunFacts, condition_params, expand_config
 from gapcache.conditions import kind as condition_kind
-from gapcache.errors import SampleError, StoreError
+from gapcache.errors import IncompatibleStoreError, SampleError, StoreError
 from gapcache.extract import data as data_mod
 from gapcache.extract import interventions
 from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
+from gapcache.extract.preflight import check_shard_memory, check_task, preflight
 from gapcache.extract.sites import POSITION_SITES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, create
+from gapcache.store.locks import clean_leftovers, owner_tag
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME
 from gapcache.store.writer import check_compatible, check_same_samples
 
@@ -166,21 +168,37 @@ class Extraction:
         attrs = self.store_attrs()
         if not (self.store_path / "zarr.json").is_file():
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / f".{STORE_NAME}.{os.getpid()}.tmp"
+            tmp = self.out / f".{STORE_NAME}.{owner_tag()}.tmp"  # its owner: a resume removes it if that one died
             shutil.rmtree(tmp, ignore_errors=True)
             layout = self.layout()
             lens, lens_attrs = self.lens_values()
             values = {**self.sample_meta(), **lens}
             if self.cfg.extract.visual.mode != "all":
                 values["vtoken_position"] = self.vtoken_positions(layout)
-            create(tmp, layout, attrs, values, array_attrs={"lens_norm_weight": lens_attrs})
+            try:
+                create(tmp, layout, attrs, values, array_attrs={"lens_norm_weight": lens_attrs})
+            except OSError as err:  # disk full, quota, permissions: one line, nothing left behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StoreError(f"Could not create the store in '{self.out}': {err.strerror or err} "
+                                 f"(writing '{err.filename or tmp}'). Free space or pass another --out.") from None
             try:
                 os.rename(tmp, self.store_path)
                 return True
             except OSError:  # another task created it first
                 shutil.rmtree(tmp, ignore_errors=True)
+        meta = self.sample_meta()
+        try:  # samples first: a changed image names its sample (and what it changed: mean_rgb, donors)
+            check_same_samples(self.store_path, [p.sample.id for p in self.planned], meta)
+        except IncompatibleStoreError as err:
+            from gapcache.store.reader import root_attrs
+            from gapcache.store.writer import describe_differences, differences
+
+            stored = root_attrs(self.store_path).get("condition_params")
+            diffs = differences(stored, attrs["condition_params"], "condition_params")
+            if diffs:
+                raise IncompatibleStoreError(f"{err} Through it, {describe_differences(diffs)}.") from None
+            raise
         check_compatible(self.store_path, attrs, COMPAT_KEYS)
-        check_same_samples(self.store_path, [p.sample.id for p in self.planned], self.sample_meta())
         return False
 
     def lens_values(self) -> tuple[dict, dict]:
@@ -224,19 +242,21 @@ class Extraction:
         all_units = [(ci, shard) for ci in range(len(self.conditions)) for shard in range(layout.n_shards)]
         if task_index is None:
             return all_units
-        if not (n_tasks and 0 <= task_index < n_tasks):
-            raise StoreError(f"The task index must lie in [0, n_tasks). Got task {task_index} of {n_tasks} instead.")
+        check_task(task_index, n_tasks)
         return all_units[task_index::n_tasks]
 
     def run(self, show=True, task_index: int | None = None, n_tasks: int | None = None):
         """Extract every pending (condition, shard) unit of this task; rerun to resume."""
         from gapcache.store.locks import ShardLocks
 
+        preflight(self.cfg, self.out, task_index, n_tasks)  # again: cheap, and for callers of run() alone
         if not hasattr(self, "planned"):
             self.load().plan(show=show)
+        self.check_planned()
         self.open_or_create()
         layout = self.layout()
         mine = self.units(layout, task_index, n_tasks)
+        clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
         # the writer closes (flushing every shard) before the locks are released
         with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path) as writer:
             writer.heal_flag_records()
@@ -247,6 +267,21 @@ class Extraction:
                 locks.acquire(f"{cond.label}.shard{shard:05d}")
                 writer.submit(self.shard_payload(ci, cond, shard, layout))
         return self.store_path
+
+    def check_planned(self) -> None:
+        """Before the store is created: some sample must be extractable, and a shard's payload, now that
+        the visual-token counts are known, must fit in memory."""
+        if self.planned and not any(p.ok for p in self.planned):
+            first = self.planned[0]
+            raise SampleError(first.sample.id, f"failed planning, and so did every one of the {len(self.planned)} "
+                                               f"samples (first reason: {first.failure}). Nothing to extract; fix "
+                                               "the config (extract.max_length?) or the data.")
+        layout = self.layout()
+        most = max((sum(layout.visual_lengths[i] for i in layout.shard_samples(k)) for k in range(layout.n_shards)),
+                   default=0)
+        visual = most if any(c.records_visual for c in self.conditions) else 0
+        check_shard_memory(self.cfg.extract.samples_per_shard, len(self.record), layout.hidden,
+                           self.cfg.model.dtype, visual)
 
     def unit_arrays(self, cond) -> list[str]:
         """The unit arrays a (condition, shard) payload of this run fills."""

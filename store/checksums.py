@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
+
+from gapcache.store.locks import tmp_name
 
 ALGORITHM = "crc32c"  # hidden-state shards
 CHUNK_ALGORITHM = "sha256"  # chunks that carry their own crc32c codec
@@ -108,7 +109,7 @@ def write_record(array_dir, key: str, found, algorithm: str = ALGORITHM) -> None
     """Atomically write the record of ``key`` ((checksum, nbytes), or None for a key holding no data)."""
     path = record_path(array_dir, key)
     path.parent.mkdir(exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp = path.parent / tmp_name(path.name)
     tmp.write_text(json.dumps(make_record(key, found, algorithm)))
     os.replace(tmp, path)
 

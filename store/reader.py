@@ -40,11 +40,16 @@ def root_attrs(path, storage_options: dict | None = None) -> dict:
     """
     import zarr
 
-    from gapcache.store.remote import zarr_store
+    from gapcache.store.remote import is_url, zarr_store
 
     try:
         group = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
+        local = None if is_url(path) else Path(path)
+        if local is not None and local.is_dir() and not (local / "zarr.json").is_file():
+            raise StoreError(f"No gapcache store at {path}: the directory exists but its root metadata file "
+                             f"'{local / 'zarr.json'}' is missing. Expected a directory written by `gapcache extract` "
+                             "(pass the store itself, RUN/store.zarr, not a folder inside or around it).") from None
         raise StoreError(f"No gapcache store at {path}: {err}. Expected a directory written by `gapcache extract`.") from None
     attrs = group.attrs.asdict()
     version = attrs.get("schema_version")

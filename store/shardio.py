@@ -29,14 +29,13 @@ written (no scan); it reads back the same.
 Atomic and durable: the shard goes to a hidden temporary file in the shard's directory, which
 is fsynced, then renamed over the shard key (``os.replace``), then the directory is fsynced. A
 process killed at any point leaves either the old shard or the new one, never a torn one (at
-worst a stray ``.<name>.<hex>.tmp`` file, which no Zarr reader looks at).
+worst a stray ``.<name>.<pid>@<host>.<hex>.tmp`` file, which no Zarr reader looks at).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from gapcache.errors import StoreError, UnsupportedShardFormat
+from gapcache.store.locks import tmp_name
 
 MISSING = 2**64 - 1
 #: bytes->bytes codecs this module can apply to an inner chunk
@@ -378,7 +378,7 @@ class ShardArray:
         if not present:
             return StagedShard(path, None, None, 0, [])
         created = _makedirs(path.parent)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        tmp = path.parent / tmp_name(path.name)  # carries its owner: a resume removes it if that owner died
         oal = np.full((int(np.prod(self.chunks_per_shard)), 2), MISSING, dtype=np.uint64)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:

@@ -32,7 +32,7 @@ from gapcache.errors import StoreError
 from gapcache.store import arrays, checksums
 from gapcache.store.reader import DECODE_ERRORS, damaged_chunks
 from gapcache.store.remote import KeyReader, is_url, zarr_store
-from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STATUS_NAMES, STATUS_PENDING
+from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STATUS_NAMES, STATUS_PENDING, STORE_NAME
 #: core Zarr v3 codecs: none of them can execute or unpickle anything
 PORTABLE_CODECS = {"bytes", "zstd", "gzip", "blosc", "crc32c", "sharding_indexed", "vlen-utf8", "vlen-bytes",
                    "transpose"}
@@ -113,18 +113,21 @@ def verify(path, storage_options: dict | None = None, *, allow_incomplete: bool 
 
 
 def _check_tree(root: Path, rep: Report) -> None:
-    """No symlinks (they could point outside the run directory); stray temporary files are reported."""
-    strays = 0
+    """No symlinks (they could point outside the run directory); leftovers of interrupted writers (staged
+    ``.*.tmp`` files inside the store; beside a store named ``store.zarr``, in its run directory, the
+    directory of an interrupted creation and lock files) are reported with their size and owner."""
+    from gapcache.store.locks import describe_leftovers, leftovers
+
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             p = Path(dirpath) / name
             if p.is_symlink():
                 rep.problems.append(f"symlink inside the store: {p.relative_to(root)} -> {os.readlink(p)} "
                                     "(a store must hold its own files)")
-            elif name.endswith(".tmp") and name.startswith("."):
-                strays += 1
-    if strays:
-        rep.warnings.append(f"{strays} stray temporary file(s) from interrupted writes (harmless; ignored by readers)")
+    found = leftovers(root.parent, root)
+    if root.name != STORE_NAME:  # not in a run directory: only what lies inside the store is ours
+        found = [f for f in found if f.kind == "staged file"]
+    rep.warnings += describe_leftovers(found)  # harmless for readers, who never look at them
 
 
 def _check_schema(g, attrs, rep: Report) -> dict:

@@ -514,18 +514,63 @@ def _local_root(group):
     return Path(store.root) if isinstance(store, LocalStore) and not store.read_only else None
 
 
+#: config fields that do not change a store's content (where or how fast it runs); never compared on resume
+UNHASHED_FIELDS = ("extract.disk_bandwidth_mb_s", "extract.forward_seconds_per_batch")
+#: config sections that fix a store's content
+CONTENT_SECTIONS = ("model", "data", "extract")
+
+
+def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, a's value, b's value) of every leaf where two nested mappings differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [(prefix, a, b)]
+
+
+def _short(value, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def describe_differences(diffs, limit: int = 3) -> str:
+    """'F is A in the store and B in this run; ...' for the first ``limit`` differing fields."""
+    parts = [f"{f!r} is {_short(a)} in the store and {_short(b)} in this run" for f, a, b in diffs[:limit]]
+    more = f" (and {len(diffs) - limit} more field(s))" if len(diffs) > limit else ""
+    return "; ".join(parts) + more
+
+
+def config_differences(stored_config: dict | None, config: dict) -> list[tuple[str, object, object]]:
+    """The content fields (:data:`CONTENT_SECTIONS`, the batch size included: padding changes the
+    stored values in the last float bits) where a store's config snapshot and a run's config differ."""
+    stored_config = stored_config or {}
+    diffs = []
+    for section in CONTENT_SECTIONS:
+        diffs += differences(stored_config.get(section), config.get(section), section)
+    return [d for d in diffs if d[0] not in UNHASHED_FIELDS]
+
+
 def check_compatible(path, attrs: dict, keys) -> None:
-    """Refuse to resume into a store created from a different config (names the differing field)."""
+    """Refuse to resume into a store created from a different config: names each differing field
+    (``extract.batch_size``, ``condition_params.blind_mean.mean_rgb``, ...) with both values."""
     from gapcache.store.reader import root_attrs
 
     existing = root_attrs(path)  # refuses an unknown schema version first
     for key in keys:
-        if existing.get(key) != attrs.get(key):
-            raise IncompatibleStoreError(
-                f"The store at {path} was created with a different {key!r}: "
-                f"store has {existing.get(key)!r}, this run has {attrs.get(key)!r}. "
-                "Use a new --out directory, or rerun with the store's own config."
-            )
+        if existing.get(key) == attrs.get(key):
+            continue
+        if key == "config_hash" and "config" in attrs:
+            diffs = config_differences(existing.get("config"), attrs["config"]) or \
+                [("config_hash", existing.get(key), attrs.get(key))]
+        else:
+            diffs = differences(existing.get(key), attrs.get(key), key) or [(key, existing.get(key), attrs.get(key))]
+        raise IncompatibleStoreError(
+            f"The store at {path} was created with a different {key!r}{' (config)' if key == 'config_hash' else ''}: "
+            f"{describe_differences(diffs)}. "
+            "Use a new --out directory, or rerun with the store's own config."
+        )
 
 
 SAME_SAMPLE_ON_RESUME = ("image_sha256", "question", "answer")
