@@ -12,6 +12,7 @@ ShardPayload handed to the StoreWriter's background thread, so the model never w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -143,7 +144,9 @@ class Extraction:
         return {
             "dataset_name": col(lambda p: p.sample.dataset), "split": col(lambda p: p.sample.split),
             "category": col(lambda p: p.sample.category), "question": col(lambda p: p.sample.question),
-            "answer": col(lambda p: p.sample.answer), "image_sha256": col(lambda p: p.image_sha256),
+            "answer": col(lambda p: p.sample.answer),
+            "answers": col(lambda p: json.dumps(list(p.sample.answers), ensure_ascii=False)),
+            "image_sha256": col(lambda p: p.image_sha256),
             "failure": col(lambda p: p.failure),
             "label": np.array([p.sample.label for p in P], np.int32),
             "seq_len": np.array([len(p.prompt_ids) for p in P], np.int32),
@@ -428,9 +431,10 @@ class Extraction:
 
     @torch.inference_mode()
     def generate(self, indices, cond) -> list[str]:
-        """Greedy generation from the prompt (left padded), decoded without special tokens."""
+        """Greedy generation from the prompt (left padded), decoded without special tokens, stored raw
+        (not stripped: a whitespace-only generation stays distinguishable from an empty one; scoring strips)."""
         new = self.generate_ids(indices, cond)
-        return [s.strip() for s in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return list(self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
 
     @torch.inference_mode()
     def generate_ids(self, indices, cond) -> torch.Tensor:
