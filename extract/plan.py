@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gapcache.errors import ConfigError, SampleError
+from gapcache.errors import ConfigError, SampleError, SiteError
 from gapcache.extract.data import Sample, derangement, pixel_sum
 from gapcache.extract.sites import SiteContext, find_sites, site_value
+
+
+#: stands for the question when the chat template is rendered to find where the user's text goes
+QUESTION_SENTINEL = "\ue000gapcache-question\ue001"
 
 
 @dataclass
@@ -83,6 +87,27 @@ class Planner:
             self.adapter.messages(question), add_generation_prompt=True, tokenize=False
         )
 
+    def question_start(self, prompt: str, question: str) -> tuple[int, str]:
+        """(character offset, text) of the question in ``prompt`` as the chat template placed it.
+
+        The template is rendered once more with a sentinel in place of the question; the text before
+        the sentinel is the prompt's prefix up to the user's text, so the question is located without
+        searching the prompt (a question ``assistant`` is not confused with the template's
+        ``assistant``). A template that trims the text is allowed (the trimmed text is returned);
+        one that repeats, drops or otherwise rewrites it fails the sample.
+        """
+        if getattr(self, "_marked", None) is None:
+            self._marked = self.prompt(QUESTION_SENTINEL)  # the same for every question: rendered once
+        marked = self._marked
+        if marked.count(QUESTION_SENTINEL) != 1:
+            raise SiteError("", f"the chat template shows the question {marked.count(QUESTION_SENTINEL)} times "
+                                "(expected once); cannot locate the instruction site")
+        head, tail = marked.split(QUESTION_SENTINEL)
+        for shown in dict.fromkeys((question, question.rstrip(), question.strip(), question.lstrip())):
+            if prompt == head + shown + tail:
+                return len(head), shown
+        raise SiteError("", "the chat template rewrites the question text; cannot locate the instruction site")
+
     def encode_answer(self, text: str) -> list:
         return self.tokenizer(self.adapter.answer_prefix + text, add_special_tokens=False)["input_ids"]
 
@@ -103,6 +128,10 @@ class Planner:
         image = s.load_image()
         ps.image_sha256, ps.image_size, ps.pixel_sum = image_sha256(image), image.size, pixel_sum(image)
         ps.prompt = self.prompt(s.question)
+        try:
+            q_start, q_text = self.question_start(ps.prompt, s.question)
+        except SiteError as err:
+            raise SampleError(s.id, err.reason) from None
         inputs = self.processor(text=[ps.prompt], images=[image], return_tensors="pt",
                                 return_offsets_mapping=True)
         ids = inputs["input_ids"][0].tolist()
@@ -110,7 +139,7 @@ class Planner:
             sample_id=s.id, ids=ids, offsets=inputs["offset_mapping"][0].tolist(), special_ids=self.special_ids,
             image_token_id=self.image_token_id, image_token=self.image_token,
             n_image_tokens=self.adapter.n_image_tokens(self.model, inputs, 0), prompt=ps.prompt,
-            question=s.question, adapter=self.adapter,
+            question=q_text, adapter=self.adapter, question_start=q_start,
         )
         find_sites(ctx, ps.sites)
         ps.prompt_ids = ids

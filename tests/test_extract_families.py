@@ -113,6 +113,23 @@ def run(request, tmp_path_factory, one_thread):
         )
 
 
+def test_instruction_site_on_trailing_spaces_and_on_a_question_equal_to_the_template(run):
+    """On each family's tokenizer: trailing spaces never become the instruction site, and a question
+    ``assistant`` (Qwen's template says ``<|im_start|>assistant``) keeps the site in the user turn."""
+    r = run
+    tail_expected = " ASSISTANT:" if r.family == "llava" else "<|im_end|>\n<|im_start|>assistant\n"
+    base = r.samples[0]
+    for question, last in (("Is the sky blue?   ", "?"), ("Is the sky blue?\n\t ", "?"), ("assistant", "t")):
+        p = r.ex.planner.plan(0, dataclasses.replace(base, question=question))
+        assert p.ok, p.failure
+        ids, i = p.prompt_ids, p.instruction
+        piece = r.tok.decode([ids[i]])
+        assert piece.strip() and piece.rstrip().endswith(last), (question, piece)
+        assert r.tok.decode(ids[: i + 1]).rstrip().endswith(question.rstrip())
+        assert r.tok.decode(ids[i + 1 :]).strip() == tail_expected.strip()  # only whitespace and the template
+        assert p.prediction == len(ids) - 1 and i < p.prediction
+
+
 def run_batches(r):
     """The runner's exact batching: shards of samples_per_shard, then batch_size rows of the ok ones."""
     e = r.ex.cfg.extract
