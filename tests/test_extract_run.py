@@ -359,3 +359,42 @@ def test_second_task_on_the_same_shard_refuses(tmp_path):
         assert json.loads((tmp_path / "locks" / "original.shard00001.lock").read_text())["pid"] == os.getpid()
         assert (tmp_path / "locks" / "original.shard00000.lock").is_file()
     assert not list((tmp_path / "locks").iterdir())  # released, and no temporary file left
+
+
+def test_multi_token_candidates_are_scored_exactly_and_no_sample_fails(tmp_path):
+    """Candidates that share tokens or need several ('1' / '10', 'red' / 'red car') are each scored
+    by the teacher-forced log-prob of their full continuation: equal to a batch-1 reference forward."""
+    import torch
+
+    from gapcache.config import load_config
+    from gapcache.extract.runner import Extraction
+
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "ok.png")
+    cands = ["1", "10", "red", "red car", "yes"]
+    rows = [{"id": f"s{i}", "image": "ok.png", "question": "What is it?", "answer": a, "candidates": cands}
+            for i, a in enumerate(["1", "10", "red car", "yes", "red"])]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = yaml.safe_load(write_config(tmp_path, conditions=["original", "blind_black"]).read_text())
+    cfg["data"] = {"dataset": "manifest", "path": str(tmp_path / "m.jsonl")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    ex = Extraction(load_config(tmp_path / "cfg.yaml"), tmp_path / "run").load()
+    ex.plan(show=False)
+    assert all(p.ok for p in ex.planned) and any(p.cand_extra for p in ex.planned)
+    ex.run(show=False)
+    ds = open_store(ex.store_path)
+    assert (ds.status.values == 1).all()
+    assert "exact" in ds.attrs["candidate_scoring"]
+    tok = ex.processor.tokenizer
+    for cond in ex.conditions:
+        got = ds.candidate_logprob.sel(condition=cond.label).values
+        for i, p in enumerate(ex.planned):
+            base = ex.processor(text=[p.prompt], images=[ex.condition_image(i, cond)], return_tensors="pt")
+            for c, seq in zip(p.cand_columns, p.cand_seqs):
+                assert seq == tok(ex.adapter.answer_prefix + str(ds.candidate.values[c]),
+                                  add_special_tokens=False)["input_ids"]
+                ids = torch.cat([base["input_ids"], torch.tensor([seq])], dim=1)
+                inputs = {**base, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                with torch.no_grad(), ex.intervention([p], cond, inputs, offsets=[0]):
+                    logp = torch.log_softmax(ex.model(**inputs).logits[0].float(), -1)
+                want = sum(float(logp[p.prediction + t, s]) for t, s in enumerate(seq))
+                assert got[i, c] == pytest.approx(want, abs=2e-4), (cond.label, p.sample.id, c)
