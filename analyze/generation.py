@@ -33,9 +33,9 @@ def _diff(a, b, p):
 
 def compute(ds, p, ctx: Context) -> MetricResult:
     """Generation scores per condition, each condition - original (paired), truncation curves on them."""
-    from gapcache.analyze.scoring import score_store
+    from gapcache.analyze.scoring import has_generations, score_store
 
-    if "generation" not in ds:
+    if not has_generations(ds):
         return {"skipped": "the store has no generations (extract.generate.enabled: false)"}
     scores = score_store(ds)
     s = scores.values

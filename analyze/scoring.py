@@ -284,6 +284,17 @@ def task_for_dataset(name: str) -> str:
     return DATASET_TASKS.get(str(name), "exact")
 
 
+def has_generations(ds) -> bool:
+    """Whether the store's run generated (its config's ``extract.generate.enabled``; a store without the
+    recorded config: any non-empty generation). The ``generation`` array exists in every store."""
+    if "generation" not in ds:
+        return False
+    enabled = ((ds.attrs.get("config") or {}).get("extract") or {}).get("generate", {}).get("enabled")
+    if enabled is not None:
+        return bool(enabled)
+    return any(str(g) for g in np.asarray(ds["generation"].values, dtype=object).ravel())
+
+
 def score_store(ds, tasks: dict | None = None):
     """Every condition's generation scored: DataArray (condition, sample), NaN where not written / failed.
 
@@ -297,9 +308,9 @@ def score_store(ds, tasks: dict | None = None):
 
     from gapcache.store.reader import gold_answers
 
-    if "generation" not in ds:
+    if not has_generations(ds):
         raise ConfigError("score_store needs a store with generations (extract.generate.enabled: true). "
-                          "This store has no 'generation' array.")
+                          "This store was extracted without them.")
     golds = gold_answers(ds)
     n = ds.sizes["sample"]
     names = (np.asarray(ds["dataset_name"].values, dtype=object).ravel() if "dataset_name" in ds
