@@ -383,6 +383,10 @@ class Extraction:
     @torch.inference_mode()
     def forward(self, indices, cond, inputs=None):
         P = [self.planned[i] for i in indices]
+        # candidates the gold answer's forward cannot score: their own forwards first (before the main
+        # forward, so that it is the last pass any hook of this batch sees)
+        extra_rows = [(r, k) for r, p in enumerate(P) for k in p.cand_extra]
+        extra_scores = self.candidate_logprobs([(indices[r], k) for r, k in extra_rows], cond) if extra_rows else []
         inputs = self.batch_inputs(indices, cond) if inputs is None else inputs
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
@@ -420,10 +424,8 @@ class Extraction:
                     chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
                 res["visual_states"] = self.to_storage(chunk)
             results.append(res)
-        rows = [(r, k) for r, p in enumerate(P) for k in p.cand_extra]
-        if rows:
-            for (r, k), score in zip(rows, self.candidate_logprobs([(indices[r], k) for r, k in rows], cond)):
-                results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
+        for (r, k), score in zip(extra_rows, extra_scores):
+            results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
         if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):
                 res["generation"] = text_out

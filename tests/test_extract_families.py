@@ -177,13 +177,13 @@ def deepstack_features(r, inputs):
     return [torch.cat(list(level), 0) for level in feats.deepstack_features]
 
 
-def plain_logprobs(r, i, image=None):
-    """log_softmax of a batch-1 forward of sample i's prompt + gold answer (no padding, no runner)."""
+def plain_logprobs(r, i, image=None, answer=None):
+    """log_softmax of a batch-1 forward of sample i's prompt + gold answer (or ``answer``; no padding, no runner)."""
     p, s = r.ex.planned[i], r.samples[i]
     image = s.load_image() if image is None else image
     inputs = r.processor(text=[question_prompt(r, s.question)], images=[image], return_tensors="pt")
     n = inputs["input_ids"].shape[1]
-    ans = torch.tensor([answer_ids(r, s.answer)])
+    ans = torch.tensor([answer_ids(r, s.answer if answer is None else answer)])
     for key in list(inputs):
         v = inputs[key]
         if torch.is_tensor(v) and v.shape[:2] == (1, n):
@@ -400,7 +400,13 @@ def test_gold_and_candidate_logprobs(run):
             if c not in s.candidates:
                 assert np.isnan(cand[i, j])
                 continue
-            np.testing.assert_allclose(cand[i, j], prefix + float(logp[n - 1 + k, seqs[c][k]]), rtol=1e-5, atol=1e-5)
+            if len(seqs[c]) == k + 1:  # shared prefix + one token: the exact score is the old rule's
+                np.testing.assert_allclose(cand[i, j], prefix + float(logp[n - 1 + k, seqs[c][k]]), rtol=1e-5,
+                                           atol=1e-5)
+            # every candidate, however many tokens: the teacher-forced log-prob of its full continuation
+            lp_c = logp if c == s.answer else plain_logprobs(r, i, answer=c)[0]
+            exact = sum(float(lp_c[n - 1 + t, tok]) for t, tok in enumerate(seqs[c]))
+            np.testing.assert_allclose(cand[i, j], exact, rtol=1e-5, atol=1e-5)
         if len(ans) == k + 1:  # gold = shared prefix + one token: its candidate score is the gold log-prob
             single += 1
             if k == 0:  # the same float32 log-prob read twice: exact
@@ -460,6 +466,8 @@ def test_truncated_zero_hooks_see_zeros(run, L):
         def hook(j):
             def fn(module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
+                if h.shape[0] != len(P):  # an extra candidate forward (runs before the batch's main one)
+                    return
                 seen[j] = [h[row, p.visual_start : p.visual_start + p.visual_length].clone() for row, p in enumerate(P)]
             return fn
 
