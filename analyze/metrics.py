@@ -3,7 +3,7 @@
 Usage::
 
     from gapcache.analyze import metrics
-    metrics.names()                    # ('accuracy', 'truncation', 'evd', 'rank', 'probes', 'lens')
+    metrics.names()                    # ('accuracy', 'generation', 'truncation', 'evd', 'rank', 'probes', 'lens')
     entry = metrics.get("evd")
     result = entry.compute(ds, AnalysisParams(), metrics.Context())   # -> MetricResult
     metrics.register(metrics.Metric("my_metric", compute, figure, rows, "one line for --help"))

@@ -26,6 +26,7 @@ import numpy as np
 
 from gapcache import conditions
 from gapcache.analyze import evd as evd_mod
+from gapcache.analyze import generation
 from gapcache.analyze import metrics as registry
 from gapcache.analyze import report, stats
 from gapcache.analyze.metrics import Context, Metric, MetricResult
@@ -359,6 +360,8 @@ def lens(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
 # One entry per metric, in pipeline order (evd before rank: rank reads the cliff evd finds).
 registry.register(Metric("accuracy", accuracy, report.fig_accuracy, report.rows_accuracy,
                          "forced-choice accuracy per condition, and each condition - original (paired)"))
+registry.register(Metric("generation", generation.compute, generation.figure, generation.rows,
+                         "scored generations (lmms-eval rules) per condition, - original (paired), truncation curves"))
 registry.register(Metric("truncation", truncation, report.fig_truncation, report.rows_truncation,
                          "Delta(L) and accuracy per truncation layer and strategy"))
 registry.register(Metric("evd", evd, report.fig_evd, report.rows_evd,

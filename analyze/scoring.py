@@ -1,33 +1,56 @@
-"""Task-sensitive scoring of generations (lmms-eval's rules) and forced-choice accuracy. No torch.
+"""Task-sensitive scoring of generations (lmms-eval's rules at HEAD) and forced-choice accuracy. No torch.
 
-The generation rules follow lmms-eval (EvolvingLMMs-Lab/lmms-eval: ``tasks/chartqa/utils.py``,
-``api/metrics.py::anls``, ``tasks/vqav2/utils.py`` with ``tasks/_task_utils/vqa_eval_metric.py``),
-re-implemented here, quirks included, so that gapcache numbers match published lmms-eval numbers:
+Matched against lmms-eval (EvolvingLMMs-Lab/lmms-eval) main as of its v0.4.1 release line, i.e. with
+PR #760 ("Fixed applying process_* twice on resAns for VQAv2", v0.3.5) and PR #794 ("Fix accuracy
+computation for VQAv2", v0.4.1) merged; the files read were ``tasks/chartqa/utils.py`` (blob of commit
+2bb5e985), ``api/metrics.py::anls``, ``tasks/textvqa/utils.py`` (e39bd931), ``tasks/vqav2/utils.py``
+(7993835, before #760/#794, with the two PRs' changes applied as they describe them) and
+``tasks/_task_utils/vqa_eval_metric.py::EvalAIAnswerProcessor`` (61e5060b). Re-implemented here, quirks
+included, so that gapcache numbers match published lmms-eval numbers:
 
+* **The prediction is stripped first** (:func:`score_generation`, as lmms-eval's generation tasks see
+  it): ``'Yes '`` vs ``'yes'`` is 1.0 for ChartQA. The store keeps generations raw; stripping
+  happens here, at scoring. The four per-task functions below are the task rules themselves and do
+  not strip (except where the task rule does).
 * **ChartQA relaxed accuracy** (:func:`relaxed_correctness`): both strings parsed with Python's
   ``float`` (a trailing ``%`` divides by 100); if the prediction parses and the target parses to
   a nonzero number, correct iff |pred - target| / |target| <= 0.05; otherwise exact match after
-  lowercasing, *without* stripping. Consequences: years are numbers ("2019" vs "2020" is 0.05 %
-  off: correct; even "1950" vs "2020" is 3.5 % off: correct); "12%" vs "12" is 0.12 vs 12: wrong,
-  "12%" vs "0.12": correct; "5." parses as 5.0; "1,000" does not parse, so it only matches the
-  string "1,000"; a target "0" needs an exact string match ("0.0" is wrong); "nan" never matches.
+  lowercasing. Consequences: years are numbers ("2019" vs "2020" is 0.05 % off: correct; even "1950"
+  vs "2020" is 3.5 % off: correct); "12%" vs "12" is 0.12 vs 12: wrong, "12%" vs "0.12": correct;
+  "5." parses as 5.0; "1,000" does not parse, so it only matches the string "1,000"; a target "0"
+  needs an exact string match ("0.0" is wrong); "nan" never matches. lmms-eval scores ChartQA
+  against its one ``answer``; given several golds, the first is used.
 * **DocVQA ANLS** (:func:`anls`): for each gold answer, NL = lev(g', p') / max(len(g), len(p))
   with g', p' lowercased, stripped and whitespace-collapsed, but the lengths taken on the *raw*
-  strings (lmms-eval's quirk); score = 1 - min NL over gold answers, set to 0 when < 0.5.
-* **VQAv2 accuracy** (:func:`vqa_accuracy`): acc = mean over the 10 leave-one-out subsets of
-  min(1, #matches among the other 9 / 3), after EvalAI normalization (:func:`evalai_normalize`:
-  lowercase, drop ',' and '?', punctuation, periods not followed by a digit, articles, number
-  words zero..ten -> digits, contractions). As in lmms-eval (and the official VQA script) the gold
-  answers are normalized only when they are not all identical; so ten identical golds "1,000"
-  score a prediction "1,000" as 0 (the prediction loses its comma, the golds keep theirs).
+  strings upper-cased (lmms-eval's quirk); score = 1 - min NL over **all** gold answers, set to 0
+  when < 0.5 (``'J. Smith'`` vs ``['John Smith', 'J. Smith']``: 1.0; vs ``'John Smith'`` alone: 0.7).
+* **VQAv2 accuracy** (:func:`vqa_accuracy`, lmms-eval after #760 and #794): the prediction and
+  *every* gold answer alike get newlines and tabs turned into spaces and are stripped, then
+  ``process_punctuation`` and ``process_digit_article`` (lowercasing happens in the latter). The
+  full EvalAI processor is *not* run on the prediction (so ``man's`` stays ``man's`` on both sides).
+  acc = mean over the gold answers i (leave-one-out *by position*) of
+  min(1, #{j != i : gold_j == pred} / 3). Kept quirk: ``process_punctuation`` passes ``re.UNICODE``
+  (== 32) as ``re.sub``'s *count*, so at most 32 periods are removed, once (40 periods then ``yes``
+  stays ``........yes``: 0.0).
+* **TextVQA accuracy** (:func:`textvqa_accuracy`): the full EvalAI answer processor
+  (:func:`evalai_normalize`: lowercase, drop ',' and '?', "'s" -> " 's", newlines/tabs, strip,
+  punctuation, periods not followed by a digit, number words zero..ten -> digits, articles,
+  contractions) on the prediction and on every gold; then the same leave-one-out by position.
+
+Gold answers: ``anls``, ``vqa_accuracy`` and ``textvqa_accuracy`` need the *list* of golds; a plain
+string there is an error naming the parameter (it would otherwise be iterated character by
+character). The store keeps every gold per sample (``answers``, a JSON-encoded list per sample;
+:func:`gapcache.store.reader.gold_answers` decodes it) and :func:`score_store` scores every
+condition's generations, choosing the task per sample from its dataset (:data:`DATASET_TASKS`).
 
 Forced choice (:func:`forced_choice_correct`): argmax of the candidate log-probs over the
 sample's own candidates (mask (sample, candidate)) == the gold candidate index.
 
 Usage::
 
-    from gapcache.analyze.scoring import score_generations, forced_choice_correct, gold_candidate_index
-    score_generations("chartqa", ds.generation.sel(condition="original").values, ds.answer.values)
+    from gapcache.analyze.scoring import score_generation, score_store, forced_choice_correct, gold_candidate_index
+    score_generation("vqav2", "Yes", ["yes"] * 10)                      # 1.0
+    scores = score_store(ds)                                            # (condition, sample) DataArray
     gold = gold_candidate_index(ds.answer.values, ds.candidate.values)
     forced_choice_correct(ds.candidate_logprob.values, ds.candidate_mask.values, gold)  # (condition, sample)
 """
@@ -40,7 +63,25 @@ import numpy as np
 
 from gapcache.errors import ConfigError
 
-TASKS = ("chartqa", "docvqa", "vqav2")
+TASKS = ("chartqa", "docvqa", "vqav2", "textvqa", "exact")
+#: dataset name (``dataset_name`` in the store) -> scoring task; datasets not listed score with "exact"
+DATASET_TASKS = {"chartqa": "chartqa", "docvqa": "docvqa", "vqav2": "vqav2", "textvqa": "textvqa"}
+
+
+def gold_list(golds, parameter: str, function: str) -> list:
+    """``golds`` as a list of str; a plain string (or bytes) is refused, naming ``parameter``."""
+    if isinstance(golds, (str, bytes)):
+        raise ConfigError(f"The {parameter!r} parameter of {function} must be a list of gold answers. Got the "
+                          f"string {golds!r} instead (wrap it: [{golds!r}]).")
+    try:
+        out = [str(g) for g in (golds.tolist() if isinstance(golds, np.ndarray) else golds)]
+    except TypeError:
+        raise ConfigError(f"The {parameter!r} parameter of {function} must be a list of gold answers. "
+                          f"Got {golds!r} instead.") from None
+    if not out:
+        raise ConfigError(f"The {parameter!r} parameter of {function} must hold at least one gold answer. "
+                          "Got none instead.")
+    return out
 
 # ------------------------------------------------------------------------------------ ChartQA
 
@@ -83,10 +124,8 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, references, threshold: float = 0.5) -> float:
-    """ANLS = 1 - min_g lev(g', p') / max(len(g), len(p)), zeroed below ``threshold`` (see module doc)."""
-    refs = [references] if isinstance(references, str) else list(references)
-    if not refs:
-        raise ConfigError("The 'references' parameter of anls must hold at least one gold answer. Got none instead.")
+    """ANLS = 1 - min_g lev(g', p') / max(len(g), len(p)) over every gold g, zeroed below ``threshold``."""
+    refs = gold_list(references, "references", "anls")
     p_norm = " ".join(prediction.strip().lower().split())
     values = []
     for g in refs:
@@ -167,46 +206,131 @@ def evalai_normalize(answer: str) -> str:
     return process_digit_article(process_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers) -> float:
-    """acc = (1/n) sum_i min(1, #{j != i : a_j == pred} / 3) over the n (= 10) gold answers."""
-    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if not answers:
-        raise ConfigError("The 'answers' parameter of vqa_accuracy must hold the gold answers. Got none instead.")
-    pred = evalai_normalize(prediction)
-    if len(set(answers)) > 1:
-        answers = [process_digit_article(process_punctuation(a)) for a in answers]
-        pred = process_digit_article(process_punctuation(pred))
-    match = np.array([a == pred for a in answers])
-    others = match.sum() - match  # matches among the other answers, per left-out answer
+def vqa_normalize(answer: str) -> str:
+    """VQAv2 (lmms-eval at HEAD): newlines/tabs -> spaces, strip, punctuation, digits/articles (no EvalAI word step)."""
+    return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def leave_one_out_accuracy(prediction: str, answers: list) -> float:
+    """(1/n) sum_i min(1, #{j != i : answers[j] == prediction} / 3), leaving answers out by position."""
+    match = np.array([a == prediction for a in answers])
+    others = match.sum() - match  # matches among the other answers, per left-out position
     return float(np.mean(np.minimum(1.0, others / 3.0)))
+
+
+def vqa_accuracy(prediction: str, answers) -> float:
+    """VQAv2 accuracy: :func:`vqa_normalize` on the prediction and on every gold, then leave-one-out."""
+    golds = [vqa_normalize(a) for a in gold_list(answers, "answers", "vqa_accuracy")]
+    return leave_one_out_accuracy(vqa_normalize(prediction), golds)
+
+
+def textvqa_accuracy(prediction: str, answers) -> float:
+    """TextVQA accuracy: :func:`evalai_normalize` on the prediction and on every gold, then leave-one-out."""
+    golds = [evalai_normalize(a) for a in gold_list(answers, "answers", "textvqa_accuracy")]
+    return leave_one_out_accuracy(evalai_normalize(prediction), golds)
+
+
+def exact_match(prediction: str, answers) -> float:
+    """gapcache's rule for datasets without an lmms-eval task (synthetic, manifest, ScienceQA letters):
+    1.0 iff the prediction equals some gold after lowercasing and stripping each, else 0.0."""
+    golds = {g.strip().lower() for g in gold_list(answers, "answers", "exact_match")}
+    return 1.0 if prediction.strip().lower() in golds else 0.0
 
 
 # ----------------------------------------------------------------------------------- dispatch
 
-_SCORERS = {
-    "chartqa": lambda p, g: relaxed_accuracy(p, g if isinstance(g, str) else list(g)[0]),
-    "docvqa": anls,
-    "vqav2": vqa_accuracy,
-}
+def _chartqa(prediction: str, golds) -> float:
+    target = golds if isinstance(golds, str) else gold_list(golds, "golds", "score_generation('chartqa', ...)")[0]
+    return relaxed_accuracy(prediction, target)
 
 
-def score_generation(task: str, prediction: str, gold) -> float:
-    """One generation's score: chartqa (gold: str), docvqa (gold: str or list), vqav2 (gold: the 10 answers)."""
+_SCORERS = {"chartqa": _chartqa, "docvqa": anls, "vqav2": vqa_accuracy, "textvqa": textvqa_accuracy,
+            "exact": exact_match}
+
+
+def score_generation(task: str, prediction: str, golds) -> float:
+    """One generation's score under ``task``, the prediction stripped first (as lmms-eval does).
+
+    ``golds``: the list of gold answers (chartqa also takes one string, and scores the first gold).
+    """
     if task not in _SCORERS:
         raise ConfigError(
             f"The 'task' parameter of score_generation must be one of {list(TASKS)}. Got {task!r} instead."
         )
-    return float(_SCORERS[task](str(prediction), gold))
+    if task != "chartqa":
+        golds = gold_list(golds, "golds", f"score_generation({task!r}, ...)")
+    return float(_SCORERS[task](str(prediction).strip(), golds))
 
 
-def score_generations(task: str, predictions, golds) -> np.ndarray:
-    """Scores of many generations (sample,) -> float array (sample,)."""
+def score_generations(task, predictions, golds) -> np.ndarray:
+    """Scores of many generations (sample,) -> float array (sample,). ``task``: one name, or one per sample."""
     predictions = list(np.asarray(predictions, dtype=object).ravel())
+    if isinstance(golds, str):
+        raise ConfigError("The 'golds' parameter of score_generations must hold one entry (a list of gold "
+                          f"answers) per prediction. Got the string {golds!r} instead.")
     golds = list(golds)
     if len(golds) != len(predictions):
         raise ConfigError(f"The 'golds' parameter of score_generations must have one entry per prediction "
                           f"({len(predictions)}). Got {len(golds)} instead.")
-    return np.array([score_generation(task, p, g) for p, g in zip(predictions, golds)], dtype=np.float64)
+    tasks = [task] * len(predictions) if isinstance(task, str) else list(task)
+    if len(tasks) != len(predictions):
+        raise ConfigError(f"The 'task' parameter of score_generations must be one name or one per prediction "
+                          f"({len(predictions)}). Got {len(tasks)} instead.")
+    return np.array([score_generation(t, p, g) for t, p, g in zip(tasks, predictions, golds)], dtype=np.float64)
+
+
+def task_for_dataset(name: str) -> str:
+    """The scoring task of a dataset name (:data:`DATASET_TASKS`; "exact" for any other)."""
+    return DATASET_TASKS.get(str(name), "exact")
+
+
+def has_generations(ds) -> bool:
+    """Whether the store's run generated (its config's ``extract.generate.enabled``; a store without the
+    recorded config: any non-empty generation). The ``generation`` array exists in every store."""
+    if "generation" not in ds:
+        return False
+    enabled = ((ds.attrs.get("config") or {}).get("extract") or {}).get("generate", {}).get("enabled")
+    if enabled is not None:
+        return bool(enabled)
+    return any(str(g) for g in np.asarray(ds["generation"].values, dtype=object).ravel())
+
+
+def score_store(ds, tasks: dict | None = None):
+    """Every condition's generation scored: DataArray (condition, sample), NaN where not written / failed.
+
+    ``ds``: the store's view (``gapcache.store.open_store``) with a ``generation`` variable. The task of
+    each sample comes from its ``dataset_name`` (:func:`task_for_dataset`; ``tasks`` overrides it per
+    dataset name, e.g. ``{"manifest": "vqav2"}``); the golds are every stored gold answer
+    (``answers``; stores made before it was recorded fall back to the one ``answer``). A sample
+    scores only where ``status`` is done (1); an empty generation scores as the empty string.
+    """
+    import xarray as xr
+
+    from gapcache.store.reader import gold_answers
+
+    if not has_generations(ds):
+        raise ConfigError("score_store needs a store with generations (extract.generate.enabled: true). "
+                          "This store was extracted without them.")
+    golds = gold_answers(ds)
+    n = ds.sizes["sample"]
+    names = (np.asarray(ds["dataset_name"].values, dtype=object).ravel() if "dataset_name" in ds
+             else np.array([""] * n, dtype=object))
+    override = dict(tasks or {})
+    task = [override.get(str(d), task_for_dataset(d)) for d in names]
+    bad = sorted({t for t in task if t not in _SCORERS})
+    if bad:
+        raise ConfigError(f"The 'tasks' parameter of score_store must map dataset names to tasks in "
+                          f"{list(TASKS)}. Got {bad} instead.")
+    gen = np.asarray(ds["generation"].values, dtype=object)
+    done = np.asarray(ds["status"].values) == 1
+    out = np.full(gen.shape, np.nan)
+    for k in range(gen.shape[0]):
+        for i in np.flatnonzero(done[k]):
+            if golds[i]:
+                out[k, i] = score_generation(task[i], "" if gen[k, i] is None else str(gen[k, i]), golds[i])
+    coords = {"condition": [str(c) for c in ds["condition"].values], "sample": [str(s) for s in ds["sample"].values]}
+    return xr.DataArray(out, dims=("condition", "sample"), coords=coords, name="generation_score",
+                        attrs={"tasks": sorted(set(task)), "rule": "lmms-eval HEAD (gapcache.analyze.scoring)"})
 
 
 # ------------------------------------------------------------------------------ forced choice

@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gapcache.errors import ConfigError, SampleError
+from gapcache.errors import ConfigError, SampleError, SiteError
 from gapcache.extract.data import Sample, derangement, pixel_sum
 from gapcache.extract.sites import SiteContext, find_sites, site_value
+
+
+#: stands for the question when the chat template is rendered to find where the user's text goes
+QUESTION_SENTINEL = "\ue000gapcache-question\ue001"
 
 
 @dataclass
@@ -36,7 +40,9 @@ class PlannedSample:
     failure: str = ""
     cand_prefix: int = 0  # tokens shared by all of the sample's candidates
     cand_columns: list = field(default_factory=list)  # columns of the sample's candidates in the store
-    cand_tokens: list = field(default_factory=list)  # their first distinguishing token ids
+    cand_tokens: list = field(default_factory=list)  # their first distinguishing token ids (the lens; [] if none)
+    cand_seqs: list = field(default_factory=list)  # every candidate's full token ids (answer prefix included)
+    cand_extra: list = field(default_factory=list)  # indices into cand_columns scored by the extra forward
     pixel_sum: tuple | None = None  # data.pixel_sum of the image (blind_mean's mean without decoding it again)
 
     @property
@@ -83,6 +89,27 @@ class Planner:
             self.adapter.messages(question), add_generation_prompt=True, tokenize=False
         )
 
+    def question_start(self, prompt: str, question: str) -> tuple[int, str]:
+        """(character offset, text) of the question in ``prompt`` as the chat template placed it.
+
+        The template is rendered once more with a sentinel in place of the question; the text before
+        the sentinel is the prompt's prefix up to the user's text, so the question is located without
+        searching the prompt (a question ``assistant`` is not confused with the template's
+        ``assistant``). A template that trims the text is allowed (the trimmed text is returned);
+        one that repeats, drops or otherwise rewrites it fails the sample.
+        """
+        if getattr(self, "_marked", None) is None:
+            self._marked = self.prompt(QUESTION_SENTINEL)  # the same for every question: rendered once
+        marked = self._marked
+        if marked.count(QUESTION_SENTINEL) != 1:
+            raise SiteError("", f"the chat template shows the question {marked.count(QUESTION_SENTINEL)} times "
+                                "(expected once); cannot locate the instruction site")
+        head, tail = marked.split(QUESTION_SENTINEL)
+        for shown in dict.fromkeys((question, question.rstrip(), question.strip(), question.lstrip())):
+            if prompt == head + shown + tail:
+                return len(head), shown
+        raise SiteError("", "the chat template rewrites the question text; cannot locate the instruction site")
+
     def encode_answer(self, text: str) -> list:
         return self.tokenizer(self.adapter.answer_prefix + text, add_special_tokens=False)["input_ids"]
 
@@ -103,6 +130,10 @@ class Planner:
         image = s.load_image()
         ps.image_sha256, ps.image_size, ps.pixel_sum = image_sha256(image), image.size, pixel_sum(image)
         ps.prompt = self.prompt(s.question)
+        try:
+            q_start, q_text = self.question_start(ps.prompt, s.question)
+        except SiteError as err:
+            raise SampleError(s.id, err.reason) from None
         inputs = self.processor(text=[ps.prompt], images=[image], return_tensors="pt",
                                 return_offsets_mapping=True)
         ids = inputs["input_ids"][0].tolist()
@@ -110,7 +141,7 @@ class Planner:
             sample_id=s.id, ids=ids, offsets=inputs["offset_mapping"][0].tolist(), special_ids=self.special_ids,
             image_token_id=self.image_token_id, image_token=self.image_token,
             n_image_tokens=self.adapter.n_image_tokens(self.model, inputs, 0), prompt=ps.prompt,
-            question=s.question, adapter=self.adapter,
+            question=q_text, adapter=self.adapter, question_start=q_start,
         )
         find_sites(ctx, ps.sites)
         ps.prompt_ids = ids
@@ -125,11 +156,17 @@ class Planner:
 def candidate_table(planner: Planner, planned) -> tuple[tuple[str, ...], np.ndarray]:
     """(all candidates, mask (sample, candidate) of each sample's own set); sets each sample's scoring.
 
-    A candidate's score is log p(shared prefix) + log p(its first distinguishing token), read from
-    the teacher-forced gold answer: with Llama-style tokenizers " 3" is ["_", "3"], so the digits
-    share the first token and differ at the second. Exact when every candidate is the shared
-    prefix plus one token (yes/no, digits, letters, single-token words); otherwise later tokens
-    are ignored (recorded in the store). The gold answer must start with the shared prefix.
+    A candidate's score is exact whatever its tokenization: the teacher-forced log-prob of its full
+    continuation, sum_t log p(c_t | prompt, c_<t). Where the candidate's tokens before its last one
+    are a prefix of the gold answer's, that sum is read from the gold answer's teacher-forced forward
+    (no extra cost: yes/no, digits, letters, single-token words, Llama-style "_" + digit); the others
+    (``cand_extra``: "10" = ['1', '0'] when the gold is "3", "red car") are scored by one extra
+    forward of prompt + candidate rows under the same condition (``Extraction.forward``), batched.
+    No sample fails because of its candidate set.
+
+    For the logit lens, ``cand_prefix`` / ``cand_tokens`` keep the first distinguishing token after the
+    candidates' shared prefix when every candidate has one and the gold answer starts with that prefix
+    (else ``cand_tokens`` is empty and the sample has no lens rows).
     """
     cands = tuple(sorted({c for p in planned for c in p.sample.candidates}))
     ids = {c: planner.encode_answer(c) for c in cands}
@@ -153,17 +190,21 @@ def shared_prefix(seqs: list) -> int:
     return n
 
 
+def read_from_gold(seq: list, answer_ids: list) -> bool:
+    """True when the gold answer's teacher-forced forward gives every factor of log p(seq)."""
+    return len(seq) <= len(answer_ids) and list(seq[:-1]) == list(answer_ids[: len(seq) - 1])
+
+
 def _candidate_scoring(p: PlannedSample, seqs: list, columns: list):
+    p.cand_columns, p.cand_seqs = columns, [list(s) for s in seqs]
+    p.cand_extra = [k for k, s in enumerate(seqs) if not read_from_gold(s, p.answer_ids)]
     n = shared_prefix(seqs)
     heads = [s[n] if len(s) > n else None for s in seqs]
-    if None in heads or len(set(heads)) != len(heads):
-        p.failure = (f"candidates {list(p.sample.candidates)} cannot be told apart by one token after their "
-                     "shared prefix (one is a prefix of another)")
-        return
-    if p.answer_ids[:n] != seqs[0][:n] or len(p.answer_ids) <= n:
-        p.failure = f"gold answer {p.sample.answer!r} does not start with the candidates' shared prefix"
-        return
-    p.cand_prefix, p.cand_columns, p.cand_tokens = n, columns, heads
+    if None not in heads and len(set(heads)) == len(heads) and p.answer_ids[:n] == seqs[0][:n] \
+            and len(p.answer_ids) > n:
+        p.cand_prefix, p.cand_tokens = n, heads
+    else:
+        p.cand_prefix, p.cand_tokens = n, []
 
 
 def donors(planned: list[PlannedSample], seed: int) -> np.ndarray:

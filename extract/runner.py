@@ -12,6 +12,7 @@ ShardPayload handed to the StoreWriter's background thread, so the model never w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -126,8 +127,11 @@ class Extraction:
                       "hidden": self.adapter.hidden_size(m), "name_or_path": str(m.config._name_or_path)},
             "dataset": {"name": cfg.data.dataset, "split": cfg.data.split, "n_samples": len(self.planned)},
             "candidates": list(self.candidates),
-            "candidate_scoring": "log p(shared prefix of the sample's candidates) + log p(first distinguishing token), "
-                                 "teacher-forced from the prediction site; exact for prefix+1-token candidates",
+            "candidate_scoring": "exact: sum over the candidate's tokens (answer_prefix included) of teacher-forced "
+                                 "log p(token | prompt, earlier candidate tokens) from the prediction site; read "
+                                 "from the gold answer's forward where the candidate's earlier tokens are a prefix "
+                                 "of the gold's, else from one extra forward of prompt + candidate (same condition)",
+            "candidate_variants": "none (each candidate scored as written; no surface-variant pooling)",
             "answer_prefix": self.adapter.answer_prefix,
             "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
             "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
@@ -145,7 +149,9 @@ class Extraction:
         return {
             "dataset_name": col(lambda p: p.sample.dataset), "split": col(lambda p: p.sample.split),
             "category": col(lambda p: p.sample.category), "question": col(lambda p: p.sample.question),
-            "answer": col(lambda p: p.sample.answer), "image_sha256": col(lambda p: p.image_sha256),
+            "answer": col(lambda p: p.sample.answer),
+            "answers": col(lambda p: json.dumps(list(p.sample.answers), ensure_ascii=False)),
+            "image_sha256": col(lambda p: p.image_sha256),
             "failure": col(lambda p: p.failure),
             "label": np.array([p.sample.label for p in P], np.int32),
             "seq_len": np.array([len(p.prompt_ids) for p in P], np.int32),
@@ -372,9 +378,11 @@ class Extraction:
             donor = self.planned[d].sample.load_image()
         return data_mod.feed_image(cond.image_kind, p.sample.load_image(), mean_rgb=self.mean_rgb, donor=donor)
 
-    def batch_inputs(self, indices, cond):
-        """Processed batch with each row's gold answer appended after its prompt (right padded)."""
+    def batch_inputs(self, indices, cond, answers=None):
+        """Processed batch with each row's gold answer (or ``answers[r]``, token ids) appended after its
+        prompt (right padded); ``indices`` may repeat a sample (one row per candidate)."""
         P = [self.planned[i] for i in indices]
+        answers = [p.answer_ids for p in P] if answers is None else answers
         images = [self.condition_image(i, cond) for i in indices]
         with self._processor_lock:  # generate() flips the padding side; the prefetch thread must not see it
             inputs = self.processor(text=[p.prompt for p in P], images=images, return_tensors="pt", padding=True)
@@ -383,7 +391,7 @@ class Extraction:
             if ids[r, : len(p.prompt_ids)].tolist() != p.prompt_ids:
                 raise SampleError(p.sample.id, f"token layout under {cond.label} differs from the planned prompt "
                                                "(the condition image changed the visual span)")
-        total = max(len(p.prompt_ids) + len(p.answer_ids) for p in P)
+        total = max(len(p.prompt_ids) + len(a) for p, a in zip(P, answers))
         pad = self.processor.tokenizer.pad_token_id
         seq_keys = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape[:2] == ids.shape]
         out = dict(inputs)
@@ -394,8 +402,8 @@ class Extraction:
                 n = len(p.prompt_ids)
                 new[r, :n] = inputs[key][r, :n]
                 if key in ("input_ids", "attention_mask"):
-                    a = len(p.answer_ids)
-                    new[r, n : n + a] = torch.tensor(p.answer_ids) if key == "input_ids" else 1
+                    a = len(answers[r])
+                    new[r, n : n + a] = torch.tensor(answers[r]) if key == "input_ids" else 1
             out[key] = new
         return out
 
@@ -414,6 +422,10 @@ class Extraction:
     @torch.inference_mode()
     def forward(self, indices, cond, inputs=None):
         P = [self.planned[i] for i in indices]
+        # candidates the gold answer's forward cannot score: their own forwards first (before the main
+        # forward, so that it is the last pass any hook of this batch sees)
+        extra_rows = [(r, k) for r, p in enumerate(P) for k in p.cand_extra]
+        extra_scores = self.candidate_logprobs([(indices[r], k) for r, k in extra_rows], cond) if extra_rows else []
         inputs = self.batch_inputs(indices, cond) if inputs is None else inputs
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
@@ -433,9 +445,12 @@ class Extraction:
         for r, (i, p) in enumerate(zip(indices, P)):
             gold = sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(p.answer_ids))
             cand = np.full(len(self.candidates), np.nan, np.float32)
-            if p.cand_columns:
-                prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(p.cand_prefix))
-                cand[p.cand_columns] = prefix + logp[r, col[p.prediction + p.cand_prefix], p.cand_tokens].numpy()
+            extra = set(p.cand_extra)
+            for k, (c, seq) in enumerate(zip(p.cand_columns, p.cand_seqs)):
+                if k not in extra:  # every factor read from the gold answer's forward
+                    head = len(seq) - 1
+                    prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(head))
+                    cand[c] = prefix + logp[r, col[p.prediction + head], seq[head]].numpy()
             res = {"text_states": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold_logprob": gold,
                    "candidate_logprob": cand}
             if vis is not None:
@@ -448,10 +463,40 @@ class Extraction:
                     chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
                 res["visual_states"] = self.to_storage(chunk)
             results.append(res)
+        for (r, k), score in zip(extra_rows, extra_scores):
+            results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
         if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):
                 res["generation"] = text_out
         return results
+
+    @torch.inference_mode()
+    def candidate_logprobs(self, rows, cond) -> list[float]:
+        """Exact log p(candidate) = sum_t log p(c_t | prompt, c_<t) for ``rows`` = [(sample index, k)]
+        (k: index into the sample's ``cand_columns``), by teacher-forced forwards of prompt + candidate
+        rows under ``cond`` (its intervention hooks on), ``extract.batch_size`` rows at a time.
+
+        Cost: one extra forward (vision tower included) per candidate that the gold answer's forward
+        cannot score, i.e. none for single-token candidate sets."""
+        out = []
+        bs = self.cfg.extract.batch_size
+        for b0 in range(0, len(rows), bs):
+            chunk = rows[b0 : b0 + bs]
+            indices = [i for i, _ in chunk]
+            P = [self.planned[i] for i in indices]
+            seqs = [P[r].cand_seqs[k] for r, (_, k) in enumerate(chunk)]
+            inputs = self.batch_inputs(indices, cond, answers=seqs)
+            keep = sorted({p.prediction + t for p, seq in zip(P, seqs) for t in range(len(seq))})
+            device = self.model.device
+            with self.intervention(P, cond, inputs, offsets=[0] * len(P)):
+                model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+                logits = self.model(**model_inputs, use_cache=False,
+                                    logits_to_keep=torch.tensor(keep, device=device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            col = {pos: c for c, pos in enumerate(keep)}
+            for r, (p, seq) in enumerate(zip(P, seqs)):
+                out.append(sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(seq)))
+        return out
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         if t.dtype == torch.bfloat16:
@@ -467,9 +512,10 @@ class Extraction:
 
     @torch.inference_mode()
     def generate(self, indices, cond) -> list[str]:
-        """Greedy generation from the prompt (left padded), decoded without special tokens."""
+        """Greedy generation from the prompt (left padded), decoded without special tokens, stored raw
+        (not stripped: a whitespace-only generation stays distinguishable from an empty one; scoring strips)."""
         new = self.generate_ids(indices, cond)
-        return [s.strip() for s in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return list(self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
 
     @torch.inference_mode()
     def generate_ids(self, indices, cond) -> torch.Tensor:

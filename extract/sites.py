@@ -4,7 +4,7 @@ processed prompt (DESIGN.md, "Token sites"; found per sample, never from the fir
 Usage::
 
     ctx = SiteContext(sample_id, ids, offsets, special_ids, image_token_id, image_token,
-                      n_image_tokens, prompt, question, adapter)
+                      n_image_tokens, prompt, question, adapter, question_start)
     sites = {}
     find_sites(ctx, sites)    # {"visual": (start, length), "instruction": 41, "prediction": 47}
     position_row(sites)       # [41, 47]: the position sites in registry order (the store's ``site`` axis)
@@ -18,7 +18,12 @@ one ``Site`` entry in ``SITES``; a position site also needs its name in the stor
 Rules:
 * visual: the contiguous run of the model's image token; its length must equal the number of
   image embeddings the model inserts;
-* instruction: the last non-special token overlapping the question text in the user turn;
+* instruction: the last non-special token overlapping the question's characters whose overlap is
+  not whitespace-only ("Is the sky blue?   " -> '?', not the trailing '   '). The question is
+  located by where the chat template puts the user's text (``question_start``, from
+  ``Planner.question_start``: the template rendered around a sentinel), mapped into the processed
+  text by the adapter (``question_char_span``) and matched against the tokenizer's offsets; the
+  prompt is never searched for the question, so a question ``assistant`` stays in the user turn;
 * prediction: the last prompt token (end of the generation prompt), whose next-token
   distribution predicts the first answer token. Never an answer token.
 """
@@ -48,7 +53,10 @@ class SiteContext:
     n_image_tokens: int  # image embeddings the model inserts (adapter.n_image_tokens)
     prompt: str  # the chat-templated prompt before the processor expanded the image placeholder
     question: str
-    adapter: object  # the family adapter (question_char_end)
+    adapter: object  # the family adapter (question_char_span)
+    #: character offset of ``question`` in ``prompt`` (the user turn's text as the template placed it;
+    #: ``question`` is then that text exactly); None: unknown, the instruction site is not found
+    question_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,15 @@ def find_visual_span(ids, image_token_id: int, expected: int, sample_id: str) ->
     return int(pos[0]), int(pos.size)
 
 
-def find_instruction(offsets, ids, special_ids, q_end: int, sample_id: str) -> int:
-    """Last non-special token whose characters start before the question's end."""
+def find_instruction(offsets, ids, special_ids, q_start: int, question: str, sample_id: str) -> int:
+    """Last non-special token overlapping ``question`` (which starts at character ``q_start`` of the
+    processed text) whose overlap with it is not whitespace-only."""
+    q_end = q_start + len(question)
     best = -1
     for i, (start, end) in enumerate(offsets):
-        if end > start and start < q_end and int(ids[i]) not in special_ids:
-            best = i
+        if end > start and start < q_end and end > q_start and int(ids[i]) not in special_ids:
+            if question[max(start, q_start) - q_start : min(end, q_end) - q_start].strip():
+                best = i
     if best < 0:
         raise SiteError(sample_id, "no content token of the question found in the prompt")
     return best
@@ -98,8 +109,11 @@ def _visual(ctx: SiteContext, found: dict) -> tuple[int, int]:
 
 
 def _instruction(ctx: SiteContext, found: dict) -> int:
-    q_end = ctx.adapter.question_char_end(ctx.prompt, ctx.question, found["visual"][1], ctx.image_token)
-    return find_instruction(ctx.offsets, ctx.ids, ctx.special_ids, q_end, ctx.sample_id)
+    if ctx.question_start is None:
+        raise SiteError(ctx.sample_id, "the question's place in the prompt is unknown (SiteContext.question_start)")
+    q_start, _ = ctx.adapter.question_char_span(ctx.prompt, ctx.question_start, len(ctx.question),
+                                                found["visual"][1], ctx.image_token)
+    return find_instruction(ctx.offsets, ctx.ids, ctx.special_ids, q_start, ctx.question, ctx.sample_id)
 
 
 def _prediction(ctx: SiteContext, found: dict) -> int:
@@ -108,7 +122,8 @@ def _prediction(ctx: SiteContext, found: dict) -> int:
 
 SITES: dict[str, Site] = {s.name: s for s in (
     Site("visual", SPAN, _visual, "the image-embedding positions"),
-    Site("instruction", POSITION, _instruction, "the last content token of the user turn"),
+    Site("instruction", POSITION, _instruction,
+         "the last non-whitespace content token of the question, located in the user turn"),
     Site("prediction", POSITION, _prediction, "the end of the generation prompt (predicts the first answer token)"),
 )}
 

@@ -202,6 +202,9 @@ _SPECS = [
     ArraySpec("category", ("sample",), STR, SAMPLE, "category (hard / easy / '')", required=False),
     ArraySpec("question", ("sample",), STR, SAMPLE, "question text", required=False),
     ArraySpec("answer", ("sample",), STR, SAMPLE, "gold answer", required=False),
+    ArraySpec("answers", ("sample",), STR, SAMPLE,
+              "every gold answer of the sample, in dataset order, as a JSON-encoded list of str (e.g. the ten "
+              "VQAv2 annotators); decode with gapcache.store.reader.gold_answers or json.loads", required=False),
     ArraySpec("image_sha256", ("sample",), STR, SAMPLE, "sha256 of the decoded RGB pixels and size", required=False),
     ArraySpec("failure", ("sample",), STR, SAMPLE, "planning failure ('' if none)", required=False),
     ArraySpec("label", ("sample",), "int32", SAMPLE, "probe label (-1: none)", required=False),

@@ -212,6 +212,21 @@ def span_rows(ds, sample, span: str = "visual"):
     return ds[sp.states].isel({sp.token_dim: slice(off, off + length)})
 
 
+def gold_answers(ds) -> list[list[str]]:
+    """Every gold answer of each sample (a list of str per sample, in sample order).
+
+    Decodes the ``answers`` array (a JSON-encoded list of str per sample); a store made before it was
+    recorded falls back to ``[answer]`` (one gold per sample; '' gives []).
+    """
+    import json
+
+    if "answers" in ds:
+        return [json.loads(str(v)) if str(v) else [] for v in np.asarray(ds["answers"].values, dtype=object).ravel()]
+    if "answer" in ds:
+        return [[str(v)] if str(v) else [] for v in np.asarray(ds["answer"].values, dtype=object).ravel()]
+    raise StoreError("The store records no gold answers (neither 'answers' nor 'answer').")
+
+
 def size_on_disk(path) -> int:
     total = 0
     for root, _, files in os.walk(path):

@@ -100,6 +100,23 @@ def run(request, tmp_path_factory, one_thread):
         )
 
 
+def test_instruction_site_on_trailing_spaces_and_on_a_question_equal_to_the_template(run):
+    """On each family's tokenizer: trailing spaces never become the instruction site, and a question
+    ``assistant`` (Qwen's template says ``<|im_start|>assistant``) keeps the site in the user turn."""
+    r = run
+    tail_expected = " ASSISTANT:" if r.family == "llava" else "<|im_end|>\n<|im_start|>assistant\n"
+    base = r.samples[0]
+    for question, last in (("Is the sky blue?   ", "?"), ("Is the sky blue?\n\t ", "?"), ("assistant", "t")):
+        p = r.ex.planner.plan(0, dataclasses.replace(base, question=question))
+        assert p.ok, p.failure
+        ids, i = p.prompt_ids, p.instruction
+        piece = r.tok.decode([ids[i]])
+        assert piece.strip() and piece.rstrip().endswith(last), (question, piece)
+        assert r.tok.decode(ids[: i + 1]).rstrip().endswith(question.rstrip())
+        assert r.tok.decode(ids[i + 1 :]).strip() == tail_expected.strip()  # only whitespace and the template
+        assert p.prediction == len(ids) - 1 and i < p.prediction
+
+
 def run_batches(r):
     """The runner's exact batching: shards of samples_per_shard, then batch_size rows of the ok ones."""
     e = r.ex.cfg.extract
@@ -147,13 +164,13 @@ def deepstack_features(r, inputs):
     return [torch.cat(list(level), 0) for level in feats.deepstack_features]
 
 
-def plain_logprobs(r, i, image=None):
-    """log_softmax of a batch-1 forward of sample i's prompt + gold answer (no padding, no runner)."""
+def plain_logprobs(r, i, image=None, answer=None):
+    """log_softmax of a batch-1 forward of sample i's prompt + gold answer (or ``answer``; no padding, no runner)."""
     p, s = r.ex.planned[i], r.samples[i]
     image = s.load_image() if image is None else image
     inputs = r.processor(text=[question_prompt(r, s.question)], images=[image], return_tensors="pt")
     n = inputs["input_ids"].shape[1]
-    ans = torch.tensor([answer_ids(r, s.answer)])
+    ans = torch.tensor([answer_ids(r, s.answer if answer is None else answer)])
     for key in list(inputs):
         v = inputs[key]
         if torch.is_tensor(v) and v.shape[:2] == (1, n):
@@ -370,7 +387,13 @@ def test_gold_and_candidate_logprobs(run):
             if c not in s.candidates:
                 assert np.isnan(cand[i, j])
                 continue
-            np.testing.assert_allclose(cand[i, j], prefix + float(logp[n - 1 + k, seqs[c][k]]), rtol=1e-5, atol=1e-5)
+            if len(seqs[c]) == k + 1:  # shared prefix + one token: the exact score is the old rule's
+                np.testing.assert_allclose(cand[i, j], prefix + float(logp[n - 1 + k, seqs[c][k]]), rtol=1e-5,
+                                           atol=1e-5)
+            # every candidate, however many tokens: the teacher-forced log-prob of its full continuation
+            lp_c = logp if c == s.answer else plain_logprobs(r, i, answer=c)[0]
+            exact = sum(float(lp_c[n - 1 + t, tok]) for t, tok in enumerate(seqs[c]))
+            np.testing.assert_allclose(cand[i, j], exact, rtol=1e-5, atol=1e-5)
         if len(ans) == k + 1:  # gold = shared prefix + one token: its candidate score is the gold log-prob
             single += 1
             if k == 0:  # the same float32 log-prob read twice: exact
@@ -430,6 +453,8 @@ def test_truncated_zero_hooks_see_zeros(run, L):
         def hook(j):
             def fn(module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
+                if h.shape[0] != len(P):  # an extra candidate forward (runs before the batch's main one)
+                    return
                 seen[j] = [h[row, p.visual_start : p.visual_start + p.visual_length].clone() for row, p in enumerate(P)]
             return fn
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from gapcache.cli import main
 from gapcache.conditions import strategies_of
-from gapcache.errors import IncompatibleStoreError
+from gapcache.errors import ConfigError, IncompatibleStoreError
 from gapcache.store import info, open_store
 from helpers import assert_greedy_under_truncation, assert_stores_equal
 
@@ -228,6 +228,56 @@ def test_generation_is_recorded_when_enabled(tmp_path):
     assert all(isinstance(g, str) for g in gens) and any(len(g) > 0 for g in gens)
     trunc = ds.generation.sel(condition="truncated_zero_L0").values
     assert any(len(g) > 0 for g in trunc) and (trunc != gens).any()  # generated with the hooks on
+    # the pipeline scores them (synthetic: "exact"), per condition, paired vs original, and as a truncation curve
+    from gapcache.analyze.generation import rows
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    from gapcache.analyze.scoring import score_generation
+
+    summary, results = analyze_store(ds, AnalysisParams(metrics=("accuracy", "generation"), n_resamples=99))
+    g = summary["metrics"]["generation"]
+    assert g["tasks"] == ["exact"] and set(g["per_condition"]) == {"original", "truncated_zero_L0"}
+    golds = [[str(a)] for a in ds.answer.values]
+    want = np.mean([score_generation("exact", x, gl) for x, gl in zip(gens, golds)])
+    assert g["per_condition"]["original"]["estimate"] == pytest.approx(want)
+    assert g["truncation"]["zero"]["layers"] == [0] and g["truncation"]["zero"]["n"] == len(gens)
+    assert g["vs_original"]["truncated_zero_L0"]["n"] == len(gens)
+    assert results.generation_score.dims == ("condition", "sample")
+    assert any(label.startswith("generation score original") for label, _ in rows(summary))
+
+
+def test_every_gold_answer_is_stored_and_score_store_scores_each_condition(tmp_path):
+    """The ragged gold lists round-trip (JSON per sample), the task follows each sample's dataset, and
+    score_store equals score_generation on the raw (unstripped) stored generations."""
+    from gapcache.analyze.scoring import score_generation, score_store
+    from gapcache.store import gold_answers
+
+    img = tmp_path / "ok.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(img)
+    golds = [["yes"] * 7 + ["no"] * 3, ["John Smith", "J. Smith"], ["12"], ["red", "Red", "rouge, \"pur\""]]
+    datasets = ["vqav2", "docvqa", "chartqa", "textvqa"]
+    rows = [{"id": f"s{i}", "image": "ok.png", "question": "What is it?", "answer": g, "dataset": d}
+            for i, (g, d) in enumerate(zip(golds, datasets))]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = yaml.safe_load(write_config(tmp_path, conditions=["original", "blind_black"],
+                                      generate={"enabled": True, "max_new_tokens": 3}).read_text())
+    cfg["data"] = {"dataset": "manifest", "path": str(tmp_path / "m.jsonl")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["extract", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 0
+    ds = open_store(tmp_path / "run" / "store.zarr")
+    assert gold_answers(ds) == golds
+    assert [str(a) for a in ds.answer.values] == ["yes", "John Smith", "12", "red"]  # the most common one
+    scores = score_store(ds)
+    assert scores.dims == ("condition", "sample") and scores.shape == (2, 4)
+    gens = np.asarray(ds.generation.values, dtype=object)
+    for k in range(2):
+        for i in range(4):
+            assert scores.values[k, i] == score_generation(datasets[i], gens[k, i], golds[i])
+    assert sorted(scores.attrs["tasks"]) == sorted(datasets)
+    # a per-dataset override, and an unknown task refused
+    forced = score_store(ds, tasks={"chartqa": "exact"})
+    assert forced.values[0, 2] == score_generation("exact", gens[0, 2], ["12"])
+    with pytest.raises(ConfigError, match="The 'tasks' parameter of score_store"):
+        score_store(ds, tasks={"vqav2": "mmmu"})
 
 
 @pytest.mark.parametrize("strategy", strategies_of("truncated"))
@@ -309,3 +359,42 @@ def test_second_task_on_the_same_shard_refuses(tmp_path):
         assert json.loads((tmp_path / "locks" / "original.shard00001.lock").read_text())["pid"] == os.getpid()
         assert (tmp_path / "locks" / "original.shard00000.lock").is_file()
     assert not list((tmp_path / "locks").iterdir())  # released, and no temporary file left
+
+
+def test_multi_token_candidates_are_scored_exactly_and_no_sample_fails(tmp_path):
+    """Candidates that share tokens or need several ('1' / '10', 'red' / 'red car') are each scored
+    by the teacher-forced log-prob of their full continuation: equal to a batch-1 reference forward."""
+    import torch
+
+    from gapcache.config import load_config
+    from gapcache.extract.runner import Extraction
+
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "ok.png")
+    cands = ["1", "10", "red", "red car", "yes"]
+    rows = [{"id": f"s{i}", "image": "ok.png", "question": "What is it?", "answer": a, "candidates": cands}
+            for i, a in enumerate(["1", "10", "red car", "yes", "red"])]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = yaml.safe_load(write_config(tmp_path, conditions=["original", "blind_black"]).read_text())
+    cfg["data"] = {"dataset": "manifest", "path": str(tmp_path / "m.jsonl")}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    ex = Extraction(load_config(tmp_path / "cfg.yaml"), tmp_path / "run").load()
+    ex.plan(show=False)
+    assert all(p.ok for p in ex.planned) and any(p.cand_extra for p in ex.planned)
+    ex.run(show=False)
+    ds = open_store(ex.store_path)
+    assert (ds.status.values == 1).all()
+    assert "exact" in ds.attrs["candidate_scoring"]
+    tok = ex.processor.tokenizer
+    for cond in ex.conditions:
+        got = ds.candidate_logprob.sel(condition=cond.label).values
+        for i, p in enumerate(ex.planned):
+            base = ex.processor(text=[p.prompt], images=[ex.condition_image(i, cond)], return_tensors="pt")
+            for c, seq in zip(p.cand_columns, p.cand_seqs):
+                assert seq == tok(ex.adapter.answer_prefix + str(ds.candidate.values[c]),
+                                  add_special_tokens=False)["input_ids"]
+                ids = torch.cat([base["input_ids"], torch.tensor([seq])], dim=1)
+                inputs = {**base, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                with torch.no_grad(), ex.intervention([p], cond, inputs, offsets=[0]):
+                    logp = torch.log_softmax(ex.model(**inputs).logits[0].float(), -1)
+                want = sum(float(logp[p.prediction + t, s]) for t, s in enumerate(seq))
+                assert got[i, c] == pytest.approx(want, abs=2e-4), (cond.label, p.sample.id, c)

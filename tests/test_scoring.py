@@ -1,11 +1,13 @@
 """Scoring of generations (lmms-eval rules, quirks included) and forced-choice accuracy: exact values."""
 
+import re
+
 import numpy as np
 import pytest
 
 from gapcache.analyze.scoring import (
     anls, evalai_normalize, forced_choice_correct, gold_candidate_index, levenshtein, relaxed_accuracy,
-    relaxed_correctness, score_generations, vqa_accuracy,
+    relaxed_correctness, score_generation, score_generations, textvqa_accuracy, vqa_accuracy,
 )
 from gapcache.errors import ConfigError
 
@@ -23,7 +25,7 @@ from gapcache.errors import ConfigError
     ("5.", "5", 1.0),           # float('5.') parses
     ("yes.", "yes", 0.0),       # non-numbers: exact match only
     ("Yes", "yes", 1.0),        # ... after lowercasing
-    (" yes", "yes", 0.0),       # ... without stripping (gapcache stores stripped generations)
+    (" yes", "yes", 0.0),       # ... the task rule itself does not strip (score_generation does, first)
     ("1,000", "1000", 0.0),     # '1,000' is not a number for float()
     ("1,000", "1,000", 1.0),
     ("0.0", "0", 0.0),          # target 0: exact string match
@@ -81,16 +83,73 @@ def test_evalai_normalization(text, want):
     ("maybe", ["yes"] * 10, 0.0),
     ("the dog", ["dog"] * 3 + ["cat"] * 7, 0.9),      # articles dropped
     ("1,000", ["1,000"] * 3 + ["1000"] * 7, 1.0),    # mixed golds are normalized: all 10 match
-    ("1,000", ["1,000"] * 10, 0.0),                  # lmms-eval quirk: identical golds keep their comma
+    # lmms-eval HEAD (#794) normalizes identical golds too (the old rule kept their comma: 0.0)
+    ("1,000", ["1,000"] * 10, 1.0),
+    ("yes", ["Yes"] * 10, 1.0),                      # old rule: 0.0
+    ("2", ["two"] * 10, 1.0),                        # old rule: 0.0
+    ("man's", ["man's"] * 10, 1.0),                  # no EvalAI "'s" split on the prediction (old rule: 0.0)
+    ("red,white", ["red white"] * 5 + ["red"] * 5, 1.0),   # old rule: 0.0
+    ("." * 40 + "yes", ["yes"] * 10, 0.0),           # at most 32 periods go, once (old rule: 1.0)
+    ("." * 32 + "yes", ["yes"] * 10, 1.0),
+    ("Black.", ["black"] * 10, 1.0),                 # the example of lmms-eval #794
+    ("yes\n", ["yes\t"] * 10, 1.0),                   # newlines / tabs -> spaces, stripped
 ])
 def test_vqav2_accuracy(pred, answers, want):
     assert vqa_accuracy(pred, answers) == pytest.approx(want, abs=1e-12)
+
+
+def test_vqav2_leave_one_out_is_by_position():
+    # duplicates are separate annotators: 3 equal golds each leave 2 others (2/3), 7 others see all 3 (1.0)
+    assert vqa_accuracy("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx((3 * 2 / 3 + 7) / 10)
+    assert vqa_accuracy("cat", ["cat", "cat"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("pred, answers, want", [
+    ("Yes", ["yes"] * 10, 1.0),
+    ("man's", ["man's"] * 10, 1.0),                  # both sides get the EvalAI "'s" split
+    ("1,000", ["1,000"] * 10, 1.0),                  # ',' dropped on both sides
+    ("Nike", ["nike"] * 2 + ["adidas"] * 8, 0.6),
+    ("the STOP sign", ["stop sign"] * 4 + ["stop"] * 6, 1.0),
+    ("two", ["2"] * 3 + ["3"] * 7, 0.9),
+    ("." * 40 + "yes", ["yes"] * 10, 0.0),           # the 32-period cap holds for TextVQA too
+])
+def test_textvqa_accuracy(pred, answers, want):
+    assert textvqa_accuracy(pred, answers) == pytest.approx(want, abs=1e-12)
+    assert score_generation("textvqa", pred, answers) == pytest.approx(want, abs=1e-12)
+
+
+def test_anls_takes_the_best_of_every_gold():
+    assert anls("J. Smith", ["John Smith"]) == pytest.approx(0.7)
+    assert anls("J. Smith", ["John Smith", "J. Smith"]) == 1.0
+
+
+def test_score_generation_strips_the_prediction():
+    assert score_generation("chartqa", "Yes ", "yes") == 1.0 and relaxed_accuracy("Yes ", "yes") == 0.0
+    assert score_generation("chartqa", "\n 12 \t", ["12"]) == 1.0
+    assert score_generation("docvqa", "  hello\n", ["hello"]) == 1.0
+    assert score_generation("vqav2", " yes ", ["yes"] * 10) == 1.0
+    assert score_generation("exact", " Yes ", ["yes"]) == 1.0 and score_generation("exact", "", ["yes"]) == 0.0
+
+
+@pytest.mark.parametrize("call, parameter", [
+    (lambda: vqa_accuracy("yes", "yes"), "'answers' parameter of vqa_accuracy"),
+    (lambda: textvqa_accuracy("yes", "yes"), "'answers' parameter of textvqa_accuracy"),
+    (lambda: anls("yes", "yes"), "'references' parameter of anls"),
+    (lambda: score_generation("vqav2", "yes", "yes"), "'golds' parameter of score_generation('vqav2', ...)"),
+    (lambda: score_generations("vqav2", ["yes"], "y"), "'golds' parameter of score_generations"),
+    (lambda: vqa_accuracy("yes", []), "must hold at least one gold answer"),
+])
+def test_a_plain_string_where_golds_are_needed_is_an_error(call, parameter):
+    with pytest.raises(ConfigError, match=re.escape(parameter)):
+        call()
 
 
 def test_score_generations_dispatch():
     np.testing.assert_allclose(score_generations("chartqa", ["2019", "no"], ["2020", "yes"]), [1.0, 0.0])
     np.testing.assert_allclose(score_generations("docvqa", ["abce"], [["abcd"]]), [0.75])
     np.testing.assert_allclose(score_generations("vqav2", ["yes"], [["yes"] * 3 + ["no"] * 7]), [0.9])
+    np.testing.assert_allclose(score_generations(["vqav2", "chartqa"], ["yes", "5"], [["yes"] * 10, ["5.1"]]),
+                               [1.0, 1.0])
     with pytest.raises(ConfigError, match="The 'task' parameter of score_generation must be one of"):
         score_generations("mmmu", ["a"], ["a"])
     with pytest.raises(ConfigError, match="one entry per prediction"):

@@ -5,9 +5,9 @@ A family adapter owns *all* of its family's knowledge, so that nothing outside
 
 * structure: ``decoder_layers``, ``final_norm``, ``n_layers``, ``hidden_size``, ``image_token_id``;
 * prompts: ``messages`` (the chat-template input), ``answer_prefix``;
-* planning: ``n_image_tokens`` (image embeddings the model inserts) and ``question_char_end``
-  (where the question ends in the *processed* text, i.e. after the processor expanded the image
-  placeholder), used by the site finders;
+* planning: ``n_image_tokens`` (image embeddings the model inserts) and ``question_char_span``
+  (where the question, placed by the chat template, lies in the *processed* text, i.e. after the
+  processor expanded the image placeholder), used by the site finders;
 * ``deepstack_layers``: decoder layers after which visual features are added again (Qwen3-VL);
 * ``lens_norm``: the final norm in the form the CPU logit lens applies,
   ``(offset + w) * h / sqrt(mean(h**2) + eps)``;
@@ -57,13 +57,29 @@ class Adapter:
         """How many image embeddings the model inserts for one row of a processed batch."""
         raise NotImplementedError(f"{type(self).__name__} must define n_image_tokens")
 
+    def question_char_span(self, prompt: str, start: int, length: int, visual_length: int,
+                           image_token: str) -> tuple[int, int]:
+        """(start, end) in the processed text (the coordinates of the tokenizer's offset mapping) of the
+        question that occupies ``prompt[start : start + length]`` (``start`` from the chat template, see
+        ``Planner.question_start``).
+
+        Default: the processor expands the one image placeholder into ``visual_length`` copies of
+        ``image_token``; when the placeholder lies before the question (in the template's text before
+        it, never searched in the question or after it), the question moves right by
+        ``(visual_length - 1) * len(image_token)`` characters.
+        """
+        shift = (visual_length - 1) * len(image_token) if image_token in prompt[:start] else 0
+        return start + shift, start + length + shift
+
     def question_char_end(self, prompt: str, question: str, visual_length: int, image_token: str) -> int:
         """Character offset, in the processed text (the coordinates of the tokenizer's offset mapping),
         where the last occurrence of ``question`` in ``prompt`` ends.
 
         Default: the processor expands the one image placeholder, which precedes the question, into
         ``visual_length`` copies of ``image_token``, so the question moves right by
-        ``(visual_length - 1) * len(image_token)`` characters.
+        ``(visual_length - 1) * len(image_token)`` characters. A convenience for prompts whose
+        question is known to occur last; the site finder does not use it (it takes the question's
+        place from the chat template, ``question_char_span``).
         """
         end = prompt.rfind(question) + len(question)
         return end + (visual_length - 1) * len(image_token)
