@@ -6,7 +6,7 @@ Across samples: the candidate set and its token ids, the mean RGB (``blind_mean`
 derangement (``blind_randomimage``). A sample that fails here is recorded as failed with its
 reason; the run goes on.
 
-The sites come from the site registry (``gapcache.extract.sites``); family specifics (how many
+The sites come from the site registry (``gapcache.sites``); family specifics (how many
 image embeddings, where the question lands after the processor expanded the image placeholder)
 from the family adapter. The planner itself knows neither sites nor families.
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from gapcache.errors import ConfigError, SampleError, SiteError
 from gapcache.extract.data import Sample, derangement, pixel_sum
-from gapcache.extract.sites import SiteContext, find_sites, site_value
+from gapcache.sites import SiteContext, find_sites, site_value
 
 
 #: stands for the question when the chat template is rendered to find where the user's text goes

@@ -35,7 +35,7 @@ from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.extract.preflight import check_shard_memory, check_task, preflight
-from gapcache.extract.sites import POSITION_SITES, position_row
+from gapcache.sites import POSITION_SITES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, create
 from gapcache.store.locks import clean_leftovers, owner_tag
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gapcache.conditions import Condition
+from gapcache.sites import POSITION_SITES
 from gapcache.errors import ConfigError
 
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 STORE_NAME = "store.zarr"  # the store inside a run directory (RUN/store.zarr)
-SITES = ("instruction", "prediction")
+SITES = POSITION_SITES  # the store's ``site`` axis: the position sites of gapcache.sites, in registry order
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 STATUS_NAMES = {STATUS_PENDING: "pending", STATUS_DONE: "done", STATUS_FAILED: "failed"}
 LAYER_CONVENTION = (

@@ -19,6 +19,7 @@ checked with exact equality wherever the arithmetic allows:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import SimpleNamespace
 

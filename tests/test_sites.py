@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gapcache.errors import SiteError
-from gapcache.extract import sites as S
+from gapcache import sites as S
 from gapcache.extract.families import get_adapter
 from gapcache.extract.plan import PlannedSample
 from gapcache.store.schema import SITES as STORE_SITES

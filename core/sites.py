@@ -12,8 +12,9 @@ Usage::
 Finders run in registry order and see the sites found before them (the instruction needs the
 visual span's length to map the question into the processed text). A finder raises ``SiteError``
 when its site is missing or inconsistent; the sample is then recorded as failed. Adding a site is
-one ``Site`` entry in ``SITES``; a position site also needs its name in the store's ``SITES``
-(``gapcache.store.schema``), in the same order (a test checks they agree).
+one ``Site`` entry in ``SITES``: the store's ``site`` axis (``gapcache.store.schema.SITES``) is the
+position sites in registry order, and a span site's rows are stored by the store's span of the same
+name (``gapcache.store.arrays.SPANS``). Torch-free: both tiers read it.
 
 Rules:
 * visual: the contiguous run of the model's image token; its length must equal the number of
