@@ -54,6 +54,24 @@ class GenerateConfig:
     max_new_tokens: int = 16
 
 
+#: field metadata of options added after the first release: left out of the config hash while at their
+#: default, so configs (and the stores made from them) that do not use the option keep their hash
+ADDED = {"hash": "unless_default"}
+
+
+def _hashed(obj) -> dict:
+    """``obj`` (a config section) as hashed: ADDED fields at their default value left out."""
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("hash") == "unless_default":
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value == default:
+                continue
+        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
 @dataclass
 class ExtractConfig:
     # the registry's default kinds (truncated needs truncation_layers, so it is opt-in)
@@ -71,6 +89,8 @@ class ExtractConfig:
     seed: int = 0  # derangement of blind_randomimage
     disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
+    # "sites": the text sites only; "all": also every prompt text token, ragged per sample (the store's token span)
+    text: str = field(default="sites", metadata=ADDED)
 
 
 @dataclass
@@ -118,7 +138,7 @@ class Config:
 
     def hash(self, sections=("model", "data", "extract")) -> str:
         """sha256 of the sections that fix a store's content (not where or how it runs)."""
-        d = {k: v for k, v in self.to_dict().items() if k in sections}
+        d = {k: _hashed(getattr(self, k)) for k in sections}
         for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size"):
             d["extract"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -105,16 +105,39 @@ def find_instruction(offsets, ids, special_ids, q_start: int, question: str, sam
     return best
 
 
+def find_question_tokens(offsets, ids, special_ids, q_start: int, question: str, sample_id: str) -> tuple[int, int]:
+    """(start, length) from the first to the last non-special token overlapping ``question`` (starting at
+    character ``q_start`` of the processed text) whose overlap with it is not whitespace-only."""
+    q_end = q_start + len(question)
+    hits = [i for i, (start, end) in enumerate(offsets)
+            if end > start and start < q_end and end > q_start and int(ids[i]) not in special_ids
+            and question[max(start, q_start) - q_start : min(end, q_end) - q_start].strip()]
+    if not hits:
+        raise SiteError(sample_id, "no content token of the question found in the prompt")
+    return hits[0], hits[-1] - hits[0] + 1
+
+
+def _question_start(ctx: SiteContext, found: dict) -> int:
+    """Character where the question starts in the processed text (image placeholder expanded)."""
+    if ctx.question_start is None:
+        raise SiteError(ctx.sample_id, "the question's place in the prompt is unknown (SiteContext.question_start)")
+    q_start, _ = ctx.adapter.question_char_span(ctx.prompt, ctx.question_start, len(ctx.question),
+                                                found["visual"][1], ctx.image_token)
+    return q_start
+
+
 def _visual(ctx: SiteContext, found: dict) -> tuple[int, int]:
     return find_visual_span(ctx.ids, ctx.image_token_id, ctx.n_image_tokens, ctx.sample_id)
 
 
 def _instruction(ctx: SiteContext, found: dict) -> int:
-    if ctx.question_start is None:
-        raise SiteError(ctx.sample_id, "the question's place in the prompt is unknown (SiteContext.question_start)")
-    q_start, _ = ctx.adapter.question_char_span(ctx.prompt, ctx.question_start, len(ctx.question),
-                                                found["visual"][1], ctx.image_token)
-    return find_instruction(ctx.offsets, ctx.ids, ctx.special_ids, q_start, ctx.question, ctx.sample_id)
+    return find_instruction(ctx.offsets, ctx.ids, ctx.special_ids, _question_start(ctx, found), ctx.question,
+                            ctx.sample_id)
+
+
+def _question(ctx: SiteContext, found: dict) -> tuple[int, int]:
+    return find_question_tokens(ctx.offsets, ctx.ids, ctx.special_ids, _question_start(ctx, found), ctx.question,
+                                ctx.sample_id)
 
 
 def _prediction(ctx: SiteContext, found: dict) -> int:
@@ -126,6 +149,7 @@ SITES: dict[str, Site] = {s.name: s for s in (
     Site("instruction", POSITION, _instruction,
          "the last non-whitespace content token of the question, located in the user turn"),
     Site("prediction", POSITION, _prediction, "the end of the generation prompt (predicts the first answer token)"),
+    Site("question", SPAN, _question, "the question's content tokens, first to last (the text channel; token roles)"),
 )}
 
 POSITION_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.kind == POSITION)

@@ -60,6 +60,7 @@ class SpanSpec:
     condition_dim: str  # the conditions that record it, e.g. "visual_condition"
     records: str  # the Condition property saying whether a condition records it ("records_visual"), or "always"
     doc: str
+    optional: bool = False  # a store holds it only when the run records it (its arrays are then created)
 
     @property
     def states(self) -> str:
@@ -89,6 +90,9 @@ class SpanSpec:
 SPANS: dict[str, SpanSpec] = {
     "visual": SpanSpec("visual", "vtoken", "visual_condition", "records_visual",
                        "residual stream at the (recorded) visual tokens of the non-truncated conditions"),
+    "token": SpanSpec("token", "ttoken", "token_condition", "always",
+                      "residual stream at every prompt text token (extract.text: all), under every condition",
+                      optional=True),
 }
 
 
@@ -154,26 +158,34 @@ class ArraySpec:
 
 def span_arrays(sp: SpanSpec) -> list[ArraySpec]:
     """The arrays of one span (its condition coordinate is an index array, declared with the others)."""
+    since, required = (2, False) if sp.optional else (1, True)
+    kw = dict(span=sp.name, since=since, required=required)
     return [
         ArraySpec(sp.states, (sp.condition_dim, sp.token_dim, "layer", "hidden"), STATE, VUNIT,
-                  f"{sp.doc}; sample i = rows {sp.offset}[i] : +{sp.length}[i]", span=sp.name),
+                  f"{sp.doc}; sample i = rows {sp.offset}[i] : +{sp.length}[i]", **kw),
         ArraySpec(sp.owner, (sp.token_dim,), "int32", SPAN, "owning sample index of each row, -1 = padding",
-                  fill=-1, coord=True, merge=MERGE_LAYOUT, span=sp.name),
+                  fill=-1, coord=True, merge=MERGE_LAYOUT, **kw),
         ArraySpec(sp.position, (sp.token_dim,), "int32", SPAN,
                   "index in the span (subset: the kept token; pool: first token of the pool)", fill=-1, coord=True,
-                  span=sp.name),
+                  **kw),
         ArraySpec(sp.offset, ("sample",), "int64", SAMPLE, f"first {sp.token_dim} row of the sample",
-                  merge=MERGE_LAYOUT, span=sp.name),
-        ArraySpec(sp.length, ("sample",), "int32", SAMPLE, f"recorded {sp.name} tokens of the sample", span=sp.name),
+                  merge=MERGE_LAYOUT, **kw),
+        ArraySpec(sp.length, ("sample",), "int32", SAMPLE, f"recorded {sp.name} tokens of the sample", **kw),
     ]
+
+
+def _span_index(sp: SpanSpec) -> ArraySpec:
+    since, required = (2, False) if sp.optional else (1, True)
+    return ArraySpec(sp.condition_dim, (sp.condition_dim,), STR, INDEX,
+                     f"labels of the conditions that record the {sp.name} span", since=since, required=required,
+                     span=sp.name)
 
 
 _SPECS = [
     # ------------------------------------------------------------------ dimension coordinates
     ArraySpec("sample", ("sample",), STR, INDEX, "sample ids"),
     ArraySpec("condition", ("condition",), STR, INDEX, "condition labels (e.g. truncated_zero_L3)"),
-    *[ArraySpec(sp.condition_dim, (sp.condition_dim,), STR, INDEX, f"labels of the conditions that record the "
-                f"{sp.name} span") for sp in SPANS.values()],
+    *[_span_index(sp) for sp in SPANS.values()],
     ArraySpec("layer", ("layer",), "int32", INDEX, "recorded hidden-state index i = the stream entering decoder layer i"),
     ArraySpec("site", ("site",), STR, INDEX, "text sites (store.schema.SITES)"),
     ArraySpec("candidate", ("candidate",), STR, INDEX, "every closed-set candidate answer of the run"),
@@ -196,6 +208,10 @@ _SPECS = [
     ArraySpec(FLAG, ("condition", "sample"), "uint8", UNIT, "0 pending, 1 done, 2 failed (written last)", fill=0),
     # ------------------------------------------------------------------ ragged spans (visual: visual_states, ...)
     *[spec for sp in SPANS.values() for spec in span_arrays(sp)],
+    ArraySpec("ttoken_id", ("ttoken",), "int32", SPAN, "vocabulary id of each prompt text token", fill=-1, coord=True,
+              since=2, required=False, span="token"),
+    ArraySpec("ttoken_role", ("ttoken",), "int8", SPAN, "role of each prompt text token (attrs: roles)", fill=-1,
+              coord=True, since=2, required=False, span="token"),
     # ------------------------------------------------------------------ per-sample metadata
     ArraySpec("dataset_name", ("sample",), STR, SAMPLE, "dataset of the sample", required=False),
     ArraySpec("split", ("sample",), STR, SAMPLE, "split of the sample", required=False),
@@ -251,9 +267,7 @@ def register_span(span: SpanSpec, since: int = 2) -> SpanSpec:
     if span.name in SPANS:
         raise StoreError(f"The span {span.name!r} is already declared in gapcache.store.arrays.SPANS.")
     SPANS[span.name] = span
-    register(ArraySpec(span.condition_dim, (span.condition_dim,), STR, INDEX,
-                       f"labels of the conditions that record the {span.name} span", since=since))
-    for spec in span_arrays(span):
+    for spec in (_span_index(span), *span_arrays(span)):
         register(dataclasses.replace(spec, since=since))
     return span
 

@@ -191,7 +191,8 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
         hidden=int(first.g["text_states"].shape[-1]), model_dtype=first.attrs["model_dtype"],
         candidates=tuple(candidates_of(first.attrs, first.g)),
         visual_lengths=_span_lengths("visual", home, sample_ids),
-        span_lengths=tuple((n, _span_lengths(n, home, sample_ids)) for n in arrays.SPANS if n != "visual"),
+        span_lengths=tuple((n, _span_lengths(n, home, sample_ids)) for n, sp in arrays.SPANS.items()
+                           if n != "visual" and sp.offset in first.g),
         samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression_level=_zstd_level(first.g["text_states"]),
     )
     values, array_attrs = _creation_values(sources, home, sample_ids, layout)

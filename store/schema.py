@@ -107,6 +107,12 @@ class Layout:
     def visual_conditions(self) -> tuple[Condition, ...]:
         return self.span_conditions("visual")
 
+    def has_span(self, span: str) -> bool:
+        """Whether the store holds ``span``: every non-optional span, an optional one when its lengths are given."""
+        from gapcache.store.arrays import SPANS
+
+        return not SPANS[span].optional or span in dict(self.span_lengths)
+
     def span_conditions(self, span: str) -> tuple[Condition, ...]:
         """The conditions that record ``span`` (its ``condition_dim``)."""
         from gapcache.store.arrays import SPANS
@@ -139,6 +145,8 @@ class Layout:
             "truncation_strategy": strs(c.strategy for c in conds),
         }
         for name, sp in SPANS.items():
+            if not self.has_span(name):
+                continue
             span = self.spans[name]
             owner, index = span.owners()
             out.update({sp.condition_dim: strs(c.label for c in self.span_conditions(name)),

@@ -110,6 +110,8 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
     g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
     g.attrs.update(_root_attrs(layout, attrs))
     for spec in arrays.specs():
+        if spec.span and not layout.has_span(spec.span):
+            continue  # an optional span this run does not record
         if spec.at_creation and spec.name not in values:
             if spec.required:
                 raise StoreError(f"create needs the values of the required array {spec.name!r}.")
@@ -236,6 +238,8 @@ class StoreWriter:
         self.fallback: dict[str, str] = {}
         for spec in arrays.specs((arrays.UNIT, arrays.VUNIT), state=True):
             name = spec.name
+            if name not in self.arrays:  # an optional span this store does not hold
+                continue
             if not direct:
                 self.fallback[name] = "direct shard writes disabled (direct=False)"
                 continue

@@ -33,14 +33,14 @@ def test_position_sites_match_the_store_site_axis():
 def test_registry_kinds_and_missing_values():
     assert S.SITES["visual"].kind == S.SPAN and S.SITES["visual"].missing == (-1, 0)
     assert {S.SITES[n].kind for n in S.POSITION_SITES} == {S.POSITION}
-    assert S.SPAN_SITES == ("visual",)
+    assert S.SPAN_SITES == ("visual", "question")
     assert S.position_row({}) == [-1] * len(S.POSITION_SITES)
 
 
 def test_find_sites_on_an_expanded_placeholder():
     found = S.find_sites(context(IDS, OFFSETS), {})
     # "?" (index 6, chars 19..20) ends the question after the +6 shift; "A:" (21..23) lies beyond it
-    assert found == {"visual": (2, 3), "instruction": 6, "prediction": 7}
+    assert found == {"visual": (2, 3), "instruction": 6, "prediction": 7, "question": (5, 2)}  # "red", "?"
     assert S.position_row(found) == [found[n] for n in STORE_SITES]
 
 
