@@ -233,22 +233,45 @@ def visual_effective_rank(ds, *, method: str = "auto", rtol: float | None = None
     return xr.DataArray(out, dims=dims, coords=coords, name="effective_rank")
 
 
-def er_ratio(er, cliff: int, *, layer_dim: str = "layer"):
-    """ER ratio = mean ER over layers > cliff / mean ER over layers <= cliff (along ``layer_dim``).
+ER_RATIO_WINDOWS = ("gapcache", "seed")
 
-    ``er`` is a DataArray with a ``layer`` coordinate (e.g. the sample-mean of
-    :func:`visual_effective_rank`). The cliff layer itself counts as "before": it is the last layer
-    that still reads the image's states in the truncation convention.
+
+def er_ratio(er, cliff: int, *, layer_dim: str = "layer", window: str = "gapcache"):
+    """ER ratio = mean ER over the "after" layers / mean ER over the "before" layers (along ``layer_dim``).
+
+    ``er`` is a DataArray with a ``layer`` coordinate (one sample's curve, or the sample-mean of
+    :func:`visual_effective_rank`). ``window='gapcache'``: before = layers <= cliff, after = layers >
+    cliff (the cliff layer itself counts as "before": it is the last layer that still reads the
+    image's states in the truncation convention). ``window='seed'``: the seed's windows, before =
+    layers < cliff, after = layers >= cliff (see :func:`seed_er_ratio`).
     """
     if layer_dim not in er.dims:
         raise ConfigError(
             f"The 'er' parameter of er_ratio must have a {layer_dim!r} dimension. Got dims {er.dims} instead."
         )
+    if window not in ER_RATIO_WINDOWS:
+        raise ConfigError(f"The 'window' parameter of er_ratio must be one of {list(ER_RATIO_WINDOWS)}. "
+                          f"Got {window!r} instead.")
     layer = er[layer_dim]
-    before, after = er.where(layer <= cliff, drop=True), er.where(layer > cliff, drop=True)
+    is_after = layer > cliff if window == "gapcache" else layer >= cliff
+    before, after = er.where(~is_after, drop=True), er.where(is_after, drop=True)
     if before.sizes[layer_dim] == 0 or after.sizes[layer_dim] == 0:
         raise ConfigError(
             f"The 'cliff' parameter of er_ratio must leave layers on both sides of it. Got {cliff} with "
             f"layers {layer.values.min()}..{layer.values.max()} instead."
         )
     return (after.mean(layer_dim) / before.mean(layer_dim)).rename("er_ratio")
+
+
+def seed_er_ratio(er, cliff: int, *, sample_dim: str = "sample", layer_dim: str = "layer"):
+    """The seed's ER ratio: a ratio of means on the sample-mean curve, with the seed's windows,
+    ``mean_l>=cliff mean_i ER_il / mean_l<cliff mean_i ER_il`` (``er``: (sample, layer) DataArray).
+
+    The pipeline's ``er_ratio`` is the mean over samples of per-sample ratios with before = layers <=
+    cliff; the two differ whenever samples differ in scale. For the seed's number in its own layer
+    labels, relabel first: ``er.assign_coords(layer=evd.layer_labels(er.layer, 'output'))``.
+    """
+    if sample_dim not in er.dims:
+        raise ConfigError(f"The 'er' parameter of seed_er_ratio must have a {sample_dim!r} dimension. "
+                          f"Got dims {er.dims} instead.")
+    return er_ratio(er.mean(sample_dim), cliff, layer_dim=layer_dim, window="seed")

@@ -156,6 +156,21 @@ def test_er_ratio():
         er_ratio(er, cliff=16)
 
 
+def test_seed_er_ratio_windows_and_ratio_of_means():
+    from gapcache.analyze.rank import seed_er_ratio
+
+    er = xr.DataArray([[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]], dims=("sample", "layer"), coords={"layer": range(6)})
+    assert float(er_ratio(er.isel(sample=0), 2)) == pytest.approx(2.0)  # before 0..2, after 3..5
+    assert float(er_ratio(er.isel(sample=0), 2, window="seed")) == pytest.approx(1.75)  # before 0..1, after 2..5
+    assert float(seed_er_ratio(er, 2)) == pytest.approx(1.75)
+    two = xr.DataArray([[1.0, 1.0, 2.0, 2.0], [4.0, 4.0, 4.0, 4.0]], dims=("sample", "layer"),
+                       coords={"layer": range(4)})
+    per_sample = [float(er_ratio(two.isel(sample=i), 2, window="seed")) for i in range(2)]
+    assert np.mean(per_sample) == pytest.approx(1.5) and float(seed_er_ratio(two, 2)) == pytest.approx(1.2)
+    with pytest.raises(ConfigError, match="'window'"):
+        er_ratio(er.isel(sample=0), 2, window="both")
+
+
 def test_visual_effective_rank_on_a_real_store(tmp_path):
     from helpers import random_payloads, roundtrip, small_layout
 
