@@ -54,7 +54,9 @@ Usage::
     tau = adaptive_tau(x.values, tau_ratio=0.5, n_pilot=50, seed=0)
     e = evd(x.values, x.layer.values, tau.value)        # (sample,)
     cliff(x.values, x.layer.values, tau.value, "steepest").layer
-    evd_gap(e[hard], e[easy]).gap
+    g = evd_gap(e[hard], e[easy], "hard", "easy", layers=x.layer.values)   # never reached -> min(layers) - 1
+    g.gap, g.low, g.high, g.to_dict()                   # with its bootstrap CI over samples
+    evd_gap(e_store_a, e_store_b, paired=True, layers=x.layer.values)      # same samples, two stores
 """
 
 from __future__ import annotations
