@@ -9,8 +9,24 @@ visual states, layers > L the intervened ones) and s the gold-answer log-prob::
     tau      = fixed, or tau_ratio * max_l mean_pilot Delta(l)   (seeded pilot subset, recorded)
 
 A sample whose Delta never reaches tau gets EVD = NaN, not -1: -1 is a real truncation layer
-("no layer sees the image"), so -1 would confuse "needs no layer" with "needs layer -1". Means
-and gaps skip NaN and report how many samples reached tau.
+("no layer sees the image"), so -1 would confuse "needs no layer" with "needs layer -1"
+(``evd(..., never_reached=0.0)`` gives the seed's 0 instead). ``mean_evd`` skips NaN and reports
+how many samples reached tau.
+
+**EVD gap** (:func:`evd_gap`, the one function the pipeline, the cross-store comparison and users
+call): mean EVD of group a - mean EVD of group b, with its bootstrap CI over samples (unpaired for
+two groups of one store, ``paired=True`` for the same samples in two stores or conditions). A
+never-reaching sample counts as ``never_reached``: ``'below_grid'`` (default) = min(layers) - 1, one
+below the earliest truncation point ("needs no layer's visual states"), so the samples that least
+need the image are not dropped from their group; ``'skip'`` drops them (counted); a number (the
+seed: 0.0, in its layer labels) uses that value. On the simulated data of the issue the rules give
+0.23 (skip), 4.34 (below_grid) and 4.14 (seed's 0): the rule is part of the number, and is recorded.
+
+**Seed compatibility** (``docs/seed-compatibility.md``): ``never_reached=0.0``; cliff methods
+``seed_median`` (``int(np.median)`` of the EVDs of all samples, never-reached = 0 included) and
+``seed_crossing`` (first layer with m(l) < tau, the last layer if none); :func:`seed_tau` (max(floor,
+ratio x mean Delta at the first grid layer of the first 5 hard samples)); :func:`layer_labels` for
+the seed's output-hook labels (its layer j = our j + 1).
 
 Cliff boundary (a layer of the grid, except ``median_evd``), recorded in :class:`Cliff`:
 
@@ -20,6 +36,15 @@ Cliff boundary (a layer of the grid, except ``median_evd``), recorded in :class:
   *last layer before* the steepest drop (ties: the first);
 * ``first_crossing``: the first layer l with m(l) < tau that follows a layer with m >= tau, i.e.
   the *first layer below* tau once the curve has been at or above it; NaN if it never is.
+* ``seed_median``: the seed's rule, ``int(np.median(EVD))`` over *all* samples with never-reached
+  EVD = 0 (truncated toward 0, a grid label only by accident);
+* ``seed_crossing``: the seed's rule, the first layer with m(l) < tau (no "was above first"
+  condition), the last layer of the grid if there is none.
+
+tau must be positive: a non-positive tau makes every layer "reached". :func:`adaptive_tau` refuses
+a non-positive value (DataError) unless given ``floor``; then tau = max(floor, value) and the Tau
+records ``raw_value``, ``floored`` and a ``note`` (the pipeline floors at ``AnalysisParams.tau_floor``,
+1e-6 like the seed, so the note lands in summary.json).
 
 Usage::
 
@@ -29,19 +54,24 @@ Usage::
     tau = adaptive_tau(x.values, tau_ratio=0.5, n_pilot=50, seed=0)
     e = evd(x.values, x.layer.values, tau.value)        # (sample,)
     cliff(x.values, x.layer.values, tau.value, "steepest").layer
-    evd_gap(e[hard], e[easy]).gap
+    g = evd_gap(e[hard], e[easy], "hard", "easy", layers=x.layer.values)   # never reached -> min(layers) - 1
+    g.gap, g.low, g.high, g.to_dict()                   # with its bootstrap CI over samples
+    evd_gap(e_store_a, e_store_b, paired=True, layers=x.layer.values)      # same samples, two stores
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from gapcache import conditions
+from gapcache.analyze import stats
 from gapcache.errors import ConfigError, DataError
 
-CLIFF_METHODS = ("median_evd", "steepest", "first_crossing")
+CLIFF_METHODS = ("median_evd", "steepest", "first_crossing", "seed_median", "seed_crossing")
+NEVER_REACHED_RULES = ("below_grid", "skip")  # or a number (the seed: 0.0)
 
 
 def _curves(delta, layers):
@@ -62,12 +92,27 @@ def delta(clean, intervened):
     return np.asarray(clean, dtype=np.float64) - np.asarray(intervened, dtype=np.float64)
 
 
-def evd(delta, layers, tau: float) -> np.ndarray:
-    """EVD = max{ l : Delta(l) >= tau } over the last axis of ``delta`` (..., layer) -> (...); NaN if none."""
+def evd(delta, layers, tau: float, never_reached: float = np.nan) -> np.ndarray:
+    """EVD = max{ l : Delta(l) >= tau } over the last axis of ``delta`` (..., layer) -> (...).
+
+    A sample whose Delta never reaches tau gets ``never_reached``: NaN (gapcache) or 0.0 (the seed's
+    ``compute_evd``)."""
     delta, layers = _curves(delta, layers)
     hit = delta >= tau
     last = delta.shape[-1] - 1 - np.argmax(hit[..., ::-1], axis=-1)
-    return np.where(hit.any(axis=-1), layers[last].astype(np.float64), np.nan)
+    return np.where(hit.any(axis=-1), layers[last].astype(np.float64), float(never_reached))
+
+
+def layer_labels(layers, convention: str = "input") -> np.ndarray:
+    """Truncation-layer labels in ``convention``: 'input' (gapcache's: layer L = the stream entering
+    decoder layer L + 1 is the first intervened one) or 'output' (the seed's hooks on layer outputs:
+    its layer j is our j + 1, so the label is ours - 1). Apply to ``layers`` before :func:`evd`,
+    :func:`cliff` or :func:`seed_tau` to get numbers in the seed's labels."""
+    if convention not in ("input", "output"):
+        raise ConfigError(f"The 'convention' parameter of layer_labels must be one of ['input', 'output']. "
+                          f"Got {convention!r} instead.")
+    layers = np.asarray(layers)
+    return layers - 1 if convention == "output" else layers.copy()
 
 
 def evd_area(delta, layers, tau: float) -> np.ndarray:
@@ -86,6 +131,10 @@ class Tau:
     seed: int | None = None
     pilot: tuple[int, ...] = ()  # sample indices of the pilot subset
     pilot_curve: tuple[float, ...] = ()  # mean Delta over the pilot, per layer
+    floor: float | None = None  # tau = max(floor, raw value) when given
+    raw_value: float | None = None  # the rule's value before the floor
+    floored: bool | None = None  # True when the floor replaced the rule's value
+    note: str | None = None
 
     def as_attrs(self) -> dict:
         return {f"tau_{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
@@ -98,11 +147,15 @@ def fixed_tau(value: float) -> Tau:
     return Tau(float(value), "fixed")
 
 
-def adaptive_tau(delta, tau_ratio: float, n_pilot: int | None = None, seed: int = 0) -> Tau:
+def adaptive_tau(delta, tau_ratio: float, n_pilot: int | None = None, seed: int = 0,
+                 floor: float | None = None) -> Tau:
     """tau = tau_ratio * max_l mean_{i in pilot} Delta_i(l); ``delta`` is (sample, layer).
 
     The pilot is ``n_pilot`` samples drawn without replacement by ``np.random.default_rng(seed)``
     (all samples when ``n_pilot`` is None), sorted; its indices are recorded in the result.
+    A non-positive value (the pilot's mean Delta is <= 0 at every layer) would make every layer
+    "reached": it raises DataError, unless ``floor`` (> 0) is given, in which case tau =
+    max(floor, value), recorded with ``raw_value``, ``floored`` and a ``note``.
     """
     delta = np.asarray(delta, dtype=np.float64)
     if delta.ndim != 2:
@@ -123,8 +176,58 @@ def adaptive_tau(delta, tau_ratio: float, n_pilot: int | None = None, seed: int 
     curve = _nanmean(delta[pilot], axis=0)
     if not np.isfinite(curve).any():
         raise DataError("adaptive_tau: the pilot samples have no finite Delta value; check the store's status.")
-    return Tau(float(tau_ratio * np.nanmax(curve)), "adaptive", float(tau_ratio), int(seed),
-               tuple(int(i) for i in pilot), tuple(float(c) for c in curve))
+    raw = float(tau_ratio * np.nanmax(curve))
+    return _floored(Tau(raw, "adaptive", float(tau_ratio), int(seed), tuple(int(i) for i in pilot),
+                        tuple(float(c) for c in curve)), floor, "adaptive_tau")
+
+
+def _floored(t: Tau, floor: float | None, fn: str) -> Tau:
+    """``t`` with the floor rule applied (see :func:`adaptive_tau`)."""
+    import dataclasses
+
+    if floor is not None and not (np.isfinite(floor) and floor > 0):
+        raise ConfigError(f"The 'floor' parameter of {fn} must be a positive number or None. Got {floor!r} instead.")
+    if floor is None:
+        if not t.value > 0:
+            raise DataError(
+                f"{fn}: tau = {t.value:.6g} is not positive (tau_ratio {t.tau_ratio} x a pilot mean Delta of "
+                f"{t.value / t.tau_ratio:.6g}), so every layer would count as reached. The intervention does not "
+                f"lower the gold log-prob on the pilot: check the conditions, pass a fixed tau, or pass floor= "
+                f"(the seed used 1e-6).")
+        return t
+    floored = not t.value >= floor
+    note = (f"{t.rule} tau {t.value:.6g} is below the floor {floor:g}: tau = {floor:g}"
+            + (" (a non-positive tau would make every layer reached)" if not t.value > 0 else "")) if floored else None
+    if floored:
+        import warnings
+
+        warnings.warn(f"{fn}: {note}", RuntimeWarning, stacklevel=3)
+    return dataclasses.replace(t, value=float(max(floor, t.value)), floor=float(floor), raw_value=t.value,
+                               floored=bool(floored), note=note)
+
+
+def seed_tau(delta, categories, tau_ratio: float = 0.1, n_pilot: int = 5, floor: float = 1e-6,
+             hard: str = "hard") -> Tau:
+    """The seed's adaptive tau: max(floor, tau_ratio x mean Delta at the first grid layer over the first
+    ``n_pilot`` samples whose category is ``hard``, in sample order). ``delta`` is (sample, layer).
+
+    The seed took ``hard_samples[:5]`` (fewer if there are fewer) and the Delta of its first
+    truncation point ("layer 0" in its output-hook labels, the first column of the grid here).
+    """
+    delta, categories = np.asarray(delta, dtype=np.float64), np.asarray(categories)
+    if delta.ndim != 2 or categories.shape != delta.shape[:1]:
+        raise ConfigError(f"seed_tau needs 'delta' (sample, layer) and 'categories' (sample,). Got shapes "
+                          f"{delta.shape} and {categories.shape} instead.")
+    if not 0 < tau_ratio <= 1:
+        raise ConfigError(f"The 'tau_ratio' parameter of seed_tau must be in (0, 1]. Got {tau_ratio!r} instead.")
+    pilot = np.flatnonzero(categories == hard)[:n_pilot]
+    if pilot.size == 0:
+        raise DataError(f"seed_tau: no sample has category {hard!r}; got {sorted(set(categories.tolist()))}.")
+    value = float(tau_ratio * _nanmean(delta[pilot, 0], axis=0))
+    if not np.isfinite(value):
+        raise DataError("seed_tau: the pilot samples have no finite Delta at the first layer.")
+    return _floored(Tau(value, "seed", float(tau_ratio), None, tuple(int(i) for i in pilot),
+                        tuple(float(c) for c in _nanmean(delta[pilot], axis=0))), floor, "seed_tau")
 
 
 def _nanmean(x, axis):
@@ -189,13 +292,18 @@ def cliff(delta, layers, tau: float | None = None, method: str = "steepest") -> 
         raise ConfigError(
             f"The 'delta' parameter of cliff must be 2-D (sample, layer). Got shape {delta.shape} instead."
         )
-    if method != "steepest" and tau is None:
+    if method not in ("steepest",) and tau is None:
         raise ConfigError(f"The 'tau' parameter of cliff must be a number for method {method!r}. Got None instead.")
     m = mean_curve(delta)
     if method == "steepest":
         layer = steepest_decline(m, layers)
     elif method == "first_crossing":
         layer = first_crossing(m, layers, tau)
+    elif method == "seed_crossing":
+        below = np.flatnonzero(m < tau)
+        layer = float(layers[below[0]] if below.size else layers[-1])
+    elif method == "seed_median":
+        layer = float(int(np.median(evd(delta, layers, tau, never_reached=0.0))))
     else:
         e = evd(delta, layers, tau)
         layer = float(np.median(e[np.isfinite(e)])) if np.isfinite(e).any() else float("nan")
@@ -205,7 +313,8 @@ def cliff(delta, layers, tau: float | None = None, method: str = "steepest") -> 
 
 @dataclass(frozen=True)
 class Gap:
-    """EVD gap = mean EVD of group a - mean EVD of group b (NaN EVDs skipped and counted)."""
+    """EVD gap = mean EVD of group a - mean EVD of group b, with its CI (``interval``) and the rule used
+    for the samples whose Delta never reached tau (``never_reached``, their value ``never_reached_as``)."""
 
     gap: float
     mean_a: float
@@ -216,23 +325,110 @@ class Gap:
     n_missing_b: int
     label_a: str = "a"
     label_b: str = "b"
+    never_reached: str | float = "below_grid"
+    never_reached_as: float | None = None  # value given to a never-reaching sample (None: skipped)
+    n_used_a: int = 0  # samples in each mean
+    n_used_b: int = 0
+    paired: bool = False
+    interval: object = None  # stats.Interval of the gap, or None (fewer than 2 samples in a group)
+
+    @property
+    def low(self) -> float:
+        return float("nan") if self.interval is None else self.interval.low
+
+    @property
+    def high(self) -> float:
+        return float("nan") if self.interval is None else self.interval.high
+
+    def to_dict(self) -> dict:
+        """The interval's fields (estimate = gap) plus the counts and the never-reached rule, JSON-ready."""
+        base = self.interval.to_dict() if self.interval is not None else {"estimate": self.gap}
+        extra = {k: getattr(self, k) for k in ("mean_a", "mean_b", "n_a", "n_b", "n_missing_a", "n_missing_b",
+                                                "label_a", "label_b", "never_reached", "never_reached_as",
+                                                "n_used_a", "n_used_b", "paired")}
+        return stats.jsonable({**base, **extra})
 
 
-def evd_gap(evd_a, evd_b, label_a: str = "a", label_b: str = "b") -> Gap:
-    """gap = mean(EVD_a) - mean(EVD_b); the groups may come from one store, two conditions or two models."""
+def _never_value(never_reached, layers, fn: str):
+    """The value a never-reaching sample takes under ``never_reached`` (None: skipped)."""
+    if isinstance(never_reached, str):
+        if never_reached not in NEVER_REACHED_RULES:
+            raise ConfigError(f"The 'never_reached' parameter of {fn} must be one of {list(NEVER_REACHED_RULES)} "
+                              f"or a number. Got {never_reached!r} instead.")
+        if never_reached == "skip":
+            return None
+        if layers is None or np.size(layers) == 0:
+            raise ConfigError(f"The 'layers' parameter of {fn} must give the truncation grid when never_reached="
+                              f"'below_grid' (a never-reaching sample counts as min(layers) - 1). Got None instead; "
+                              f"pass layers=..., or never_reached='skip' or a number.")
+        return float(np.min(layers)) - 1.0
+    if isinstance(never_reached, bool) or not np.isfinite(never_reached):
+        raise ConfigError(f"The 'never_reached' parameter of {fn} must be one of {list(NEVER_REACHED_RULES)} or a "
+                          f"finite number. Got {never_reached!r} instead.")
+    return float(never_reached)
+
+
+def evd_gap(evd_a, evd_b, label_a: str = "a", label_b: str = "b", *, never_reached="below_grid", layers=None,
+            layers_b=None, paired: bool = False, ci: bool = True, level: float = 0.95, method: str = stats.DEFAULT_METHOD,
+            n_resamples: int = 1999, seed: int | None = 0) -> Gap:
+    """gap = mean(EVD_a) - mean(EVD_b) with its bootstrap CI over samples; EVDs as :func:`evd` returns them
+    (NaN = never reached tau). The one EVD-gap function: the pipeline (hard - easy) and the cross-store
+    comparison call it.
+
+    ``never_reached``: 'below_grid' (default: min(layers) - 1, ``layers`` = the truncation grid of a;
+    ``layers_b`` that of b when it differs), 'skip' (dropped, counted) or a number (the seed: 0.0).
+    ``paired=False``: two groups of samples (e.g. hard vs easy), CI by resampling each group
+    (``stats.bootstrap_ci(paired=False)``); ``paired=True``: row i of a and of b is the same sample (two
+    stores or conditions, aligned first: ``stats.align_samples``), CI of the mean paired difference
+    (``stats.mean_diff_ci``; with 'skip' a pair is dropped when either side never reached tau).
+    ``ci=False`` or a group of fewer than 2 samples:
+    ``interval`` is None.
+    """
+    if isinstance(never_reached, str) and never_reached not in NEVER_REACHED_RULES:
+        _never_value(never_reached, layers, "evd_gap")  # raises the error naming the choices
     a, b = np.asarray(evd_a, np.float64).ravel(), np.asarray(evd_b, np.float64).ravel()
     fa, fb = np.isfinite(a), np.isfinite(b)
-    if not fa.any() or not fb.any():
+    va = _never_value(never_reached, layers, "evd_gap") if not fa.all() else None
+    vb = _never_value(never_reached, layers if layers_b is None else layers_b, "evd_gap") if not fb.all() else None
+    if paired:
+        if a.shape != b.shape:
+            raise DataError(f"evd_gap(paired=True) needs one EVD per sample on each side. Got {a.size} and {b.size}.")
+        keep = fa & fb if never_reached == "skip" else np.ones(a.size, bool)
+        xa, xb = _filled(a, fa, va)[keep], _filled(b, fb, vb)[keep]
+    else:
+        xa, xb = _filled(a, fa, va)[np.isfinite(_filled(a, fa, va))], _filled(b, fb, vb)[np.isfinite(_filled(b, fb, vb))]
+    if xa.size == 0 or xb.size == 0:
         raise DataError(
             f"evd_gap needs at least one finite EVD in each group. Got {int(fa.sum())} in {label_a!r} and "
             f"{int(fb.sum())} in {label_b!r}: lower tau or check the inputs."
         )
-    ma, mb = float(a[fa].mean()), float(b[fb].mean())
-    return Gap(ma - mb, ma, mb, int(fa.sum()), int(fb.sum()), int((~fa).sum()), int((~fb).sum()), label_a, label_b)
+    ma, mb = float(xa.mean()), float(xb.mean())
+    interval = None
+    if ci and xa.size >= 2 and xb.size >= 2:
+        name = f"evd_gap_{label_a}_minus_{label_b}"
+        if paired:
+            interval = dataclasses.replace(stats.mean_diff_ci(xa, xb, level=level, method=method,
+                                                              n_resamples=n_resamples, seed=seed), statistic=name)
+        else:
+            interval = stats.bootstrap_ci((xa, xb), _gap_statistic, paired=False, level=level, method=method,
+                                          n_resamples=n_resamples, seed=seed, name=name)
+    return Gap(ma - mb, ma, mb, int(fa.sum()), int(fb.sum()), int((~fa).sum()), int((~fb).sum()), str(label_a),
+               str(label_b), never_reached if isinstance(never_reached, str) else float(never_reached),
+               va if va is not None else vb, int(xa.size), int(xb.size), bool(paired), interval)
 
 
-def evd_gap_by_group(evd_values, groups, a: str = "hard", b: str = "easy") -> Gap:
-    """EVD gap between the samples labelled ``a`` and ``b`` in ``groups`` (e.g. the store's ``category``)."""
+def _filled(x, finite, value):
+    """x with its never-reached (NaN) entries set to ``value`` (left NaN when ``value`` is None: skipped)."""
+    return x if value is None else np.where(finite, x, value)
+
+
+def _gap_statistic(x, y, axis):
+    return x.mean(axis) - y.mean(axis)
+
+
+def evd_gap_by_group(evd_values, groups, a: str = "hard", b: str = "easy", **kwargs) -> Gap:
+    """EVD gap between the samples labelled ``a`` and ``b`` in ``groups`` (e.g. the store's ``category``);
+    ``kwargs`` go to :func:`evd_gap` (never_reached, layers, level, method, n_resamples, seed, ci)."""
     evd_values, groups = np.asarray(evd_values, np.float64), np.asarray(groups)
     if groups.shape != evd_values.shape:
         raise ConfigError(f"The 'groups' parameter of evd_gap_by_group must have the shape of 'evd_values' "
@@ -240,7 +436,7 @@ def evd_gap_by_group(evd_values, groups, a: str = "hard", b: str = "easy") -> Ga
     for name in (a, b):
         if not (groups == name).any():
             raise ConfigError(f"The group {name!r} has no sample. Got groups {sorted(set(groups.tolist()))} instead.")
-    return evd_gap(evd_values[groups == a], evd_values[groups == b], str(a), str(b))
+    return evd_gap(evd_values[groups == a], evd_values[groups == b], str(a), str(b), **kwargs)
 
 
 # ---------------------------------------------------------------- store-shaped (xarray) inputs

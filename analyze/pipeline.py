@@ -49,11 +49,14 @@ class AnalysisParams:
     tau: float | None = None  # fixed tau; None = adaptive (tau_ratio x max of the pilot mean Delta curve)
     tau_ratio: float = 0.1
     n_pilot: int | None = None
+    tau_rule: str = "adaptive"  # adaptive (gapcache's) | seed (evd.seed_tau: the seed's rule and floor)
+    tau_floor: float | None = 1e-6  # a tau below it is floored (noted in the summary); None = refuse
+    evd_never_reached: str | float = "below_grid"  # evd.evd_gap's rule: below_grid | skip | a number (seed: 0)
     cliff_method: str = "steepest"  # median_evd | steepest | first_crossing
     cliff_layer: int | None = None  # fixes the cliff for every metric and figure
     strategy: str = "zero"  # truncation strategy whose Delta defines EVD and the cliff
     level: float = 0.95
-    ci_method: str = "percentile"
+    ci_method: str = stats.DEFAULT_METHOD  # the one default (gapcache.analyze.stats)
     n_resamples: int = 1999
     seed: int = 0
     n_splits: int = 5
@@ -67,6 +70,8 @@ class AnalysisParams:
         if bad:
             raise ConfigError(f"The 'metrics' parameter must be a subset of {list(registry.names())}. "
                               f"Got {bad} instead.")
+        if self.tau_rule not in ("adaptive", "seed"):
+            raise ConfigError(f"The 'tau_rule' parameter must be one of ['adaptive', 'seed']. Got {self.tau_rule!r} instead.")
         if self.cliff_method not in ("median_evd", "steepest", "first_crossing"):
             raise ConfigError("The 'cliff_method' parameter must be one of ['median_evd', 'steepest', "
                               f"'first_crossing']. Got {self.cliff_method!r} instead.")
@@ -187,7 +192,12 @@ def _cliffs(dv, layers, tau: float) -> dict:
 def _evd(ds, d, p: AnalysisParams) -> MetricResult:
     keep = np.isfinite(d.values).all(axis=1)
     dv, layers = d.values[keep], d.layer.values
-    tau = evd_mod.fixed_tau(p.tau) if p.tau is not None else evd_mod.adaptive_tau(dv, p.tau_ratio, p.n_pilot, p.seed)
+    if p.tau is not None:
+        tau = evd_mod.fixed_tau(p.tau)
+    elif p.tau_rule == "seed":
+        tau = evd_mod.seed_tau(dv, strs(ds.category)[keep], p.tau_ratio, floor=p.tau_floor or 1e-6)
+    else:
+        tau = evd_mod.adaptive_tau(dv, p.tau_ratio, p.n_pilot, p.seed, floor=p.tau_floor)
     e = evd_mod.evd(dv, layers, tau.value)
     cliffs = _cliffs(dv, layers, tau.value)
     method = cliffs[p.cliff_method]
@@ -205,20 +215,18 @@ def _evd(ds, d, p: AnalysisParams) -> MetricResult:
     fin = np.isfinite(e)
     if fin.sum() >= 2:
         out["mean_evd"] = _ci(e[fin], p).to_dict()
-    # EVD gap: a sample whose Delta never reaches tau needs no layer's visual states; it counts as
-    # EVD = min(layers) - 1 (one below the earliest truncation point) instead of being dropped.
-    floor = float(np.min(layers)) - 1
-    e_gap = np.where(np.isnan(e), floor, e)
+    # EVD gap (evd_mod.evd_gap, the one gap function): a sample whose Delta never reaches tau needs no
+    # layer's visual states; by default it counts as EVD = min(layers) - 1 instead of being dropped.
     cats = strs(ds.category)[keep]
-    a, b = e_gap[cats == "hard"], e_gap[cats == "easy"]
+    a, b = e[cats == "hard"], e[cats == "easy"]
     if len(a) >= 2 and len(b) >= 2:
-        ci = stats.bootstrap_ci((a, b), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=False,
-                                level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed,
-                                name="evd_gap_hard_minus_easy")
-        out["gap_hard_minus_easy"] = {**ci.to_dict(), "n_hard": int(len(a)), "n_easy": int(len(b)),
-                                      "never_reach_tau_counts_as": floor}
+        g = evd_mod.evd_gap(a, b, "hard", "easy", never_reached=p.evd_never_reached, layers=layers,
+                            level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
+        out["gap_hard_minus_easy"] = {**g.to_dict(), "n_hard": int(len(a)), "n_easy": int(len(b)),
+                                      "never_reach_tau_counts_as": g.never_reached_as}
     found = {"cliff_layer": out["cliff_layer"]} if p.cliff_layer is None else {}  # a fixed cliff stays
-    return MetricResult(out, {"evd": labelled(ds, full, ("sample",))}, found)
+    evd_da = labelled(ds, full, ("sample",)).assign_attrs(trunc_layers=[int(v) for v in layers])
+    return MetricResult(out, {"evd": evd_da}, found)
 
 
 def _er_ratio_entry(x, cliff: int, p: AnalysisParams) -> dict:
@@ -443,10 +451,10 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
         x, y = evds[a], evds[b]
         try:
             al = stats.align_samples(x, y)
-            ok = np.isfinite(al.a.values) & np.isfinite(al.b.values)
-            ci = stats.mean_diff_ci(al.a.values[ok], al.b.values[ok], level=p.level, method=p.ci_method,
-                                    n_resamples=p.n_resamples, seed=p.seed)
-            summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {**ci.to_dict(), "paired_by": "sample id",
+            g = evd_mod.evd_gap(al.a.values, al.b.values, a, b, paired=True, never_reached=p.evd_never_reached,
+                                layers=x.attrs.get("trunc_layers"), layers_b=y.attrs.get("trunc_layers"),
+                                level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
+            summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {**g.to_dict(), "paired_by": "sample id",
                                                                 "n_dropped_unmatched": int(al.dropped_a + al.dropped_b)}
         except (DataError, GapcacheError) as err:
             summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {"skipped": str(err)}

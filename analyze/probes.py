@@ -331,7 +331,7 @@ def _ci_data(result: ProbeResult, classes, which: str) -> tuple:
     return tuple(cc + mc) if which == "control" else tuple(c + cc + m + mc)
 
 
-def probe_accuracy_ci(result: ProbeResult, *, which: str = "accuracy", level: float = 0.95, method: str = "percentile",
+def probe_accuracy_ci(result: ProbeResult, *, which: str = "accuracy", level: float = 0.95, method: str = stats.DEFAULT_METHOD,
                       n_resamples: int = 1999, seed: int = 0) -> stats.Interval:
     """Per-layer CI of probe accuracy (or control, or selectivity) by bootstrapping samples.
 

@@ -10,8 +10,17 @@ values s_1 >= s_2 >= ... ::
 (eps = float64 machine epsilon). That is numpy's ``matrix_rank`` rule (tolerance max(shape) * eps)
 applied to the eigenvalues of the Gram matrix Hc Hc^T, i.e. the numerical floor of the Gram path;
 the SVD path uses the same rule so that both paths count the same singular values. Values below
-it change ER by less than about 1e-5 each. A matrix with no nonzero singular value (a constant H,
-hence Hc = 0, or a single token) has ER = 0.0, its rank; a sample without visual tokens gets NaN.
+it change ER by less than about 1e-5 each.
+
+A singular value must also exceed an absolute floor, the rounding residue that centring can leave:
+``atol = t * eps * ||H||_F`` (t valid tokens, ||H||_F the Frobenius norm of the *uncentred* valid
+rows). Without it a constant span whose value is not exactly representable (0.1, or any real
+hidden state repeated) keeps a residue singular value ~1e-14 that the relative cut alone accepts
+(it is its own s_1), so ER came out 1.0. The floor is ~1e-13 relative to the data's scale, far
+below any real spread (a span constant up to noise 1e-6 keeps its exact ER; ``tests/test_rank.py``).
+
+A matrix with no nonzero singular value (a constant H, hence Hc = 0 up to rounding, or a single
+token) has ER = 0.0, its rank; a sample without visual tokens gets NaN.
 
 Usage::
 
@@ -81,11 +90,14 @@ def singular_values(h, method: str = "auto") -> np.ndarray:
     return np.sqrt(np.maximum(eig, 0.0))
 
 
-def entropy_rank(s, rtol: float) -> np.ndarray:
-    """ER = exp(-sum p_i log p_i), p_i = s_i / sum_j s_j over s_i > rtol * max(s); 0.0 if none."""
+def entropy_rank(s, rtol: float, atol=0.0) -> np.ndarray:
+    """ER = exp(-sum p_i log p_i), p_i = s_i / sum_j s_j over s_i > max(rtol * max(s), atol); 0.0 if none.
+
+    ``atol`` broadcasts against ``s.shape[:-1]`` (one floor per matrix)."""
     s = np.asarray(s, dtype=np.float64)
     top = s.max(axis=-1, keepdims=True) if s.shape[-1] else np.zeros(s.shape[:-1] + (1,))
-    keep = (s > rtol * top) & (s > 0)
+    atol = np.asarray(atol, dtype=np.float64)[..., None]
+    keep = (s > rtol * top) & (s > atol) & (s > 0)
     total = np.where(keep, s, 0.0).sum(axis=-1, keepdims=True)
     p = np.where(keep, s / np.where(total > 0, total, 1.0), 1.0)
     ent = -(np.where(keep, p * np.log(p), 0.0)).sum(axis=-1)
@@ -112,7 +124,22 @@ def effective_rank(h, *, valid=None, method: str = "auto", rtol: float | None = 
         rtol = default_rtol(*h.shape[-2:])
     if rtol < 0:
         raise ConfigError(f"The 'rtol' parameter of effective_rank must be >= 0. Got {rtol} instead.")
-    return entropy_rank(singular_values(hc, method), rtol)
+    return entropy_rank(singular_values(hc, method), rtol, centring_floor(h, valid))
+
+
+def centring_floor(h, valid=None) -> np.ndarray:
+    """atol = t * eps * ||H||_F per matrix of ``h`` (..., tokens, hidden), over the valid rows, uncentred:
+    a bound on the rounding residue that subtracting the token mean leaves (see the module docstring)."""
+    h = np.asarray(h, dtype=np.float64)
+    if valid is None:
+        t = np.full(h.shape[:-2], h.shape[-2], dtype=np.float64)
+        sq = np.einsum("...ij,...ij->...", h, h)
+    else:
+        w = np.asarray(valid, dtype=bool)
+        t = w.sum(axis=-1).astype(np.float64)
+        hv = np.where(w[..., None], h, 0.0)
+        sq = np.einsum("...ij,...ij->...", hv, hv)
+    return t * np.finfo(np.float64).eps * np.sqrt(sq)
 
 
 def effective_rank_dask(h, *, method: str = "auto", rtol: float | None = None):
@@ -206,22 +233,45 @@ def visual_effective_rank(ds, *, method: str = "auto", rtol: float | None = None
     return xr.DataArray(out, dims=dims, coords=coords, name="effective_rank")
 
 
-def er_ratio(er, cliff: int, *, layer_dim: str = "layer"):
-    """ER ratio = mean ER over layers > cliff / mean ER over layers <= cliff (along ``layer_dim``).
+ER_RATIO_WINDOWS = ("gapcache", "seed")
 
-    ``er`` is a DataArray with a ``layer`` coordinate (e.g. the sample-mean of
-    :func:`visual_effective_rank`). The cliff layer itself counts as "before": it is the last layer
-    that still reads the image's states in the truncation convention.
+
+def er_ratio(er, cliff: int, *, layer_dim: str = "layer", window: str = "gapcache"):
+    """ER ratio = mean ER over the "after" layers / mean ER over the "before" layers (along ``layer_dim``).
+
+    ``er`` is a DataArray with a ``layer`` coordinate (one sample's curve, or the sample-mean of
+    :func:`visual_effective_rank`). ``window='gapcache'``: before = layers <= cliff, after = layers >
+    cliff (the cliff layer itself counts as "before": it is the last layer that still reads the
+    image's states in the truncation convention). ``window='seed'``: the seed's windows, before =
+    layers < cliff, after = layers >= cliff (see :func:`seed_er_ratio`).
     """
     if layer_dim not in er.dims:
         raise ConfigError(
             f"The 'er' parameter of er_ratio must have a {layer_dim!r} dimension. Got dims {er.dims} instead."
         )
+    if window not in ER_RATIO_WINDOWS:
+        raise ConfigError(f"The 'window' parameter of er_ratio must be one of {list(ER_RATIO_WINDOWS)}. "
+                          f"Got {window!r} instead.")
     layer = er[layer_dim]
-    before, after = er.where(layer <= cliff, drop=True), er.where(layer > cliff, drop=True)
+    is_after = layer > cliff if window == "gapcache" else layer >= cliff
+    before, after = er.where(~is_after, drop=True), er.where(is_after, drop=True)
     if before.sizes[layer_dim] == 0 or after.sizes[layer_dim] == 0:
         raise ConfigError(
             f"The 'cliff' parameter of er_ratio must leave layers on both sides of it. Got {cliff} with "
             f"layers {layer.values.min()}..{layer.values.max()} instead."
         )
     return (after.mean(layer_dim) / before.mean(layer_dim)).rename("er_ratio")
+
+
+def seed_er_ratio(er, cliff: int, *, sample_dim: str = "sample", layer_dim: str = "layer"):
+    """The seed's ER ratio: a ratio of means on the sample-mean curve, with the seed's windows,
+    ``mean_l>=cliff mean_i ER_il / mean_l<cliff mean_i ER_il`` (``er``: (sample, layer) DataArray).
+
+    The pipeline's ``er_ratio`` is the mean over samples of per-sample ratios with before = layers <=
+    cliff; the two differ whenever samples differ in scale. For the seed's number in its own layer
+    labels, relabel first: ``er.assign_coords(layer=evd.layer_labels(er.layer, 'output'))``.
+    """
+    if sample_dim not in er.dims:
+        raise ConfigError(f"The 'er' parameter of seed_er_ratio must have a {sample_dim!r} dimension. "
+                          f"Got dims {er.dims} instead.")
+    return er_ratio(er.mean(sample_dim), cliff, layer_dim=layer_dim, window="seed")

@@ -180,8 +180,12 @@ def fig_lens(s, out, ctx: Context):
 
 
 def _fmt(ci):
-    """'estimate [low, high] (n=...)' of a scalar interval dict; '–' for none."""
-    return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] (n={ci['n']})" if ci else "–"
+    """'estimate [low, high] (n=...)' of a scalar interval dict, '; degenerate' when it has zero width
+    (every resample the same: stats.DEGENERATE_NOTE); '–' for none."""
+    if not ci:
+        return "–"
+    flag = "; degenerate: zero width" if ci.get("degenerate") is True else ""
+    return f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] (n={ci['n']}{flag})"
 
 
 def decodes_from(entry: dict):

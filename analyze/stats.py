@@ -24,6 +24,19 @@ Usage::
 
 All intervals come from :func:`scipy.stats.bootstrap` (``method`` 'percentile', 'BCa' or 'basic'),
 seeded with ``numpy.random.default_rng(seed)``; the seed is recorded.
+
+**One default method everywhere**: :data:`DEFAULT_METHOD` = ``'percentile'``, used by every function
+here, by ``gapcache.analyze.probes``, ``gapcache.analyze.evd.evd_gap`` and the pipeline
+(``AnalysisParams.ci_method``). Why percentile and not BCa: most gapcache quantities are means of
+0/1 correctness or of heavily tied values, where BCa's jackknife acceleration is undefined or
+unstable (a single discordant sample moves it) and BCa can return NaN; the percentile interval is
+defined whenever the bootstrap distribution is, and it is what the pipeline always reported.
+BCa and basic stay one argument away (``method='BCa'``).
+
+**Degenerate intervals are flagged**: an interval of zero width (every resample gives the same
+value: all samples identical, e.g. ``mean_ci(np.ones(20))``, or Bernoulli(0.9) at n = 20 with no
+failure drawn) carries ``degenerate=True`` (per entry, for intervals over layers) and a ``note``;
+it is a statement about the data, not a measured uncertainty of zero.
 """
 
 from __future__ import annotations
@@ -38,6 +51,8 @@ import numpy as np
 from gapcache.errors import ConfigError, DataError
 
 METHODS = {"percentile": "percentile", "bca": "BCa", "basic": "basic"}
+DEFAULT_METHOD = "percentile"  # the one default CI method (module docstring)
+DEGENERATE_NOTE = "zero width: every resample gives the same value (e.g. all samples identical); not a measured certainty"
 TESTS = ("signflip", "bootstrap")
 CORRECTIONS = ("holm", "bh", "none")
 _BATCH_ELEMENTS = 2_000_000  # resampled values held at once (keeps memory ~16 MB and caches warm)
@@ -84,6 +99,8 @@ class Interval:
     dims: tuple = ()
     coords: dict = dataclasses.field(default_factory=dict)
     n_dropped: int = 0
+    degenerate: Any = False  # zero width (bool, or bool array like ``low``); see the module docstring
+    note: str = ""
 
     @property
     def width(self):
@@ -102,8 +119,9 @@ class Interval:
         """An ``xarray.Dataset`` with estimate/low/high over ``dims``; the rest in ``attrs``."""
         import xarray as xr
 
-        data = {k: (self.dims, np.asarray(getattr(self, k))) for k in ("estimate", "low", "high")}
-        attrs = {k: v for k, v in self.to_dict().items() if k not in ("estimate", "low", "high", "dims", "coords")}
+        data = {k: (self.dims, np.asarray(getattr(self, k))) for k in ("estimate", "low", "high", "degenerate")}
+        attrs = {k: v for k, v in self.to_dict().items()
+                 if k not in ("estimate", "low", "high", "degenerate", "dims", "coords")}
         return xr.Dataset(data, coords={d: self.coords[d] for d in self.dims}, attrs=attrs)
 
 
@@ -306,7 +324,14 @@ def _interval(name, arrays, statistic, *, paired, level, method, n_resamples, se
         statistic=name, estimate=_to_output(est), low=_to_output(low), high=_to_output(high),
         n=int(arrays[0].shape[0]), level=level, method=method, n_resamples=n_resamples, seed=seed,
         paired=paired, dims=tuple(dims), coords=dict(coords), n_dropped=int(dropped),
+        **degeneracy(low, high),
     )
+
+
+def degeneracy(low, high) -> dict:
+    """``{'degenerate': bool or bool array, 'note': str}`` for an interval [low, high]: zero width flagged."""
+    flat = np.asarray(np.subtract(high, low) == 0)
+    return {"degenerate": bool(flat) if flat.ndim == 0 else flat, "note": DEGENERATE_NOTE if flat.any() else ""}
 
 
 def _mean(x, axis):
@@ -320,7 +345,7 @@ def _mean_diff(a, b, axis):
 # --------------------------------------------------------------------------- public intervals
 
 
-def bootstrap_ci(data, statistic: Callable, *, paired: bool = True, level: float = 0.95, method: str = "BCa",
+def bootstrap_ci(data, statistic: Callable, *, paired: bool = True, level: float = 0.95, method: str = DEFAULT_METHOD,
                  n_resamples: int = 1999, seed: int | None = 0, dim: str = "sample",
                  name: str | None = None) -> Interval:
     """CI of ``statistic(*data, axis=0)`` by resampling samples (rows) with replacement.
@@ -362,7 +387,7 @@ def _check_same_ids(data, dim, func):
         )
 
 
-def mean_ci(x, *, level: float = 0.95, method: str = "BCa", n_resamples: int = 1999, seed: int | None = 0,
+def mean_ci(x, *, level: float = 0.95, method: str = DEFAULT_METHOD, n_resamples: int = 1999, seed: int | None = 0,
             dim: str = "sample") -> Interval:
     """CI of the mean over samples, mean(x_i), by the sample bootstrap (see :func:`bootstrap_ci`).
 
@@ -373,7 +398,7 @@ def mean_ci(x, *, level: float = 0.95, method: str = "BCa", n_resamples: int = 1
                         seed=seed, dim=dim, name="mean")
 
 
-def paired_ci(a, b, statistic: Callable, *, level: float = 0.95, method: str = "BCa", n_resamples: int = 1999,
+def paired_ci(a, b, statistic: Callable, *, level: float = 0.95, method: str = DEFAULT_METHOD, n_resamples: int = 1999,
               seed: int | None = 0, dim: str = "sample", name: str | None = None) -> Interval:
     """CI of ``statistic(a, b, axis=0)`` by the *paired* sample bootstrap.
 
@@ -390,7 +415,7 @@ def paired_ci(a, b, statistic: Callable, *, level: float = 0.95, method: str = "
                      n_resamples=n_resamples, seed=seed, dims=dims, coords=coords, dropped=dropped)
 
 
-def mean_diff_ci(a, b, *, level: float = 0.95, method: str = "BCa", n_resamples: int = 1999,
+def mean_diff_ci(a, b, *, level: float = 0.95, method: str = DEFAULT_METHOD, n_resamples: int = 1999,
                  seed: int | None = 0, dim: str = "sample") -> Interval:
     """CI of the paired mean difference  mean_i(a_i - b_i)  by the paired sample bootstrap.
 
@@ -530,7 +555,7 @@ class Comparison:
 
 
 def compare_paired(a, b, *, test: str = "signflip", correction: str = "holm", alpha: float = 0.05,
-                   level: float = 0.95, method: str = "BCa", n_resamples: int = 1999, seed: int | None = 0,
+                   level: float = 0.95, method: str = DEFAULT_METHOD, n_resamples: int = 1999, seed: int | None = 0,
                    dim: str = "sample") -> Comparison:
     """Paired comparison of two conditions at every layer at once, with multiplicity control.
 

@@ -114,3 +114,25 @@ def test_report_rows_give_where_each_probe_starts_decoding_beside_the_cliff():
         ("probe no/yes [hard] at prediction: selectivity CI > 0 from layer", "original 2, blind_black never"),
         ("probe no/yes [easy] at prediction: selectivity CI > 0 from layer", "original 0"),
     ]
+
+
+def test_evd_gap_is_the_one_public_function_in_the_pipeline_and_across_stores(store, tmp_path):
+    """The hard - easy gap of summary.json equals evd.evd_gap on the results' EVDs (below_grid rule), and
+    the cross-store comparison (the store against itself) is a paired evd_gap: 0 with a degenerate interval."""
+    from gapcache.analyze import evd
+    from gapcache.analyze.pipeline import AnalysisParams, run_analysis, strs
+
+    out = tmp_path / "a"
+    summary = run_analysis([store, store], out, AnalysisParams(metrics=("truncation", "evd"), n_resamples=199))
+    g = summary["stores"]["store0"]["metrics"]["evd"]["gap_hard_minus_easy"]
+    res = xr.open_zarr(out / "results_store0.zarr")
+    cats = strs(open_store(store).category)
+    e = res.evd.values
+    keep = np.isfinite(res.delta.sel(strategy="zero").values).all(axis=0)  # samples the evd metric kept
+    want = evd.evd_gap(e[keep & (cats == "hard")], e[keep & (cats == "easy")], "hard", "easy",
+                       layers=res.delta.trunc_layer.values, n_resamples=199)
+    assert (g["estimate"], g["low"], g["high"]) == pytest.approx((want.gap, want.low, want.high), rel=1e-12)
+    assert g["never_reached"] == "below_grid" and g["never_reach_tau_counts_as"] == -2.0
+    cmp = summary["comparisons"]["evd_gap_store0_minus_store1"]
+    assert cmp["estimate"] == 0.0 and cmp["paired"] is True and cmp["degenerate"] is True
+    assert cmp["never_reached"] == "below_grid" and cmp["paired_by"] == "sample id"

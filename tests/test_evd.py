@@ -82,12 +82,106 @@ def test_crossing_and_steepest_edge_cases():
 
 def test_evd_gap_exact_and_by_group():
     e = evd(D, LAYERS, 1.0)  # [4, 2, nan, 8]
-    g = evd_gap_by_group(e, np.array(["hard", "easy", "easy", "hard"]))
+    g = evd_gap_by_group(e, np.array(["hard", "easy", "easy", "hard"]), never_reached="skip")
     assert (g.gap, g.mean_a, g.mean_b, g.n_a, g.n_b, g.n_missing_b) == (4.0, 6.0, 2.0, 2, 1, 1)
     two_models = evd_gap([10.0, 12.0], [4.0, 4.0, 7.0], "30B", "7B")
     assert two_models.gap == pytest.approx(6.0) and two_models.label_a == "30B"
     with pytest.raises(DataError, match="at least one finite EVD"):
-        evd_gap([np.nan], [1.0])
+        evd_gap([np.nan], [1.0], never_reached="skip")
+
+
+def test_evd_gap_never_reached_rules_on_a_planted_case():
+    """One function, three rules; the default (below_grid, = the pipeline's) needs the grid."""
+    e = evd(D, LAYERS, 1.0)  # [4, 2, nan, 8]; hard = {0, 3}, easy = {1, 2}
+    groups = np.array(["hard", "easy", "easy", "hard"])
+    below = evd_gap_by_group(e, groups, layers=LAYERS)  # never reached = min(LAYERS) - 1 = -2
+    assert (below.gap, below.mean_b, below.never_reached, below.never_reached_as) == (6.0, 0.0, "below_grid", -2.0)
+    assert (below.n_used_a, below.n_used_b, below.n_missing_b) == (2, 2, 1)
+    seed = evd_gap_by_group(e, groups, never_reached=0.0)  # the seed's EVD = 0
+    assert (seed.gap, seed.mean_b, seed.never_reached_as) == (5.0, 1.0, 0.0)
+    np.testing.assert_array_equal(evd(D, LAYERS, 1.0, never_reached=0.0), [4.0, 2.0, 0.0, 8.0])
+    with pytest.raises(ConfigError, match="The 'layers' parameter of evd_gap must give the truncation grid"):
+        evd_gap_by_group(e, groups)
+    with pytest.raises(ConfigError, match="The 'never_reached' parameter of evd_gap must be one of"):
+        evd_gap(e, e, never_reached="drop")
+
+
+def test_evd_gap_ci_from_arrays_unpaired_and_paired():
+    from gapcache.analyze import stats
+
+    rng = np.random.default_rng(0)
+    hard, easy = rng.normal(5, 1, 40), rng.normal(3, 1, 30)
+    hard[:3] = np.nan
+    g = evd_gap(hard, easy, "hard", "easy", layers=np.arange(-1, 8), n_resamples=999)
+    filled = np.where(np.isnan(hard), -2.0, hard)
+    want = stats.bootstrap_ci((filled, easy), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=False,
+                              n_resamples=999, seed=0)
+    assert (g.gap, g.low, g.high) == pytest.approx((want.estimate, want.low, want.high), rel=1e-12)
+    d = g.to_dict()
+    assert d["statistic"] == "evd_gap_hard_minus_easy" and d["method"] == stats.DEFAULT_METHOD
+    assert d["never_reached"] == "below_grid" and d["n"] == 37 + 3 and d["degenerate"] is False
+    b = hard + 1.0
+    pg = evd_gap(b, hard, paired=True, never_reached="skip")  # the same samples in two stores
+    assert pg.gap == pytest.approx(1.0) and pg.interval.paired and pg.interval.degenerate  # constant shift
+    assert pg.n_used_a == pg.n_used_b == 37
+    assert evd_gap(hard, easy, layers=[0, 1], ci=False).interval is None
+
+
+def test_seed_cliff_rules_on_planted_curves():
+    """seed_median: int(np.median) over all samples with never-reached = 0; seed_crossing: first m < tau,
+    the last layer if none (gapcache's first_crossing needs the curve above tau first, NaN if it never falls)."""
+    assert cliff(D, LAYERS, 1.0, "seed_median").layer == 3.0  # int(median([4, 2, 0, 8])) = int(3.0)
+    assert cliff(D, LAYERS, 1.0, "median_evd").layer == 4.0  # median of [4, 2, 8]
+    assert cliff(D[[0, 2]], LAYERS, 1.0, "seed_median").layer == 2.0  # int(median([4, 0])) = 2
+    assert cliff(D[[0, 1]], LAYERS, 1.0, "seed_median").layer == 3.0  # int(3.0)
+    assert cliff(D[[0, 3]], LAYERS, 1.0, "seed_median").layer == 6.0  # int(median([4, 8])) = 6
+    layers = np.arange(4)
+    rising = np.array([[0.5, 2.0, 0.5, 0.0]])
+    assert cliff(rising, layers, 1.0, "seed_crossing").layer == 0.0
+    assert cliff(rising, layers, 1.0, "first_crossing").layer == 2.0
+    high = np.array([[2.0, 2.0, 1.5, 1.2]])
+    assert cliff(high, layers, 1.0, "seed_crossing").layer == 3.0  # never below: the last layer
+    assert np.isnan(cliff(high, layers, 1.0, "first_crossing").layer)
+    with pytest.raises(ConfigError, match="'tau' parameter of cliff"):
+        cliff(D, LAYERS, method="seed_crossing")
+
+
+def test_seed_tau_rule_and_floor():
+    from gapcache.analyze.evd import seed_tau
+
+    cats = np.array(["hard", "easy", "hard", "hard"])
+    t = seed_tau(D, cats, tau_ratio=0.1, n_pilot=2)  # first two hard: 0, 2; layer-0 Delta 5.0, 0.9
+    assert t.value == pytest.approx(0.1 * (5.0 + 0.9) / 2) and t.pilot == (0, 2) and t.rule == "seed"
+    assert seed_tau(D, cats, 0.1).pilot == (0, 2, 3)  # fewer than 5 hard samples: all of them
+    with pytest.warns(RuntimeWarning, match="below the floor"):
+        neg = seed_tau(-D, cats, 0.1)
+    assert neg.value == 1e-6 and neg.floored and neg.raw_value < 0 and "floor" in neg.note
+    with pytest.raises(DataError, match="no sample has category 'hard'"):
+        seed_tau(D, np.array(["easy"] * 4))
+
+
+def test_non_positive_adaptive_tau_is_refused_or_floored():
+    with pytest.raises(DataError, match="tau = -.* is not positive"):
+        adaptive_tau(-D, tau_ratio=0.5)
+    with pytest.warns(RuntimeWarning, match="below the floor"):
+        t = adaptive_tau(-D, tau_ratio=0.5, floor=1e-6)
+    assert t.value == 1e-6 and t.floored is True and t.raw_value == pytest.approx(0.5 * -0.15)
+    assert "every layer reached" in t.note and t.as_attrs()["tau_floored"] is True
+    ok = adaptive_tau(D, tau_ratio=0.5, floor=1e-6)
+    assert ok.value == pytest.approx(0.5 * 2.725) and ok.floored is False and ok.note is None
+    with pytest.raises(ConfigError, match="The 'floor' parameter of adaptive_tau must be a positive number"):
+        adaptive_tau(D, 0.5, floor=0.0)
+
+
+def test_layer_labels_output_convention():
+    from gapcache.analyze.evd import layer_labels
+
+    np.testing.assert_array_equal(layer_labels(LAYERS, "output"), LAYERS - 1)
+    np.testing.assert_array_equal(layer_labels(LAYERS), LAYERS)
+    # the seed's EVD of a sample is ours - 1 (its layer j is our j + 1)
+    np.testing.assert_array_equal(evd(D, layer_labels(LAYERS, "output"), 1.0, never_reached=0.0), [3, 1, 0, 7])
+    with pytest.raises(ConfigError, match="'convention'"):
+        layer_labels(LAYERS, "outputs")
 
 
 def store_like():

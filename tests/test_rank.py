@@ -66,6 +66,35 @@ def test_constant_and_single_token_matrices_have_er_zero():
     assert effective_rank(np.zeros((4, 5, 8)), method="svd").tolist() == [0.0] * 4
 
 
+@pytest.mark.parametrize("method", ["gram", "svd", "auto"])
+@pytest.mark.parametrize("shape", [(20, 64), (64, 20)])
+def test_exactly_constant_span_with_unrepresentable_values_has_er_zero(method, shape):
+    """A real hidden state repeated over the span (0.1 and random floats are not exact in binary):
+    centring leaves a ~1e-14 residue that the relative cut alone kept (ER 1.0); the docstring says 0."""
+    t, d = shape
+    row = np.random.default_rng(5).normal(size=d) * 37.0
+    assert effective_rank(np.tile(row, (t, 1)), method=method) == 0.0
+    assert effective_rank(np.full((t, d), 0.1), method=method) == 0.0
+    stack = np.stack([np.tile(row, (t, 1)), np.tile(row[::-1] + 1e3, (t, 1))])
+    assert effective_rank(stack, method=method).tolist() == [0.0, 0.0]
+    valid = np.ones(t, bool)
+    valid[t // 2:] = False
+    padded = np.tile(row, (t, 1))
+    padded[~valid] = 1e6  # padding rows never count, whatever their value
+    assert effective_rank(padded, valid=valid, method=method) == 0.0
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("scale", [1e-3, 1e-6])
+def test_nearly_constant_span_keeps_its_exact_er(method, scale):
+    """A large constant offset plus a tiny planted spread: the floor (~1e-13 of the data's scale) keeps
+    every planted singular value, so ER is the planted one."""
+    s = np.array([3.0, 2.0, 1.0, 0.5])
+    row = np.random.default_rng(6).normal(size=64) * 100.0
+    h = np.tile(row, (30, 1)) + scale * planted(s, 30, 64)
+    assert effective_rank(h, method=method) == pytest.approx(exact_er(s), abs=1e-6)
+
+
 def test_valid_mask_pads_ragged_spans():
     s = np.array([2.0, 1.0, 0.5])
     h = np.zeros((2, 30, 40))
@@ -125,6 +154,21 @@ def test_er_ratio():
     assert float(er_ratio(er, cliff=4)) == pytest.approx(2.0 / 10.0)
     with pytest.raises(ConfigError, match="layers on both sides"):
         er_ratio(er, cliff=16)
+
+
+def test_seed_er_ratio_windows_and_ratio_of_means():
+    from gapcache.analyze.rank import seed_er_ratio
+
+    er = xr.DataArray([[1.0, 1.0, 1.0, 2.0, 2.0, 2.0]], dims=("sample", "layer"), coords={"layer": range(6)})
+    assert float(er_ratio(er.isel(sample=0), 2)) == pytest.approx(2.0)  # before 0..2, after 3..5
+    assert float(er_ratio(er.isel(sample=0), 2, window="seed")) == pytest.approx(1.75)  # before 0..1, after 2..5
+    assert float(seed_er_ratio(er, 2)) == pytest.approx(1.75)
+    two = xr.DataArray([[1.0, 1.0, 2.0, 2.0], [4.0, 4.0, 4.0, 4.0]], dims=("sample", "layer"),
+                       coords={"layer": range(4)})
+    per_sample = [float(er_ratio(two.isel(sample=i), 2, window="seed")) for i in range(2)]
+    assert np.mean(per_sample) == pytest.approx(1.5) and float(seed_er_ratio(two, 2)) == pytest.approx(1.2)
+    with pytest.raises(ConfigError, match="'window'"):
+        er_ratio(er.isel(sample=0), 2, window="both")
 
 
 def test_visual_effective_rank_on_a_real_store(tmp_path):

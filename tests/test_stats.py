@@ -85,8 +85,42 @@ def test_dataarray_layer_dim_and_xarray_roundtrip():
     ci = stats.mean_ci(da(x, [f"s{i}" for i in range(20)], layers=[4, 8, 12]).transpose("layer", "sample"))
     assert ci.dims == ("layer",) and ci.coords == {"layer": [4, 8, 12]}
     ds = ci.to_xarray()
-    assert list(ds.layer.values) == [4, 8, 12] and ds.attrs["method"] == "BCa"
+    assert list(ds.layer.values) == [4, 8, 12] and ds.attrs["method"] == stats.DEFAULT_METHOD == "percentile"
     np.testing.assert_allclose(ds.estimate.values, x.mean(axis=0))
+
+
+def test_one_default_method_everywhere():
+    """Every CI function (stats, probes, evd gap) and the pipeline share stats.DEFAULT_METHOD."""
+    import inspect
+
+    from gapcache.analyze import evd, probes
+    from gapcache.analyze.pipeline import AnalysisParams
+
+    fns = [stats.bootstrap_ci, stats.mean_ci, stats.paired_ci, stats.mean_diff_ci, stats.compare_paired,
+           probes.probe_accuracy_ci, evd.evd_gap]
+    for fn in fns:
+        assert inspect.signature(fn).parameters["method"].default == stats.DEFAULT_METHOD, fn.__name__
+    assert AnalysisParams().ci_method == stats.DEFAULT_METHOD
+    assert stats.mean_ci(np.arange(10.0)).method == "percentile"
+
+
+def test_degenerate_intervals_are_flagged():
+    ones = stats.mean_ci(np.ones(20))
+    assert (ones.low, ones.high) == (1.0, 1.0) and ones.degenerate is True and "zero width" in ones.note
+    assert ones.to_dict()["degenerate"] is True
+    fine = stats.mean_ci(np.arange(20.0))
+    assert fine.degenerate is False and fine.note == ""
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    x[:, 1] = 0.9  # one layer constant
+    per_layer = stats.mean_ci(x)
+    assert per_layer.degenerate.tolist() == [False, True, False]
+    assert per_layer.to_dict()["degenerate"] == [False, True, False]
+    labelled = stats.mean_ci(da(x, [f"s{i}" for i in range(20)], layers=[4, 8, 12]))
+    assert labelled.to_xarray().degenerate.values.tolist() == [False, True, False]
+    assert stats.mean_diff_ci(np.full(30, 0.5), np.zeros(30)).degenerate is True
+    bern = (np.random.default_rng(1).random(20) < 0.9).astype(float)
+    bern[:] = 1.0  # Bernoulli(0.9) at n = 20 draws no failure 12% of the time
+    assert stats.mean_ci(bern).degenerate is True
 
 
 def test_generic_paired_statistic():
