@@ -294,7 +294,7 @@ def test_migrate_refuses_a_damaged_store(old_store):
 def extra_span():
     """A test-only ragged span recorded under every condition (like issue 14's every-text-token record)."""
     saved_arrays, saved_spans = dict(arrays.ARRAYS), dict(arrays.SPANS)
-    span = arrays.register_span(arrays.SpanSpec("alltext", "ttoken", "alltext_condition", "always",
+    span = arrays.register_span(arrays.SpanSpec("alltext", "atoken", "alltext_condition", "always",
                                                 "residual stream at every text token"))
     yield span
     arrays.ARRAYS.clear()
@@ -319,9 +319,9 @@ def test_a_new_span_is_one_declaration_written_verified_merged_and_read(tmp_path
         assert rep.ok, rep.problems
         paths.append(tmp_path / f"{name}.zarr")
     ds = open_store(paths[0])
-    assert ds.alltext_states.dims == ("alltext_condition", "ttoken", "layer", "hidden")
+    assert ds.alltext_states.dims == ("alltext_condition", "atoken", "layer", "hidden")
     assert list(ds.alltext_condition.values) == list(ds.condition.values)  # recorded under every condition
-    assert span_rows(ds, "s2", "alltext").sizes["ttoken"] == 7
+    assert span_rows(ds, "s2", "alltext").sizes["atoken"] == 7
     merged = merge(paths, tmp_path / "m.zarr")
     assert verify(merged).ok
     dm = open_store(merged)
