@@ -227,6 +227,8 @@ def validate(cfg: Config) -> None:
     conditions_mod.validate_extract(e)  # names and every kind's options, from the registry
     _check(e.layers == "all" or (isinstance(e.layers, list) and e.layers and all(_is_int(x) and x >= 0 for x in e.layers)),
            "extract.layers", "'all' or a non-empty list of hidden-state indices >= 0", e.layers)
+    _check(e.text in ("sites", "all"), "extract.text", "'sites' (the text sites only) or 'all' (every prompt text "
+           "token too)", e.text)
     v = e.visual
     _check(v.mode in VISUAL_MODES, "extract.visual.mode", f"one of {list(VISUAL_MODES)}", v.mode)
     if v.mode != "all":

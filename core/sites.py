@@ -39,6 +39,9 @@ import numpy as np
 from gapcache.errors import SiteError
 
 POSITION, SPAN = "position", "span"
+#: roles of the prompt text tokens the token span records (extract.text: all): a special or template token of
+#: the tokenizer, a token of the question's content span (site "question"), other template text
+TOKEN_ROLES = ("template", "question", "special")
 
 
 @dataclass(frozen=True)

@@ -79,21 +79,25 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
     n_cand = len({c for s in samples for c in s.candidates})
     sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_cand}
-    text_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, 0, records_visual=False)  # every unit array
-    vis_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, vis, records_visual=True) - text_b
+    tokens = float(np.mean([len(p.prompt_ids) - p.visual_length for p in probe if p.ok] or [0]))
+    recorded = {"visual": vis, **({"token": tokens} if e.text == "all" else {})}  # rows per sample of each span
     conds = expand(e.conditions, e.truncation_layers, e.truncation_strategies, n_layers)
     n = len(samples)
     lines = [f"model {cfg.model.id}: {n_layers} layers, hidden {hidden}, {cfg.model.dtype}; {n} samples; "
              f"{n_rec} recorded layers; visual tokens/sample {vis:.0f} (mode {e.visual.mode}, "
-             f"mean span {np.mean(spans):.0f} over {len(probe)} probed)", "per condition (before compression):"]
+             f"mean span {np.mean(spans):.0f} over {len(probe)} probed)"
+             + (f"; every text token recorded: {tokens:.0f}/sample" if e.text == "all" else ""),
+             "per condition (before compression):"]
     total = 0.0
     for c in conds:
-        per = text_b + (vis_b if c.records_visual else 0)
+        per = arrays.bytes_per_sample(sizes, cfg.model.dtype,
+                                      {k: v for k, v in recorded.items() if arrays.SPANS[k].recorded_by(c)})
         total += per * n
         lines.append(f"  {c.label:<24} {per * n / 1e9:9.3f} GB  ({per / 1e6:.2f} MB/sample)")
     sec = e.forward_seconds_per_batch or DEFAULT_SECONDS_PER_BATCH
-    need = (text_b + vis_b) * e.batch_size / sec / 1e6
-    shard = (text_b + vis_b) * e.samples_per_shard / 1e6
+    widest = arrays.bytes_per_sample(sizes, cfg.model.dtype, recorded)  # a condition recording every span
+    need = widest * e.batch_size / sec / 1e6
+    shard = widest * e.samples_per_shard / 1e6
     lines += [f"total {total / 1e9:.2f} GB; writer buffers one shard per condition: ~{shard:.0f} MB",
               f"write bandwidth needed at {sec:g} s per batch of {e.batch_size}: {need:.0f} MB/s "
               f"(disk: {e.disk_bandwidth_mb_s:g} MB/s)"]

@@ -44,45 +44,54 @@ class Hooks:
 
 
 class Capture(Hooks):
-    """Gathers site states at selected layers during one forward pass.
+    """Gathers the states of named groups of positions at selected layers during one forward pass.
 
     ``layers``: decoder layer modules; ``norm``: the final norm; ``record``: hidden-state indices
-    (0..n_layers) to keep. Call ``set_batch`` before each forward, ``collect`` after.
+    (0..n_layers) to keep. Call ``set_groups`` (or ``set_batch``) before each forward, ``collect_groups``
+    (or ``collect``) after. Groups are e.g. ``text`` (the text sites), ``visual`` and ``token`` (spans).
     """
 
     def __init__(self, layers, norm, record):
         self.n_layers = len(layers)
         self.record = sorted(record)
         self._handles = []
-        self._text_idx = self._vis_idx = None
-        self._text: dict[int, torch.Tensor] = {}
-        self._vis: dict[int, torch.Tensor] = {}
+        self._groups: dict = {}  # name -> (rows, positions) long tensors
+        self._seen: dict[str, dict[int, torch.Tensor]] = {}
         modules = list(layers) + [norm]
         for i in self.record:
             self._handles.append(modules[i].register_forward_pre_hook(self._hook(i), with_kwargs=True))
 
+    def set_groups(self, groups: dict):
+        """name -> (rows, positions) long tensors (None or empty: nothing gathered for it)."""
+        self._groups = {k: v for k, v in groups.items() if v is not None and v[0].numel()}
+        self._seen = {k: {} for k in self._groups}
+
     def set_batch(self, text_idx, vis_idx):
         """text_idx, vis_idx: (rows, positions) long tensors; gathered in that order."""
-        self._text_idx, self._vis_idx = text_idx, vis_idx
-        self._text, self._vis = {}, {}
+        self.set_groups({"text": text_idx, "visual": vis_idx})
 
     def _hook(self, i):
         def hook(module, args, kwargs):
             h = hidden_of(args, kwargs)  # (batch, seq, hidden)
-            rows, pos = self._text_idx
-            self._text[i] = h[rows.to(h.device), pos.to(h.device)].detach()  # (n_text, hidden)
-            if self._vis_idx is not None and self._vis_idx[0].numel():
-                rows, pos = self._vis_idx
-                self._vis[i] = h[rows.to(h.device), pos.to(h.device)].detach()  # (n_vis, hidden)
+            for name, (rows, pos) in self._groups.items():
+                self._seen[name][i] = h[rows.to(h.device), pos.to(h.device)].detach()  # (n, hidden)
             return None
 
         return hook
 
+    def collect_groups(self) -> dict:
+        """name -> (n, layer, hidden) on CPU, for every non-empty group set."""
+        out = {}
+        for name, seen in self._seen.items():
+            missing = [i for i in self.record if i not in seen]
+            if missing:
+                raise RuntimeError(f"layers {missing} were never reached by the forward pass")
+            out[name] = torch.stack([seen[i].cpu() for i in self.record], dim=1)
+        return out
+
     def collect(self):
         """-> text (n_text, layer, hidden), visual (n_vis, layer, hidden) or None, on CPU."""
-        missing = [i for i in self.record if i not in self._text]
-        if missing:
-            raise RuntimeError(f"layers {missing} were never reached by the forward pass")
-        text = torch.stack([self._text[i].cpu() for i in self.record], dim=1)
-        vis = torch.stack([self._vis[i].cpu() for i in self.record], dim=1) if self._vis else None
-        return text, vis
+        got = self.collect_groups()
+        if "text" not in got:
+            raise RuntimeError(f"layers {self.record} were never reached by the forward pass")
+        return got["text"], got.get("visual")

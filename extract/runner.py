@@ -35,7 +35,7 @@ from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.extract.preflight import check_shard_memory, check_task, preflight
-from gapcache.sites import POSITION_SITES, position_row
+from gapcache.sites import POSITION_SITES, TOKEN_ROLES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, create
 from gapcache.store.locks import clean_leftovers, owner_tag
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME
@@ -113,7 +113,45 @@ class Extraction:
             layers=tuple(self.record), hidden=self.adapter.hidden_size(self.model), model_dtype=self.cfg.model.dtype,
             candidates=self.candidates, visual_lengths=lengths, samples_per_shard=e.samples_per_shard,
             visual_chunk_tokens=e.visual_chunk_tokens, compression_level=e.compression_level,
+            span_lengths=(("token", tuple(len(self.token_positions(p)) for p in self.planned)),)
+            if self.text_tokens else (),
         )
+
+    @property
+    def text_tokens(self) -> bool:
+        """Whether this run records every prompt text token (``extract.text: all``: the store's token span)."""
+        return self.cfg.extract.text == "all"
+
+    @staticmethod
+    def token_positions(p) -> list[int]:
+        """The prompt positions of the token span: every prompt token outside the visual span ([] if failed)."""
+        if not p.ok:
+            return []
+        v0, n = p.visual_start, p.visual_length
+        return [t for t in range(len(p.prompt_ids)) if not v0 <= t < v0 + n]
+
+    def token_values(self) -> tuple[dict, dict]:
+        """Creation-time arrays of the token span: each row's vocabulary id and role (gapcache.sites.TOKEN_ROLES:
+        a special/template token of the tokenizer, a token of the question's content span, or other template text)."""
+        ids, roles = [], []
+        special = self.planner.special_ids
+        for p in self.planned:
+            q0, qn = p.sites.get("question", (-1, 0))
+            for t in self.token_positions(p):
+                tok = int(p.prompt_ids[t])
+                ids.append(tok)
+                role = "special" if tok in special else "question" if q0 <= t < q0 + qn else "template"
+                roles.append(TOKEN_ROLES.index(role))
+        layout = self.layout()
+        span = layout.spans["token"]
+        out_id = np.full(span.n_tokens, -1, np.int32)
+        out_role = np.full(span.n_tokens, -1, np.int8)
+        k = 0
+        for i, n in enumerate(span.lengths):
+            out_id[span.offsets[i] : span.offsets[i] + n] = ids[k : k + n]
+            out_role[span.offsets[i] : span.offsets[i] + n] = roles[k : k + n]
+            k += n
+        return {"ttoken_id": out_id, "ttoken_role": out_role}, {"ttoken_role": {"roles": list(TOKEN_ROLES)}}
 
     def store_attrs(self) -> dict:
         import transformers
@@ -179,10 +217,15 @@ class Extraction:
             layout = self.layout()
             lens, lens_attrs = self.lens_values()
             values = {**self.sample_meta(), **lens}
+            array_attrs = {"lens_norm_weight": lens_attrs}
             if self.cfg.extract.visual.mode != "all":
                 values["vtoken_position"] = self.vtoken_positions(layout)
+            if self.text_tokens:
+                token, token_attrs = self.token_values()
+                values.update(token)
+                array_attrs.update(token_attrs)
             try:
-                create(tmp, layout, attrs, values, array_attrs={"lens_norm_weight": lens_attrs})
+                create(tmp, layout, attrs, values, array_attrs=array_attrs)
             except OSError as err:  # disk full, quota, permissions: one line, nothing left behind
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise StoreError(f"Could not create the store in '{self.out}': {err.strerror or err} "
@@ -289,19 +332,20 @@ class Extraction:
         check_shard_memory(self.cfg.extract.samples_per_shard, len(self.record), layout.hidden,
                            self.cfg.model.dtype, visual)
 
-    def unit_arrays(self, cond) -> list[str]:
-        """The unit arrays a (condition, shard) payload of this run fills."""
-        names = [s.name for s in arrays.specs(arrays.UNIT)]
+    def unit_arrays(self, cond, layout) -> list[str]:
+        """The unit arrays a (condition, shard) payload of this run fills (only UNIT arrays whose values
+        ``forward`` produces by default, and the states of every span the layout holds and ``cond`` records)."""
+        names = [s.name for s in arrays.specs(arrays.UNIT) if s.required]
         if not self.cfg.extract.generate.enabled:
             names.remove("generation")
-        return names + [sp.states for sp in arrays.SPANS.values() if sp.recorded_by(cond)]
+        return names + [sp.states for n, sp in arrays.SPANS.items() if layout.has_span(n) and sp.recorded_by(cond)]
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
         """One (condition, shard) unit: fill-valued buffers of every unit array, then each planned sample's
         forward results (keyed by array name) in its row; failed samples keep the fill and their reason."""
         idx = list(layout.shard_samples(shard))
         buf, offs = {}, {}  # a span's states: the shard group's rows; offs[array][j] = sample j's first row there
-        for name in self.unit_arrays(cond):
+        for name in self.unit_arrays(cond, layout):
             span = layout.spans.get(arrays.get(name).span)
             n_tok = sum(span.lengths[i] for i in idx) if span else 0
             buf.update(arrays.unit_buffers([name], layout.sizes(), len(idx), n_tok, self.cfg.model.dtype))
@@ -419,6 +463,17 @@ class Extraction:
             vpos += (p.visual_start + flat).tolist()
         return (text_rows, text_pos), (torch.tensor(vrows, dtype=torch.long), torch.tensor(vpos, dtype=torch.long))
 
+    def token_indices(self, indices):
+        """(rows, positions) of the token span of a batch (every prompt text token), or None when not recorded."""
+        if not self.text_tokens:
+            return None
+        rows, pos = [], []
+        for r, i in enumerate(indices):
+            t = self.token_positions(self.planned[i])
+            rows += [r] * len(t)
+            pos += t
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+
     @torch.inference_mode()
     def forward(self, indices, cond, inputs=None):
         P = [self.planned[i] for i in indices]
@@ -431,17 +486,20 @@ class Extraction:
         layers = self.adapter.decoder_layers(self.model)
         with Capture(layers, self.adapter.final_norm(self.model), self.record) as capture, \
                 self.intervention(P, cond, inputs, offsets=[0] * len(P)):
-            capture.set_batch(text_idx, vis_idx if cond.records_visual else None)
+            capture.set_groups({"text": text_idx, "visual": vis_idx if cond.records_visual else None,
+                                "token": self.token_indices(indices)})
             keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
             device = self.model.device
             model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model(**model_inputs, use_cache=False, logits_to_keep=torch.tensor(keep, device=device))
-            text, vis = capture.collect()  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
+            got = capture.collect_groups()
+            text, vis = got["text"], got.get("visual")  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
+            tokens = got.get("token")  # (n_text_tokens, layer, hidden) or None
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
         col = {pos: c for c, pos in enumerate(keep)}
         results = []
         n_sites = len(SITES)
-        vis_off = 0
+        vis_off = tok_off = 0
         for r, (i, p) in enumerate(zip(indices, P)):
             gold = sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(p.answer_ids))
             cand = np.full(len(self.candidates), np.nan, np.float32)
@@ -462,6 +520,10 @@ class Extraction:
                     bounds = np.cumsum([0] + [len(g) for g in sel])
                     chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
                 res["visual_states"] = self.to_storage(chunk)
+            if tokens is not None:
+                n_tok = len(self.token_positions(p))
+                res["token_states"] = self.to_storage(tokens[tok_off : tok_off + n_tok])
+                tok_off += n_tok
             results.append(res)
         for (r, k), score in zip(extra_rows, extra_scores):
             results[r]["candidate_logprob"][P[r].cand_columns[k]] = score

@@ -314,14 +314,14 @@ def unit_buffers(names, sizes: dict, n: int, n_vtokens: int, model_dtype: str) -
     return out
 
 
-def bytes_per_sample(sizes: dict, model_dtype: str, visual_tokens: float, records_visual: bool) -> float:
-    """Uncompressed bytes one (condition, sample) adds to the store: every fixed-size unit array, plus
-    ``visual_tokens`` rows of every VUNIT array when the condition records its visual span (strings: 0)."""
+def bytes_per_sample(sizes: dict, model_dtype: str, span_tokens: dict) -> float:
+    """Uncompressed bytes one (condition, sample) adds to the store: every fixed-size UNIT array, plus
+    ``span_tokens[span]`` rows of each VUNIT array of the spans given (those the condition records; strings: 0)."""
     total = 0.0
     for spec in specs((UNIT, VUNIT)):
         dtype = spec.numpy_dtype(model_dtype)
-        if dtype == object or (spec.along == VUNIT and not records_visual):
+        if dtype == object or (spec.along == VUNIT and spec.span not in span_tokens):
             continue
         row = float(np.prod(unit_row_shape(spec, sizes), dtype=np.float64)) * dtype.itemsize
-        total += row * (visual_tokens if spec.along == VUNIT else 1)
+        total += row * (span_tokens[spec.span] if spec.along == VUNIT else 1)
     return total
