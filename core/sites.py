@@ -105,6 +105,17 @@ def find_instruction(offsets, ids, special_ids, q_start: int, question: str, sam
     return best
 
 
+def question_span(offsets, ids, special_ids, q_start: int, question: str) -> tuple[int, int]:
+    """[start, end) token positions of the question's content tokens (non-special tokens whose overlap with
+    ``question``, starting at character ``q_start`` of the processed text, is not whitespace-only); (0, 0)
+    if none. The instruction site is the last of them."""
+    q_end = q_start + len(question)
+    found = [i for i, (start, end) in enumerate(offsets)
+             if end > start and start < q_end and end > q_start and int(ids[i]) not in special_ids
+             and question[max(start, q_start) - q_start : min(end, q_end) - q_start].strip()]
+    return (found[0], found[-1] + 1) if found else (0, 0)
+
+
 def _visual(ctx: SiteContext, found: dict) -> tuple[int, int]:
     return find_visual_span(ctx.ids, ctx.image_token_id, ctx.n_image_tokens, ctx.sample_id)
 

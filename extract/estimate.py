@@ -79,6 +79,11 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
     n_cand = len({c for s in samples for c in s.candidates})
     sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_cand}
+    if e.attention:  # attention summaries (issue 14)
+        from gapcache.extract import attention as att
+
+        sizes.update(attn_query=len(att.QUERIES), head=int(text.num_attention_heads), attn_target=len(att.TARGETS),
+                     attn_stat=len(att.STATS))
     text_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, 0, records_visual=False)  # every unit array
     vis_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, vis, records_visual=True) - text_b
     conds = expand(e.conditions, e.truncation_layers, e.truncation_strategies, n_layers)

@@ -20,7 +20,7 @@ import numpy as np
 
 from gapcache.errors import ConfigError, SampleError, SiteError
 from gapcache.extract.data import Sample, derangement, pixel_sum
-from gapcache.sites import SiteContext, find_sites, site_value
+from gapcache.sites import SiteContext, find_sites, question_span, site_value
 
 
 #: stands for the question when the chat template is rendered to find where the user's text goes
@@ -44,6 +44,7 @@ class PlannedSample:
     cand_seqs: list = field(default_factory=list)  # every candidate's full token ids (answer prefix included)
     cand_extra: list = field(default_factory=list)  # indices into cand_columns scored by the extra forward
     pixel_sum: tuple | None = None  # data.pixel_sum of the image (blind_mean's mean without decoding it again)
+    question_span: tuple = (0, 0)  # [start, end) positions of the question's content tokens (attention summaries)
 
     @property
     def ok(self) -> bool:
@@ -144,6 +145,9 @@ class Planner:
             question=q_text, adapter=self.adapter, question_start=q_start,
         )
         find_sites(ctx, ps.sites)
+        q0, _ = self.adapter.question_char_span(ps.prompt, q_start, len(q_text), ps.sites["visual"][1],
+                                                self.image_token)
+        ps.question_span = question_span(ctx.offsets, ids, self.special_ids, q0, q_text)
         ps.prompt_ids = ids
         ps.answer_ids = self.encode_answer(s.answer)
         if not ps.answer_ids:
