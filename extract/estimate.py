@@ -82,7 +82,7 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     if e.attention:  # attention summaries (issue 14)
         from gapcache.extract import attention as att
 
-        sizes.update(attn_query=len(att.QUERIES), head=int(text.num_attention_heads), attn_target=len(att.TARGETS),
+        sizes.update(attn_query=len(att.QUERIES), attn_head=int(text.num_attention_heads), attn_target=len(att.TARGETS),
                      attn_stat=len(att.STATS))
     text_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, 0, records_visual=False)  # every unit array
     vis_b = arrays.bytes_per_sample(sizes, cfg.model.dtype, vis, records_visual=True) - text_b

@@ -529,7 +529,7 @@ class Extraction:
         strs = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731
         heads = att.n_heads(att.text_config(self.adapter, self.model))
         return {"attn_query": strs(att.QUERIES), "attn_target": strs(att.TARGETS), "attn_stat": strs(att.STATS),
-                "head": np.arange(heads, dtype=np.int32)}
+                "attn_head": np.arange(heads, dtype=np.int32)}
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         if t.dtype == torch.bfloat16:

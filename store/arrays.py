@@ -242,11 +242,14 @@ _SPECS = [
     ArraySpec("attn_stat", ("attn_stat",), STR, STORE, "statistics of attn_visual: entropy (nats), n_eff = "
               "exp(entropy), top5 / top10 / top50 mass, over the visual keys (row renormalised there)",
               required=False),
-    ArraySpec("head", ("head",), "int32", STORE, "query head index (GQA: every query head)", required=False),
-    ArraySpec("attn_mass", ("condition", "sample", "attn_query", "layer", "head", "attn_target"), "float32", UNIT,
+    ArraySpec("attn_head", ("attn_head",), "int32", STORE, "query head index (GQA: every query head)",
+              required=False),
+    ArraySpec("attn_mass", ("condition", "sample", "attn_query", "layer", "attn_head", "attn_target"), "float32",
+              UNIT,
               "attention mass from each query row on each key group; layer i = decoder layer i's attention (the "
               "layer reading hidden state i; NaN at the last index)", fill=np.nan, required=False),
-    ArraySpec("attn_visual", ("condition", "sample", "attn_query", "layer", "head", "attn_stat"), "float32", UNIT,
+    ArraySpec("attn_visual", ("condition", "sample", "attn_query", "layer", "attn_head", "attn_stat"), "float32",
+              UNIT,
               "attention over the visual keys only: entropy, N_eff, top-k mass (NaN where the visual mass is 0)",
               fill=np.nan, required=False),
 ]

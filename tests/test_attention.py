@@ -146,11 +146,11 @@ def test_a_run_stores_the_summaries(fam, tmp_path):
     ex.store_path = tmp_path / "store.zarr"
     ex.run(show=False)
     ds = open_store(ex.store_path)
-    assert ds.attn_mass.dims == ("condition", "sample", "attn_query", "layer", "head", "attn_target")
-    assert ds.attn_visual.dims == ("condition", "sample", "attn_query", "layer", "head", "attn_stat")
+    assert ds.attn_mass.dims == ("condition", "sample", "attn_query", "layer", "attn_head", "attn_target")
+    assert ds.attn_visual.dims == ("condition", "sample", "attn_query", "layer", "attn_head", "attn_stat")
     assert list(ds.attn_target.values) == list(att.TARGETS) and list(ds.attn_stat.values) == list(att.STATS)
     heads = att.n_heads(att.text_config(ex.adapter, ex.model))
-    assert ds.sizes["head"] == heads
+    assert ds.sizes["attn_head"] == heads
     ci = [str(c) for c in ds.condition.values].index("original")
     res = ex.forward([0, 1], fam.cond["original"])
     for j, r in enumerate(res):
@@ -177,3 +177,75 @@ def test_off_by_default_and_the_config_hash_of_before():
     for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size"):
         old["extract"].pop(k, None)
     assert cfg.hash() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- known answer (trained tiny model)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """The shipped trained model (builtin:tiny-llava-shapes) on 96 of its synthetic samples, attention on."""
+    cfg = load_config({
+        "model": {"family": "llava", "id": "builtin:tiny-llava-shapes", "dtype": "float32"},
+        "data": {"dataset": "synthetic", "options": {"n": 96, "image_size": 64, "seed": 0, "placement": "centre"}},
+        "extract": {"conditions": ["original", "blind_black", "truncated"], "truncation_layers": [1],
+                    "truncation_strategies": ["drop"], "batch_size": 16, "samples_per_shard": 32,
+                    "max_length": 512, "attention": True},
+    })
+    ex = Extraction(cfg, tmp_path_factory.mktemp("attn-trained"))
+    ex.run(show=False)
+    return open_store(ex.store_path)
+
+
+def test_known_answer_attention_to_the_image_under_blind_and_drop(trained, tmp_path):
+    """Prediction site, hard (image) questions: the mass on the visual span is larger under original than
+    under blind_black at layer 1, where presence and colour are read into the text (test_known_answers:
+    truncation after L >= 1 no longer hurts them); under drop after L=1 it is exactly 0 at every later layer
+    and the original's at layers <= 1. Through the registered metric (CIs, paired differences, figure)."""
+    from gapcache.analyze import metrics
+    from gapcache.analyze.metrics import Context
+    from gapcache.analyze.pipeline import AnalysisParams
+    from gapcache.analyze import stats
+
+    ds = trained
+    p = AnalysisParams(n_resamples=499, seed=0, ci_method="percentile")
+    res = metrics.get("attention").compute(ds, p, Context())
+    flow = res.arrays["attention_prediction"].sel(attention_quantity="visual_mass")  # (condition, sample, layer)
+    hard = np.array([str(c) for c in ds.category.values]) == "hard"
+    orig, black = (flow.sel(condition=c).values[hard] for c in ("original", "blind_black"))
+    drop = flow.sel(condition="truncated_drop_L1").values[hard]
+    layers = [int(x) for x in flow.layer.values]
+    assert layers == [0, 1, 2, 3]  # the last hidden-state index (4) has no attention
+    d = stats.mean_diff_ci(black[:, 1], orig[:, 1], n_resamples=499, method="percentile")
+    assert d.high < 0, d
+    assert (drop[:, 2:] == 0).all() and (orig[:, 2:] > 0).all()
+    np.testing.assert_array_equal(drop[:, :2], orig[:, :2])
+    # the metric's summary: per condition, per layer, CIs; paired differences from original; per head
+    pred = res.summary["queries"]["prediction"]
+    assert pred["layers"] == layers and set(pred["per_condition"]) == {"original", "blind_black", "truncated_drop_L1"}
+    vm = pred["vs_original"]["truncated_drop_L1"]["visual_mass"]
+    assert vm["estimate"][:2] == [0.0, 0.0] and all(h < 0 for h in vm["high"][2:])
+    assert len(pred["per_head"]["visual_mass"]["estimate"]) == ds.sizes["attn_head"]
+    summary = {"metrics": {"attention": res.summary}}
+    assert metrics.get("attention").figure(summary, tmp_path, Context()) == "attention_flow.png"
+    assert (tmp_path / "attention_flow.png").is_file()
+    assert metrics.get("attention").rows(summary)
+
+
+def test_the_metric_skips_a_store_without_summaries(fam):
+    from gapcache.analyze import metrics
+    from gapcache.analyze.metrics import Context
+    from gapcache.analyze.pipeline import AnalysisParams
+
+    if fam.family != "llava":
+        pytest.skip("one family")
+    ex = fam.sdpa
+    ex.cfg.extract.attention = False
+    try:
+        ex.out = fam.tmp / "off"
+        ex.store_path = ex.out / "store.zarr"
+        ex.run(show=False)
+    finally:
+        ex.cfg.extract.attention = True
+    ds = open_store(ex.store_path)
+    assert not {"attn_mass", "attn_visual", "attn_query", "attn_head"} & set(ds.variables)
+    result = metrics.as_result(metrics.get("attention").compute(ds, AnalysisParams(), Context()), "attention")
+    assert "skipped" in result.summary
