@@ -105,14 +105,13 @@ class AttentionSummaries:
     ``P``: the batch's planned samples (right padded: row r's prompt starts at 0); ``seq``: the batch's
     sequence length (prompt + appended answer + padding)."""
 
-    def __init__(self, model, adapter, P, seq: int, record, device=None):
+    def __init__(self, model, adapter, P, seq: int, record):
         self.model, self.adapter, self.P, self.seq, self.record = model, adapter, list(P), int(seq), list(record)
         self.config = text_config(adapter, model)
         self.n_heads = n_heads(self.config)
         self.layer_of = {}  # decoder layer module id -> decoder layer index
         for j, layer in enumerate(adapter.decoder_layers(model)):
             self.layer_of[id(getattr(layer, "self_attn", layer))] = j
-        self.device = device or model.device
         self.out: dict[int, tuple] = {}  # decoder layer index -> (mass (b, Q, H, T), vis (b, Q, H, S))
         self._build()
 
@@ -139,9 +138,8 @@ class AttentionSummaries:
             targets[r, 0], targets[r, 1] = vis, ques
             targets[r, 2] = prompt & ~vis & ~ques
             targets[r, 3, 0] = True
-        dev = self.device
-        self.pos, self.valid, self.targets = pos.to(dev), valid.to(dev), targets.to(dev)
-        self.n_question = valid[:, 2:].sum(1).to(dev)  # (b,)
+        self._cpu = (pos, valid, targets, valid[:, 2:].sum(1))
+        self._dev: dict = {}  # device -> those tensors there (a model split over devices: per layer's device)
         want = {i for i in self.record}
         self.layers = {j for j in range(self.adapter.n_layers(self.model)) if j in want}
 
@@ -173,30 +171,33 @@ class AttentionSummaries:
         kv_heads, kv = key.shape[1], key.shape[2]
         groups = h // kv_heads
         scaling = d**-0.5 if scaling is None else scaling
-        pos = self.pos  # (b, R)
+        if query.device not in self._dev:
+            self._dev[query.device] = tuple(t.to(query.device) for t in self._cpu)
+        pos, valid, targets, n_question = self._dev[query.device]  # (b, R), (b, R), (b, T, seq), (b,)
         R = pos.shape[1]
         q = query[torch.arange(b, device=query.device)[:, None], :, pos]  # (b, R, h, d)
         q = q.permute(0, 2, 1, 3).float().reshape(b, kv_heads, groups * R, d)  # head h = kv head h // groups
         scores = torch.matmul(q, key.float().transpose(2, 3)).reshape(b, h, R, kv) * scaling
-        scores = scores + self._mask_rows(attention_mask, b, kv, scores.device)[:, None]  # (b, h, R, kv)
+        scores += self._mask_rows(attention_mask, pos, kv, scores.device)[:, None]  # (b, h, R, kv), in place
         p = torch.softmax(scores, dim=-1)
+        del scores
         # the question as a whole: the mean of its tokens' rows
-        qmask = self.valid[:, 2:].to(p.dtype)  # (b, R-2)
-        qmean = (p[:, :, 2:] * qmask[:, None, :, None]).sum(2) / self.n_question.clamp(min=1).to(p.dtype)[:, None, None]
-        qmean = torch.where((self.n_question > 0)[:, None, None], qmean, torch.nan)
+        qmask = valid[:, 2:].to(p.dtype)  # (b, R-2)
+        qmean = (p[:, :, 2:] * qmask[:, None, :, None]).sum(2) / n_question.clamp(min=1).to(p.dtype)[:, None, None]
+        qmean = torch.where((n_question > 0)[:, None, None], qmean, torch.nan)
         rows = torch.stack([p[:, :, 0], p[:, :, 1], qmean], dim=2)  # (b, h, Q, kv)
-        self.out[j] = summarise(rows, self.targets[..., :kv])
+        self.out[j] = summarise(rows, targets[..., :kv])
 
-    def _mask_rows(self, mask, b, kv, device):
-        """(b, R, kv) additive float32 mask rows of the query positions (-inf where a key is hidden)."""
-        pos = self.pos
+    def _mask_rows(self, mask, pos, kv, device):
+        """(b, R, kv) additive float32 mask rows of the query positions ``pos`` (-inf where a key is hidden)."""
+        b = pos.shape[0]
         if mask is None:  # SDPA's is_causal path: no padding, the causal mask
             keys = torch.arange(kv, device=device)
             keep = keys[None, None, :] <= pos[:, :, None]
         else:
             m = mask if mask.dim() == 4 else mask[:, None]
             m = m[:, 0].expand(b, m.shape[-2], kv)  # (b, q, kv)
-            m = m[torch.arange(b, device=m.device)[:, None], pos]  # (b, R, kv)
+            m = m[torch.arange(b, device=m.device)[:, None], pos.to(m.device)]  # (b, R, kv)
             if m.dtype == torch.bool:
                 keep = m
             else:

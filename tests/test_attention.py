@@ -97,7 +97,8 @@ def test_summaries_equal_those_of_eager_output_attentions(fam, label):
     for batch in ([0, 1], [2, 3], [1]):  # padded ragged batches; one unpadded row (SDPA: no mask at all)
         got = fam.sdpa.forward(batch, cond)
         ref = eager_reference(fam.eager, batch, cond)
-        for g, r in zip(got, ref):
+        got_eager = fam.eager.forward(batch, cond)  # the gapcache function on an eager model (its eager output)
+        for g, r in zip(got + got_eager, ref + ref):
             for name in att.ARRAYS:
                 assert g[name].shape == r[name].shape, name
                 np.testing.assert_allclose(g[name], r[name], rtol=RTOL, atol=ATOL, err_msg=f"{name} {batch}")
@@ -121,8 +122,15 @@ def test_drop_hides_the_visual_span_after_L(fam):
 
 
 def test_outputs_and_hidden_states_unchanged_bit_for_bit(fam):
-    """The gapcache attention function computes each layer's output with the plain SDPA call."""
-    ex = fam.sdpa
+    """The gapcache attention function computes each layer's output with the plain SDPA call (eager model: the
+    family's eager function), on the same arguments and the same mask: outputs equal bit for bit."""
+    for ex in (fam.sdpa, fam.eager):
+        _unchanged(ex, fam)
+    for ex, base in ((fam.sdpa, "sdpa"), (fam.eager, "eager")):
+        assert att.text_config(ex.adapter, ex.model)._attn_implementation == base  # switched back
+
+
+def _unchanged(ex, fam):
     for label in ("original", f"truncated_drop_L{L}"):
         for batch in ([0, 1], [3]):
             on = ex.forward(batch, fam.cond[label])
@@ -135,7 +143,6 @@ def test_outputs_and_hidden_states_unchanged_bit_for_bit(fam):
                 assert not set(att.ARRAYS) & set(b)
                 for key in b:
                     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    assert att.text_config(ex.adapter, ex.model)._attn_implementation == "sdpa"  # switched back
 
 
 def test_a_run_stores_the_summaries(fam, tmp_path):
@@ -249,3 +256,14 @@ def test_the_metric_skips_a_store_without_summaries(fam):
     assert not {"attn_mass", "attn_visual", "attn_query", "attn_head"} & set(ds.variables)
     result = metrics.as_result(metrics.get("attention").compute(ds, AnalysisParams(), Context()), "attention")
     assert "skipped" in result.summary
+
+
+def test_dry_run_bytes_count_the_summaries_only_when_on():
+    from gapcache.store import arrays
+
+    sizes = {"site": 2, "layer": 5, "hidden": 32, "candidate": 3}
+    off = arrays.bytes_per_sample(sizes, "bfloat16", 0, records_visual=False)
+    on_sizes = {**sizes, "attn_query": len(att.QUERIES), "attn_head": 4, "attn_target": len(att.TARGETS),
+                "attn_stat": len(att.STATS)}
+    on = arrays.bytes_per_sample(on_sizes, "bfloat16", 0, records_visual=False)
+    assert on - off == 3 * 5 * 4 * (4 + 5) * 4  # float32 (query, layer, head, target) + (query, layer, head, stat)
