@@ -86,12 +86,13 @@ def main():
         print(f"model hidden {args.hidden}, {args.layers} layers, seq {seq}, batch {args.batch_size} x {args.batches}, "
               f"{args.device} {args.dtype}")
         print(f"forward off {min(off):.3f} s  on {min(on):.3f} s  ratio on/off {min(on) / min(off):.3f}")
-        if args.long and args.device.startswith("cuda"):
+        if args.long:
             long_memory(ex, args.long)
 
 
 def long_memory(ex, n_tokens: int):
-    """Peak memory of one n-token forward: summaries vs eager output_attentions."""
+    """Peak memory of one n-token forward: summaries vs eager output_attentions (CUDA; elsewhere the forwards run
+    and no memory is measured)."""
     import torch
 
     from gapcache.extract import attention as att
@@ -99,7 +100,8 @@ def long_memory(ex, n_tokens: int):
     p = ex.planned[0]
     ids = torch.tensor(p.prompt_ids)
     pad = n_tokens - len(ids)
-    tail = torch.randint(5, 200, (pad,))  # more text after the prompt (random ids), the sites moved to the end
+    q0, q1 = p.question_span  # more text before the last prompt token: the question's ids repeated
+    tail = ids[q0:q1].repeat(-(-pad // (q1 - q0)))[:pad]
     full = torch.cat([ids[:-1], tail, ids[-1:]])[None].to(ex.model.device)
     cond = ex.conditions[0]
     inputs = ex.batch_inputs([0], cond)
@@ -107,9 +109,14 @@ def long_memory(ex, n_tokens: int):
     import dataclasses
 
     moved = dataclasses.replace(p, sites={**p.sites, "prediction": n_tokens - 1}, prompt_ids=full[0].tolist())
-    base = torch.cuda.memory_allocated()
+    cuda = ex.model.device.type == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else 0
 
     def peak(fn):
+        if not cuda:
+            with torch.inference_mode():
+                fn()
+            return 0
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode():
