@@ -53,6 +53,7 @@ NAMES = {"sdpa": "gapcache_sdpa", "eager": "gapcache_eager"}  # base implementat
 BASE = {v: k for k, v in NAMES.items()}
 
 _ACTIVE: list = []  # the AttentionSummaries of the forward in progress (one at a time)
+_REGISTERED: list = []
 
 
 def _base_forward(module, base: str):
@@ -78,6 +79,8 @@ def _make(base: str):
 
 def register():
     """Register :data:`NAMES` with ``AttentionInterface`` and ``AttentionMaskInterface`` (idempotent)."""
+    if _REGISTERED:
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
@@ -85,6 +88,7 @@ def register():
     for base, name in NAMES.items():
         AttentionInterface.register(name, _make(base))
         AttentionMaskInterface.register(name, masks[base])
+    _REGISTERED.append(True)
 
 
 def text_config(adapter, model):
@@ -183,7 +187,7 @@ class AttentionSummaries:
         del scores
         # the question as a whole: the mean of its tokens' rows
         qmask = valid[:, 2:].to(p.dtype)  # (b, R-2)
-        qmean = (p[:, :, 2:] * qmask[:, None, :, None]).sum(2) / n_question.clamp(min=1).to(p.dtype)[:, None, None]
+        qmean = torch.einsum("bhrk,br->bhk", p[:, :, 2:], qmask) / n_question.clamp(min=1).to(p.dtype)[:, None, None]
         qmean = torch.where((n_question > 0)[:, None, None], qmean, torch.nan)
         rows = torch.stack([p[:, :, 0], p[:, :, 1], qmean], dim=2)  # (b, h, Q, kv)
         self.out[j] = summarise(rows, targets[..., :kv])
@@ -196,7 +200,7 @@ class AttentionSummaries:
             keep = keys[None, None, :] <= pos[:, :, None]
         else:
             m = mask if mask.dim() == 4 else mask[:, None]
-            m = m[:, 0].expand(b, m.shape[-2], kv)  # (b, q, kv)
+            m = m[:, 0].expand(b, m.shape[-2], kv)  # (b, q, kv): one mask for every head (the families' masks)
             m = m[torch.arange(b, device=m.device)[:, None], pos.to(m.device)]  # (b, R, kv)
             if m.dtype == torch.bool:
                 keep = m
