@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from gapcache import conditions
+from gapcache.analyze import attention as attention_mod
 from gapcache.analyze import evd as evd_mod
 from gapcache.analyze import generation
 from gapcache.analyze import metrics as registry
@@ -380,6 +381,9 @@ registry.register(Metric("probes", probes, report.fig_probes, report.rows_probes
                          "linear probes per task, condition, site and layer"))
 registry.register(Metric("lens", lens, report.fig_lens, report.rows_lens,
                          "logit-lens accuracy per condition and layer"))
+# attention flow and sparsity (issue 14): skipped unless the store holds attention summaries
+registry.register(Metric("attention", attention_mod.compute, attention_mod.figure, attention_mod.rows,
+                         "attention mass on image/question/template and visual sparsity per layer, - original"))
 
 
 # ------------------------------------------------------------------------------------- driver

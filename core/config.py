@@ -91,6 +91,7 @@ class ExtractConfig:
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
     # "sites": the text sites only; "all": also every prompt text token, ragged per sample (the store's token span)
     text: str = field(default="sites", metadata=ADDED)
+    attention: bool = field(default=False, metadata=ADDED)  # attention summaries at the query sites (attn_mass, attn_visual)
 
 
 @dataclass
@@ -240,6 +241,7 @@ def validate(cfg: Config) -> None:
            "an int in [0, 22] (0 = no compression)", e.compression_level)
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
+    _check(isinstance(e.attention, bool), "extract.attention", "true or false", e.attention)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
     validate_slurm(cfg.slurm)

@@ -129,6 +129,7 @@ def _question_start(ctx: SiteContext, found: dict) -> int:
     return q_start
 
 
+
 def _visual(ctx: SiteContext, found: dict) -> tuple[int, int]:
     return find_visual_span(ctx.ids, ctx.image_token_id, ctx.n_image_tokens, ctx.sample_id)
 

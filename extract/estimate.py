@@ -79,6 +79,11 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
     n_cand = len({c for s in samples for c in s.candidates})
     sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_cand}
+    if e.attention:  # attention summaries (issue 14)
+        from gapcache.extract import attention as att
+
+        sizes.update(attn_query=len(att.QUERIES), attn_head=int(text.num_attention_heads), attn_target=len(att.TARGETS),
+                     attn_stat=len(att.STATS))
     tokens = float(np.mean([len(p.prompt_ids) - p.visual_length for p in probe if p.ok] or [0]))
     recorded = {"visual": vis, **({"token": tokens} if e.text == "all" else {})}  # rows per sample of each span
     conds = expand(e.conditions, e.truncation_layers, e.truncation_strategies, n_layers)

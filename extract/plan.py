@@ -58,6 +58,12 @@ class PlannedSample:
         return int(site_value(self.sites, "visual")[1])
 
     @property
+    def question_span(self) -> tuple[int, int]:
+        """[start, end) positions of the question's content tokens (the site "question"; (0, 0) if unknown)."""
+        start, n = self.sites.get("question", (0, 0))
+        return (int(start), int(start) + int(n)) if start >= 0 else (0, 0)
+
+    @property
     def instruction(self) -> int:
         return int(site_value(self.sites, "instruction"))
 

@@ -12,6 +12,7 @@ ShardPayload handed to the StoreWriter's background thread, so the model never w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ from gapcache.conditions import kind as condition_kind
 from gapcache.errors import IncompatibleStoreError, SampleError, StoreError
 from gapcache.extract import data as data_mod
 from gapcache.extract import interventions
+from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
+from gapcache.extract.attention import AttentionSummaries
 from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
@@ -218,6 +221,8 @@ class Extraction:
             lens, lens_attrs = self.lens_values()
             values = {**self.sample_meta(), **lens}
             array_attrs = {"lens_norm_weight": lens_attrs}
+            if self.cfg.extract.attention:  # attention summaries (issue 14): their coordinates create the arrays
+                values.update(self.attention_coords())
             if self.cfg.extract.visual.mode != "all":
                 values["vtoken_position"] = self.vtoken_positions(layout)
             if self.text_tokens:
@@ -338,6 +343,8 @@ class Extraction:
         names = [s.name for s in arrays.specs(arrays.UNIT) if s.required]
         if not self.cfg.extract.generate.enabled:
             names.remove("generation")
+        if not self.cfg.extract.attention:
+            names = [n for n in names if n not in ATTENTION_ARRAYS]
         return names + [sp.states for n, sp in arrays.SPANS.items() if layout.has_span(n) and sp.recorded_by(cond)]
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
@@ -348,7 +355,7 @@ class Extraction:
         for name in self.unit_arrays(cond, layout):
             span = layout.spans.get(arrays.get(name).span)
             n_tok = sum(span.lengths[i] for i in idx) if span else 0
-            buf.update(arrays.unit_buffers([name], layout.sizes(), len(idx), n_tok, self.cfg.model.dtype))
+            buf.update(arrays.unit_buffers([name], self.unit_sizes(layout), len(idx), n_tok, self.cfg.model.dtype))
             if span:
                 offs[name] = [span.offsets[i] - span.offsets[idx[0]] for i in idx]
         buf["status"][:] = STATUS_FAILED
@@ -485,7 +492,8 @@ class Extraction:
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
         with Capture(layers, self.adapter.final_norm(self.model), self.record) as capture, \
-                self.intervention(P, cond, inputs, offsets=[0] * len(P)):
+                self.intervention(P, cond, inputs, offsets=[0] * len(P)), \
+                self.attention_summaries(P, inputs) as attention:  # issue 14: None unless extract.attention
             capture.set_groups({"text": text_idx, "visual": vis_idx if cond.records_visual else None,
                                 "token": self.token_indices(indices)})
             keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
@@ -496,6 +504,7 @@ class Extraction:
             text, vis = got["text"], got.get("visual")  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
             tokens = got.get("token")  # (n_text_tokens, layer, hidden) or None
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
+        attn_rows = attention.results() if attention is not None else None
         col = {pos: c for c, pos in enumerate(keep)}
         results = []
         n_sites = len(SITES)
@@ -524,6 +533,8 @@ class Extraction:
                 n_tok = len(self.token_positions(p))
                 res["token_states"] = self.to_storage(tokens[tok_off : tok_off + n_tok])
                 tok_off += n_tok
+            if attn_rows is not None:  # attention summaries (issue 14)
+                res.update(attn_rows[r])
             results.append(res)
         for (r, k), score in zip(extra_rows, extra_scores):
             results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
@@ -559,6 +570,28 @@ class Extraction:
             for r, (p, seq) in enumerate(zip(P, seqs)):
                 out.append(sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(seq)))
         return out
+
+    # ------------------------------------------------------------------ attention summaries (issue 14)
+    def attention_summaries(self, P, inputs):
+        """The attention summaries of this batch's forward (``extract.attention``), or nothing."""
+        if not self.cfg.extract.attention:
+            return contextlib.nullcontext()
+        return AttentionSummaries(self.model, self.adapter, P, inputs["input_ids"].shape[1], self.record)
+
+    def unit_sizes(self, layout) -> dict:
+        """The layout's dimension sizes, and those of the attention summaries' own dimensions when on."""
+        sizes = layout.sizes()
+        if self.cfg.extract.attention:
+            sizes.update({name: len(v) for name, v in self.attention_coords().items()})
+        return sizes
+
+    def attention_coords(self) -> dict:
+        from gapcache.extract import attention as att
+
+        strs = lambda xs: np.array(list(xs), dtype=object)  # noqa: E731
+        heads = att.n_heads(att.text_config(self.adapter, self.model))
+        return {"attn_query": strs(att.QUERIES), "attn_target": strs(att.TARGETS), "attn_stat": strs(att.STATS),
+                "attn_head": np.arange(heads, dtype=np.int32)}
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         if t.dtype == torch.bfloat16:

@@ -248,6 +248,26 @@ _SPECS = [
     ArraySpec("candidate_lens_token", ("sample", "candidate"), "int32", SAMPLE,
               "lens row scoring candidate c of sample i (-1: not the sample's)", fill=-1, required=False,
               merge=MERGE_LENS),
+    # ------------------------------------------------------------------ attention summaries (extract.attention)
+    # optional: created only when extract.attention is on (their coordinates are given to ``create``); then every
+    # unit writes them. Computed in the forward by gapcache.extract.attention (definitions there).
+    ArraySpec("attn_query", ("attn_query",), STR, STORE, "query rows of the attention summaries: instruction, "
+              "prediction, question (the mean row of the question's tokens)", required=False),
+    ArraySpec("attn_target", ("attn_target",), STR, STORE, "key groups of attn_mass: visual, question, template "
+              "(every other prompt token), first (position 0, also in its group)", required=False),
+    ArraySpec("attn_stat", ("attn_stat",), STR, STORE, "statistics of attn_visual: entropy (nats), n_eff = "
+              "exp(entropy), top5 / top10 / top50 mass, over the visual keys (row renormalised there)",
+              required=False),
+    ArraySpec("attn_head", ("attn_head",), "int32", STORE, "query head index (GQA: every query head)",
+              required=False),
+    ArraySpec("attn_mass", ("condition", "sample", "attn_query", "layer", "attn_head", "attn_target"), "float32",
+              UNIT,
+              "attention mass from each query row on each key group; layer i = decoder layer i's attention (the "
+              "layer reading hidden state i; NaN at the last index)", fill=np.nan, required=False),
+    ArraySpec("attn_visual", ("condition", "sample", "attn_query", "layer", "attn_head", "attn_stat"), "float32",
+              UNIT,
+              "attention over the visual keys only: entropy, N_eff, top-k mass (NaN where the visual mass is 0)",
+              fill=np.nan, required=False),
 ]
 
 #: name -> spec, in declaration order (the order arrays are created, written and checked)
@@ -322,6 +342,8 @@ def bytes_per_sample(sizes: dict, model_dtype: str, span_tokens: dict) -> float:
         dtype = spec.numpy_dtype(model_dtype)
         if dtype == object or (spec.along == VUNIT and spec.span not in span_tokens):
             continue
+        if not spec.required and any(d not in sizes for d in spec.dims[2:]):
+            continue  # an optional array whose option is off (its dimensions are not sized)
         row = float(np.prod(unit_row_shape(spec, sizes), dtype=np.float64)) * dtype.itemsize
         total += row * (span_tokens[spec.span] if spec.along == VUNIT else 1)
     return total

@@ -116,6 +116,8 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
             if spec.required:
                 raise StoreError(f"create needs the values of the required array {spec.name!r}.")
             continue
+        if not spec.at_creation and not spec.required and any(d not in sizes for d in spec.dims):
+            continue  # an optional unit array whose coordinates were not given (its option is off)
         arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout)
         if (array_attrs or {}).get(spec.name):
             arr.attrs.update(array_attrs[spec.name])

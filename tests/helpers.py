@@ -41,6 +41,9 @@ def random_payloads(layout: Layout, seed=0, scale=1.0):
     (status: all done, error: ''), in storage dtype."""
     rng = np.random.default_rng(seed)
     sizes = layout.sizes()
+    for spec in arrays.specs((arrays.UNIT, arrays.VUNIT)):  # optional arrays' own dims: 2, as creation_values
+        for d in spec.dims:
+            sizes.setdefault(d, 2)
     out = []
     for ci, cond in enumerate(layout.conditions):
         for shard in range(layout.n_shards):

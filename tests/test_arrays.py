@@ -26,7 +26,9 @@ def creation_values(layout: Layout, seed=0) -> dict:
         if spec.name in derived or (spec.span and not layout.has_span(spec.span)):
             continue
         shape = tuple(sizes.setdefault(d, 2) for d in spec.dims)
-        out[spec.name] = random_values(spec, shape, rng, layout.model_dtype)
+        # whole-store arrays that must be identical in every input of a merge: the same values for every seed
+        own = np.random.default_rng(len(spec.name)) if spec.merge_rule == arrays.MERGE_EQUAL else rng
+        out[spec.name] = random_values(spec, shape, own, layout.model_dtype)
     out["donor"] = np.roll(np.arange(layout.n_samples), 1)  # sample indices (remapped by merge)
     return out
 

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 
-from gapcache.config import ModelConfig, load_config  # noqa: E402
+from gapcache.config import load_config  # noqa: E402
 from gapcache.errors import ConfigError  # noqa: E402
 from gapcache.extract.models import ADAPTERS, get_adapter  # noqa: E402
 from gapcache.extract.runner import Extraction  # noqa: E402
