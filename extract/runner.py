@@ -314,6 +314,7 @@ class Extraction:
         # the writer closes (flushing every shard) before the locks are released
         with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path) as writer:
             writer.heal_flag_records()
+            self.store_arrays = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
             pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in mine}}
             todo = [(ci, shard) for ci, shard in mine if shard in pending[ci]]
             for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
@@ -338,9 +339,11 @@ class Extraction:
                            self.cfg.model.dtype, visual)
 
     def unit_arrays(self, cond, layout) -> list[str]:
-        """The unit arrays a (condition, shard) payload of this run fills (only UNIT arrays whose values
-        ``forward`` produces by default, and the states of every span the layout holds and ``cond`` records)."""
-        names = [s.name for s in arrays.specs(arrays.UNIT) if s.required]
+        """The unit arrays a (condition, shard) payload of this run fills: the UNIT arrays the store holds (an
+        optional one only when this run records it), and the states of every span the layout holds and ``cond``
+        records."""
+        held = getattr(self, "store_arrays", None)
+        names = [s.name for s in arrays.specs(arrays.UNIT) if (s.required if held is None else s.name in held)]
         if not self.cfg.extract.generate.enabled:
             names.remove("generation")
         if not self.cfg.extract.attention:
