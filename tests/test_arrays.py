@@ -22,11 +22,13 @@ def creation_values(layout: Layout, seed=0) -> dict:
     sizes = {**layout.sizes(), "lens_token": 3}
     derived = layout.derived_values()
     out = {}
+    same = np.random.default_rng(0)  # whole-store tables every input of a merge must agree on: one value for all
     for spec in arrays.specs((arrays.STORE, arrays.SAMPLE, arrays.SPAN)):
         if spec.name in derived:
             continue
         shape = tuple(sizes.setdefault(d, 2) for d in spec.dims)
-        out[spec.name] = random_values(spec, shape, rng, layout.model_dtype)
+        equal = spec.along == arrays.STORE and spec.merge_rule == arrays.MERGE_EQUAL
+        out[spec.name] = random_values(spec, shape, same if equal else rng, layout.model_dtype)
     out["donor"] = np.roll(np.arange(layout.n_samples), 1)  # sample indices (remapped by merge)
     return out
 
