@@ -372,6 +372,7 @@ registry.register(Metric("probes", probes, report.fig_probes, report.rows_probes
                          "linear probes per task, condition, site and layer"))
 registry.register(Metric("lens", lens, report.fig_lens, report.rows_lens,
                          "logit-lens accuracy per condition and layer"))
+from gapcache.analyze import soft as _soft  # noqa: E402,F401  (registers soft_truncation and window)
 
 
 # ------------------------------------------------------------------------------------- driver

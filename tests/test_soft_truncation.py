@@ -219,3 +219,48 @@ def test_drop_at_L_is_the_state_transplant(run, L):
             assert moved[j].shape[0] == len(keep)  # the removed tokens really are gone from layer L+1 on
             torch.testing.assert_close(dropped[j][keep], moved[j], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a[keep], b, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the CPU tier, from the store alone
+
+
+def test_soft_and_window_analysis_from_the_store(run, tmp_path):
+    from gapcache.analyze import metrics, soft
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    from gapcache.analyze.scoring import forced_choice_correct, gold_candidate_index
+
+    r = run
+    if r.family != "llava":
+        pytest.skip("the analysis reads the store only: one family is enough")
+    extract = {"conditions": ["original", "truncated", "window"], "truncation_layers": [-1, 1],
+               "truncation_strategies": ["zero", "norm_noise", "mean"], "truncation_windows": [[0, 1], [2, 2]],
+               "window_strategies": ["zero", "drop"]}
+    ex = extraction(r, tmp_path / "out", **extract)
+    ex.run(show=False)
+    ds = open_store(ex.store_path)
+    p = AnalysisParams(metrics=("accuracy", "truncation", "soft_truncation", "window"), n_resamples=200)
+    summary, results = analyze_store(ds, p)
+    m = summary["metrics"]
+    gold = ds.gold_logprob.values
+    label = [str(c) for c in ds.condition.values]
+    g = lambda c: gold[label.index(c)]  # noqa: E731
+    st = m["soft_truncation"]
+    assert st["reference"] == "zero" and st["layers"] == [-1, 1] and set(st["strategies"]) == {"zero", "norm_noise",
+                                                                                                "mean"}
+    for s in ("norm_noise", "mean"):
+        want = [np.mean(g(f"truncated_zero_L{t}") - g(f"truncated_{s}_L{t}")) for t in ("m1", "1")]
+        np.testing.assert_allclose(st["strategies"][s]["delta_minus_zero"]["estimate"], want, rtol=1e-5)
+    assert "delta_minus_zero" not in st["strategies"]["zero"]
+    correct = forced_choice_correct(ds.candidate_logprob.values, ds.candidate_mask.values,
+                                    gold_candidate_index(ds.answer.values, ds.candidate.values))
+    w = m["window"]["windows"]
+    assert list(w) == ["window_zero_L0to1", "window_zero_L2to2", "window_drop_L0to1", "window_drop_L2to2"]
+    for c, v in w.items():
+        assert v["accuracy_minus_original"]["estimate"] == pytest.approx(
+            np.mean(correct[label.index(c)] - correct[0]))
+        assert v["mean_delta"]["estimate"] == pytest.approx(np.mean(g("original") - g(c)), rel=1e-5)
+    assert "soft_delta_minus_zero" in results
+    store_summary = {"metrics": m}
+    assert soft.fig_soft(store_summary, tmp_path, metrics.Context()) == "soft_truncation.png"
+    assert soft.fig_window(store_summary, tmp_path, metrics.Context()) == "window.png"
+    assert (tmp_path / "soft_truncation.png").is_file() and soft.rows_window(store_summary)
