@@ -277,11 +277,6 @@ def _validate_truncated(entry: ConditionKind, options: Mapping, used: bool) -> N
     accepted = strategies_of(entry.name)
     for s in options["truncation_strategies"]:
         _check(s in accepted, "extract.truncation_strategies", _accepted_text(entry.name), s)
-    seed = options.get("soft_seed", 0)
-    _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "extract.soft_seed",
-           "a non-negative int", seed)
-    k = options.get("soft_pca_k", 1)
-    _check(isinstance(k, int) and not isinstance(k, bool) and k > 0, "extract.soft_pca_k", "a positive int", k)
     for layer in options["truncation_layers"]:
         _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= -1,
                "extract.truncation_layers", "a list of ints >= -1", layer)

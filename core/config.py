@@ -230,6 +230,8 @@ def validate(cfg: Config) -> None:
            "an int in [0, 22] (0 = no compression)", e.compression_level)
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
+    _check(_is_int(e.soft_seed) and e.soft_seed >= 0, "extract.soft_seed", "a non-negative int", e.soft_seed)
+    _check(_is_int(e.soft_pca_k) and e.soft_pca_k > 0, "extract.soft_pca_k", "a positive int", e.soft_pca_k)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
     validate_slurm(cfg.slurm)

@@ -35,6 +35,37 @@ def test_the_soft_strategies_are_registered():
         == {"mean": (1, 2, 3), "pca": (1, 2, 3)}
 
 
+def test_config_hash_and_records_unchanged_without_the_new_options():
+    import hashlib
+    import json
+
+    from gapcache.config import HASH_OMITTED_AT_DEFAULT, load_config
+    from gapcache.errors import ConfigError
+
+    cfg = load_config({"model": {"id": "x"}, "extract": {"truncation_layers": [0], "conditions": ["truncated"]}})
+    d = {k: v for k, v in cfg.to_dict().items() if k in ("model", "data", "extract")}
+    for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size", *HASH_OMITTED_AT_DEFAULT):
+        d["extract"].pop(k)
+    assert cfg.hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    soft = load_config({"model": {"id": "x"}, "extract": {"truncation_layers": [0], "soft_seed": 1}})
+    assert soft.hash() != load_config({"model": {"id": "x"}, "extract": {"truncation_layers": [0]}}).hash()
+    assert "window" not in conditions.condition_params(conditions.RunFacts(cfg.extract, None, (1, 0)))
+    assert "soft" not in conditions.condition_params(conditions.RunFacts(cfg.extract, None, (1, 0)))["truncated"]
+    assert conditions.Condition("truncated", 2, "zero").to_dict() == {
+        "label": "truncated_zero_L2", "kind": "truncated", "truncation_layer": 2, "strategy": "zero"}
+    for bad, match in (({"truncation_windows": [[2, 1]]}, "0 <= a <= b. Got \\[2, 1\\]"),
+                       ({"window_strategies": ["mean"]}, "window_strategies.*\\['zero', 'drop'\\]. Got 'mean'"),
+                       ({"conditions": ["window"]}, "truncation_windows.*non-empty when 'window' is run"),
+                       ({"soft_pca_k": 0}, "soft_pca_k.*a positive int")):
+        with pytest.raises(ConfigError, match=match):
+            load_config({"model": {"id": "x"}, "extract": bad})
+    with pytest.raises(ConfigError, match="truncation_windows.*\\[0, 3\\]. Got \\[1, 4\\]"):
+        conditions.expand(["window"], n_layers=4, truncation_windows=[[1, 4]], window_strategies=["zero"])
+    c = conditions.parse_label("window_drop_L24to47")
+    assert (c.kind, c.strategy, c.window_start, c.window_end) == ("window", "drop", 24, 47)
+    assert c.hook(48).layers == tuple(range(24, 48)) and c.invariant(48).equal_through == 24
+
+
 def clean_visual(r, layers):
     """(layer -> (n tokens over every sample, hidden) float64) original's full visual span at each layer's input,
     gathered here by plain forwards one sample at a time (not by the code under test)."""
