@@ -384,6 +384,7 @@ registry.register(Metric("lens", lens, report.fig_lens, report.rows_lens,
 # attention flow and sparsity (issue 14): skipped unless the store holds attention summaries
 registry.register(Metric("attention", attention_mod.compute, attention_mod.figure, attention_mod.rows,
                          "attention mass on image/question/template and visual sparsity per layer, - original"))
+from gapcache.analyze import soft as _soft  # noqa: E402,F401  (registers soft_truncation and window)
 
 
 # ------------------------------------------------------------------------------------- driver

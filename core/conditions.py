@@ -50,11 +50,20 @@ NEEDS_DONOR = frozenset({"randomimage"})
 POSITIONS = {"visual": "the sample's visual span (every image-token position)"}
 
 #: analysis groups: the analysis asks for a group, never for a condition name
-CLEAN, BLIND, TRUNCATION = "clean", "blind", "truncation"
+CLEAN, BLIND, TRUNCATION, WINDOW = "clean", "blind", "truncation", "window"
 GROUPS = {
     CLEAN: "the unmodified input (the reference of every paired comparison)",
     BLIND: "the prompt with another image: what the answer owes to this image",
     TRUNCATION: "the original image, visual states intervened on at the input of every layer > L (Delta, EVD)",
+    WINDOW: "the original image, visual positions intervened on at the input of decoder layers a..b only",
+}
+
+#: statistics a strategy substitutes from, fitted on ``original`` over the run's samples (a pre-pass over the
+#: full visual span at the input of each layer the strategy acts on; stored as ``fit_*`` arrays)
+FITS = {
+    "mean": "per layer: the mean visual state over every visual token of every sample (fit_mean)",
+    "pca": "per layer: the top principal directions and variances of the visual states (fit_pca_basis, "
+           "fit_pca_variance)",
 }
 
 #: what a strategy changes: the hidden states at its positions, or which keys its positions are
@@ -69,6 +78,8 @@ class Strategy:
     description: str
     acts_on: str  # one of ACTS_ON
     kinds: tuple[str, ...] = ("truncated",)  # the condition kinds that accept it
+    fits: tuple[str, ...] = ()  # keys of FITS: statistics fitted on original that it substitutes from
+    soft: bool = False  # a soft-truncation substitute (DESIGN.md, "Soft truncation") rather than zero / drop
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,9 @@ class Condition:
     kind: str  # a key of KINDS
     truncation_layer: int = NO_LAYER
     strategy: str = ""
+    # a window kind's decoder layers a..b (inclusive); recorded only when set, so older records stay identical
+    window_start: int = field(default=NO_LAYER, metadata={"omit_default": True})
+    window_end: int = field(default=NO_LAYER, metadata={"omit_default": True})
 
     @property
     def entry(self) -> ConditionKind:
@@ -140,8 +154,14 @@ class Condition:
         return self.entry.invariant(self, n_layers)
 
     def to_dict(self) -> dict:
-        """The store's record of this condition (root attribute ``conditions``): its label and every field."""
-        return {"label": self.label, **dataclasses.asdict(self)}
+        """The store's record of this condition (root attribute ``conditions``): its label and every field
+        (a field marked ``omit_default`` only when it is not at its default)."""
+        out = {"label": self.label}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (f.metadata.get("omit_default") and value == f.default):
+                out[f.name] = value
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Condition":
@@ -174,6 +194,18 @@ def _parse_truncated(entry: ConditionKind, label: str) -> Condition | None:
     return Condition(entry.name, layer, m["strategy"])
 
 
+def _window_label(c: Condition) -> str:
+    return f"{c.kind}_{c.strategy}_L{c.window_start}to{c.window_end}"
+
+
+def _parse_window(entry: ConditionKind, label: str) -> Condition | None:
+    """``<kind>_<strategy>_L<a>to<b>`` -> its Condition; None for another label."""
+    m = re.match(rf"^{re.escape(entry.name)}_(?P<strategy>[a-z0-9_]+?)_L(?P<a>\d+)to(?P<b>\d+)$", label)
+    if not m:
+        return None
+    return Condition(entry.name, strategy=m["strategy"], window_start=int(m["a"]), window_end=int(m["b"]))
+
+
 def _parse_plain(entry: ConditionKind, label: str) -> Condition | None:
     return Condition(entry.name) if label == entry.name else None
 
@@ -200,14 +232,51 @@ def _expand_truncated(entry: ConditionKind, options: Mapping, n_layers: int | No
     return out
 
 
+def _expand_window(entry: ConditionKind, options: Mapping, n_layers: int | None) -> list[Condition]:
+    windows, strategies = list(options.get("truncation_windows", ())), list(options.get("window_strategies", ()))
+    if not windows:
+        raise ConfigError("The 'truncation_windows' parameter must be a non-empty list of [a, b] layer windows when "
+                          f"'{entry.name}' is among the conditions. Got [] instead.")
+    out = []
+    for name in strategies:
+        check_strategy(name, entry.name)
+        for a, b in windows:
+            if n_layers is not None and b >= n_layers:
+                raise ConfigError(f"The 'truncation_windows' entries must lie in [0, {n_layers - 1}]. "
+                                  f"Got {[a, b]} instead.")
+            out.append(Condition(entry.name, strategy=name, window_start=int(a), window_end=int(b)))
+    return out
+
+
+def _validate_window(entry: ConditionKind, options: Mapping, used: bool) -> None:
+    accepted = strategies_of(entry.name)
+    for s in options["window_strategies"]:
+        _check(s in accepted, "extract.window_strategies", f"a list of {list(accepted)}", s)
+    windows = options["truncation_windows"]
+    _check(isinstance(windows, list), "extract.truncation_windows", "a list of [a, b] layer windows", windows)
+    for w in windows:
+        _check(isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                      for x in w) and 0 <= w[0] <= w[1],
+               "extract.truncation_windows", "a list of [a, b] windows of decoder layers with 0 <= a <= b", w)
+    if used:
+        _check(bool(windows), "extract.truncation_windows", f"non-empty when '{entry.name}' is run", windows)
+
+
 def _validate_none(entry: ConditionKind, options: Mapping, used: bool) -> None:
     return None
+
+
+def _accepted_text(kind_name: str) -> str:
+    """What a kind's strategy list may hold, for an error message: the soft-truncation strategies listed apart."""
+    soft = [n for n in strategies_of(kind_name) if STRATEGIES[n].soft]
+    hard = [n for n in strategies_of(kind_name) if not STRATEGIES[n].soft]
+    return (f"a list of soft-truncation strategies {soft} or of {hard}" if soft else f"a list of {hard}")
 
 
 def _validate_truncated(entry: ConditionKind, options: Mapping, used: bool) -> None:
     accepted = strategies_of(entry.name)
     for s in options["truncation_strategies"]:
-        _check(s in accepted, "extract.truncation_strategies", f"a list of {list(accepted)}", s)
+        _check(s in accepted, "extract.truncation_strategies", _accepted_text(entry.name), s)
     for layer in options["truncation_layers"]:
         _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= -1,
                "extract.truncation_layers", "a list of ints >= -1", layer)
@@ -222,6 +291,11 @@ def _no_hook(c: Condition, n_layers: int) -> Hook | None:
 
 def _truncated_hook(c: Condition, n_layers: int) -> Hook | None:
     layers = tuple(range(c.truncation_layer + 1, n_layers))
+    return Hook(c.strategy, layers, "visual") if layers else None
+
+
+def _window_hook(c: Condition, n_layers: int) -> Hook | None:
+    layers = tuple(range(c.window_start, min(c.window_end, n_layers - 1) + 1))
     return Hook(c.strategy, layers, "visual") if layers else None
 
 
@@ -241,6 +315,14 @@ def _truncated_invariant(c: Condition, n_layers: int) -> Invariant:
                      "text-site states at indices <= L+1 equal original's, every later index differs")
 
 
+def _window_invariant(c: Condition, n_layers: int) -> Invariant:
+    """Layers 0..a-1 read the real visual states, so every stream up to the input of layer a is original's at
+    the text sites (layer a itself intervenes on visual positions or inside its attention); later ones differ."""
+    same = min(c.window_start, n_layers)
+    return Invariant(same, same < n_layers,
+                     "text-site states at indices <= a equal original's, every later index differs")
+
+
 def _no_params(facts: RunFacts):
     return None
 
@@ -253,10 +335,66 @@ def _randomimage_params(facts: RunFacts):
     return {"seed": facts.extract.seed, "donor": list(facts.donor), "resize": "PIL bicubic to the original's size"}
 
 
+#: how each soft strategy draws its substitute (recorded in condition_params when a run uses it)
+SOFT_RULES = {
+    "norm_noise": "h' = z * ||h|| / ||z|| per visual token, z ~ N(0, I) (float32, cast to the model dtype)",
+    "pca_noise": "h' = fit_mean[l] + sum_j sqrt(fit_pca_variance[l, j]) * z_j * fit_pca_basis[l, j], z ~ N(0, I_k)",
+    "mean": "h' = fit_mean[l] at every visual position (cast to the model dtype)",
+    "shuffle": "h'[t] = h[perm[t]] over the sample's visual positions; perm: one random n-cycle per sample "
+               "(Sattolo's algorithm, no token keeps its place), the same at every layer",
+}
+SEED_RULE = ("noise / permutation of sample i at layer l from numpy SeedSequence([soft_seed, crc32(strategy name), i, "
+             "l + 1]) (l = -1 for shuffle's one permutation); noise drawn by torch.randn on the model's device with "
+             "that seed (so values depend on the device type, never on the batch or the array task)")
+
+
+def fitted_layers(conds, n_layers: int) -> dict[str, tuple[int, ...]]:
+    """Per statistic of FITS: the decoder layers whose input some condition of ``conds`` substitutes from it."""
+    out: dict[str, set] = {}
+    for c in conds:
+        hook = c.hook(n_layers)
+        if hook is not None:
+            for f in STRATEGIES[hook.strategy].fits:
+                out.setdefault(f, set()).update(hook.layers)
+    return {f: tuple(sorted(v)) for f, v in out.items()}
+
+
+def soft_params(e, strategies) -> dict | None:
+    """The recorded parameters of the soft strategies among ``strategies`` (None: no soft strategy)."""
+    soft = [s for s in strategies if s in STRATEGIES and STRATEGIES[s].soft]
+    if not soft:
+        return None
+    out = {"seed": e.soft_seed, "seed_rule": SEED_RULE, "rules": {s: SOFT_RULES.get(s, STRATEGIES[s].description)
+                                                                  for s in soft}}
+    fits = [f for s in soft for f in STRATEGIES[s].fits]
+    if fits:
+        out["fitted"] = {"statistics": sorted(set(fits)), "pca_k": e.soft_pca_k if "pca" in fits else None,
+                         "source": "a pre-pass forward of original over every extractable sample, full visual "
+                                   "span (extract.visual ignored), at the input of every layer these strategies "
+                                   "act on; float64 sums, stored as float32 arrays fit_layer, fit_mean, "
+                                   "fit_pca_basis, fit_pca_variance (population covariance, eigenvectors signed "
+                                   "so their largest-magnitude entry is positive)",
+                         "shared": "computed once, by the task that creates the store (others wait for it), "
+                                   "and read back from the store by every task"}
+    return out
+
+
 def _truncated_params(facts: RunFacts):
     e = facts.extract
-    return {"layers": list(e.truncation_layers), "strategies": list(e.truncation_strategies),
-            "convention": "input of every decoder layer with index > L is intervened on"}
+    out = {"layers": list(e.truncation_layers), "strategies": list(e.truncation_strategies),
+           "convention": "input of every decoder layer with index > L is intervened on"}
+    soft = soft_params(e, e.truncation_strategies)
+    if soft:
+        out["soft"] = soft
+    return out
+
+
+def _window_params(facts: RunFacts):
+    e = facts.extract
+    if "window" not in e.conditions:  # stores of runs without windows keep their condition_params byte for byte
+        return None
+    return {"windows": [list(w) for w in e.truncation_windows], "strategies": list(e.window_strategies),
+            "convention": "input of decoder layers a..b (inclusive) is intervened on"}
 
 
 def _merge_first(name: str, found: list, remap) -> dict | None:
@@ -288,9 +426,9 @@ def _merge_donors(name: str, found: list, remap) -> dict | None:
 
 
 def _merge_truncated(name: str, found: list, remap) -> dict | None:
-    """The union of the truncation layers and strategies the inputs ran."""
+    """The union of the truncation layers and strategies (window kinds: windows) the inputs ran."""
     out = dict(_merge_first(name, found, remap) or {})
-    for key in ("layers", "strategies"):
+    for key in ("layers", "strategies", "windows"):
         seen = []
         for _, p in found:
             seen += [v for v in (p or {}).get(key, []) if v not in seen]
@@ -370,10 +508,33 @@ register_kind(ConditionKind(
     invariant=_truncated_invariant,
 ))
 
+register_kind(ConditionKind(
+    "window", "the original image; visual positions intervened on (zero or drop) at the input of layers a..b only",
+    "original", WINDOW, records_visual=False, default=False,  # needs truncation_windows: opt-in
+    options=("truncation_windows", "window_strategies"), expand=_expand_window, validate=_validate_window,
+    label=_window_label, parse=_parse_window, params=_window_params, hook=_window_hook,
+    merge_params=_merge_truncated, invariant=_window_invariant,
+))
+
 register_strategy(Strategy(
-    "zero", "visual-position states overwritten with zeros at the input of each layer > L (still attended)", "states"))
+    "zero", "visual-position states overwritten with zeros at the input of each layer > L (still attended)", "states",
+    kinds=("truncated", "window")))
 register_strategy(Strategy(
-    "drop", "visual positions masked out of attention (as keys) in every layer > L", "attention"))
+    "drop", "visual positions masked out of attention (as keys) in every layer > L", "attention",
+    kinds=("truncated", "window")))
+register_strategy(Strategy(
+    "norm_noise", "each visual state replaced by Gaussian noise rescaled to that state's L2 norm", "states",
+    soft=True))
+register_strategy(Strategy(
+    "pca_noise", "visual states replaced by noise with the clean visual states' mean and covariance in their top "
+                 "principal directions at that layer (fitted on original)", "states", fits=("mean", "pca"),
+    soft=True))
+register_strategy(Strategy(
+    "mean", "visual states replaced by the mean visual state of original over the run at that layer", "states",
+    fits=("mean",), soft=True))
+register_strategy(Strategy(
+    "shuffle", "the sample's own visual states permuted over its visual positions (a random n-cycle)", "states",
+    soft=True))
 
 # ----------------------------------------------------------------------------- lookups
 

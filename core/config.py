@@ -87,6 +87,10 @@ class ExtractConfig:
     visual_chunk_tokens: int = 64
     compression_level: int = 1  # zstd level of the state arrays; 0 = none (fastest on few cores)
     seed: int = 0  # derangement of blind_randomimage
+    truncation_windows: list = field(default_factory=list)  # [[a, b], ...]: the window kind's decoder layers a..b
+    window_strategies: list = field(default_factory=lambda: ["zero", "drop"])
+    soft_seed: int = 0  # noise and permutations of the soft-truncation strategies
+    soft_pca_k: int = 16  # principal directions of pca_noise
     disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
     # "sites": the text sites only; "all": also every prompt text token, ragged per sample (the store's token span)
@@ -142,7 +146,15 @@ class Config:
         d = {k: _hashed(getattr(self, k)) for k in sections}
         for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size"):
             d["extract"].pop(k, None)
+        for k, default in HASH_OMITTED_AT_DEFAULT.items():  # options added later: old configs keep their hash
+            if d["extract"].get(k) == default:
+                d["extract"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: extract options that enter the config hash only when set (they came after stores were made without them)
+HASH_OMITTED_AT_DEFAULT = {"truncation_windows": [], "window_strategies": ["zero", "drop"], "soft_seed": 0,
+                           "soft_pca_k": 16}
 
 
 DEMO = {
@@ -242,6 +254,8 @@ def validate(cfg: Config) -> None:
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
     _check(isinstance(e.attention, bool), "extract.attention", "true or false", e.attention)
+    _check(_is_int(e.soft_seed) and e.soft_seed >= 0, "extract.soft_seed", "a non-negative int", e.soft_seed)
+    _check(_is_int(e.soft_pca_k) and e.soft_pca_k > 0, "extract.soft_pca_k", "a positive int", e.soft_pca_k)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
     validate_slurm(cfg.slurm)

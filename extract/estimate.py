@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from gapcache.conditions import expand
+from gapcache.conditions import expand_config, fitted_layers
 from gapcache.store import arrays
 from gapcache.store.schema import SITES
 DEFAULT_SECONDS_PER_BATCH = 0.1  # ~ Qwen3-VL-30B-A3B batch of 8 on an H100
@@ -86,7 +86,7 @@ def dry_run(cfg, n_probe: int = 32) -> str:
                      attn_stat=len(att.STATS))
     tokens = float(np.mean([len(p.prompt_ids) - p.visual_length for p in probe if p.ok] or [0]))
     recorded = {"visual": vis, **({"token": tokens} if e.text == "all" else {})}  # rows per sample of each span
-    conds = expand(e.conditions, e.truncation_layers, e.truncation_strategies, n_layers)
+    conds = expand_config(e, n_layers)
     n = len(samples)
     lines = [f"model {cfg.model.id}: {n_layers} layers, hidden {hidden}, {cfg.model.dtype}; {n} samples; "
              f"{n_rec} recorded layers; visual tokens/sample {vis:.0f} (mode {e.visual.mode}, "
@@ -103,6 +103,10 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     widest = arrays.bytes_per_sample(sizes, cfg.model.dtype, recorded)  # a condition recording every span
     need = widest * e.batch_size / sec / 1e6
     shard = widest * e.samples_per_shard / 1e6
+    fit = fitted_layers(conds, n_layers)
+    if fit:
+        lines.append(f"  fit pre-pass (soft truncation statistics {sorted(fit)} at {len(set().union(*fit.values()))} "
+                     f"layers): 1 forward of original per sample, once per run")
     lines += [f"total {total / 1e9:.2f} GB; writer buffers one shard per condition: ~{shard:.0f} MB",
               f"write bandwidth needed at {sec:g} s per batch of {e.batch_size}: {need:.0f} MB/s "
               f"(disk: {e.disk_bandwidth_mb_s:g} MB/s)"]

@@ -9,6 +9,12 @@ before anything else registered on the layer (a ``Capture`` there sees the inter
 * ``drop``: the positions are masked out of attention as keys, for every query outside them
   (positions still attend to each other). In a cached decoding step (generation) the queries are
   the new tokens: they see no masked key either.
+* soft truncation (``conditions.SOFT_RULES`` has each formula): ``norm_noise`` (Gaussian noise at each
+  state's norm), ``pca_noise`` (noise of the fitted mean and top-k covariance), ``mean`` (the fitted
+  mean), ``shuffle`` (the sample's own states, permuted by a random n-cycle). Their randomness is
+  seeded per (soft seed, strategy, sample index, layer), never by the batch; their fitted statistics
+  (``Fitted``: per layer ``mean``, ``pca_basis``, ``pca_variance``) come from the run's pre-pass over
+  ``original`` (``Extraction.fitted``).
 
 Adding a strategy: its ``Strategy`` entry in ``core/conditions.py`` and here a subclass of
 :class:`Intervention` with ``@implements(name)`` and a ``hook(module, args, kwargs)`` method; an
@@ -21,6 +27,9 @@ Every intervention is a context manager: ``with install(layers, hook, batch): mo
 
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import torch
 
 from gapcache import conditions
@@ -53,8 +62,10 @@ class Batch:
     ``index``: (rows, positions) long tensors; ``mask``: (batch, seq) bool, True at those
     positions; ``attention_mask``: the batch's (batch, seq) padding mask."""
 
-    def __init__(self, index, mask, attention_mask):
+    def __init__(self, index, mask, attention_mask, samples=(), spans=()):
         self.index, self.mask, self.attention_mask = index, mask, attention_mask
+        self.samples = tuple(samples)  # per row: the planned sample's index (what seeds its randomness)
+        self.spans = tuple(spans)  # per row: (start, stop) of its positions within ``index``
 
 
 def positions(P, which: str, offsets, inputs) -> Batch:
@@ -67,7 +78,9 @@ def positions(P, which: str, offsets, inputs) -> Batch:
     pos = torch.tensor([o + t for o, ts in zip(offsets, found) for t in ts], dtype=torch.long)
     mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)  # (batch, seq)
     mask[rows, pos] = True
-    return Batch((rows, pos), mask, inputs["attention_mask"])
+    bounds = np.cumsum([0] + [len(f) for f in found])
+    return Batch((rows, pos), mask, inputs["attention_mask"], [p.index for p in P],
+                 list(zip(bounds[:-1].tolist(), bounds[1:].tolist())))
 
 
 class Intervention(Hooks):
@@ -76,9 +89,11 @@ class Intervention(Hooks):
     ``set_batch(batch)`` before each forward. With no layers it installs nothing (a condition
     without a hook). Subclasses implement ``hook(module, args, kwargs)``."""
 
-    def __init__(self, layers, act_on=(), **params):
+    def __init__(self, layers, act_on=(), fitted=None, seed: int = 0, **params):
         self.act_on, self.params = tuple(act_on), params
+        self.fitted, self.seed = fitted, seed  # the run's fitted statistics (Fitted) and soft seed
         self.batch: Batch | None = None
+        self.index_of = {id(layers[i]): i for i in self.act_on}
         self._handles = [layers[i].register_forward_pre_hook(self.hook, with_kwargs=True, prepend=True)
                          for i in self.act_on]
 
@@ -148,6 +163,120 @@ class DropKeys(Intervention):
         return torch.zeros_like(mask).masked_fill(~keep, torch.finfo(mask.dtype).min)
 
 
+class Substitute(Intervention):
+    """A ``states`` strategy that replaces each row's positions by ``substitute(h, row, layer)`` (its states in,
+    (n, hidden) float32 out) at the input of each hooked layer; a cached decoding step is left alone (the
+    positions' K/V were computed from the substitutes)."""
+
+    strategy = ""
+
+    def hook(self, module, args, kwargs):
+        h = hidden_of(args, kwargs)  # (batch, seq, hidden)
+        if h.shape[1] < self.batch.mask.shape[1]:
+            return None
+        layer = self.index_of[id(module)]
+        rows, pos = self.batch.index
+        rows, pos = rows.to(h.device), pos.to(h.device)
+        h = h.clone()
+        for r, (a, b) in enumerate(self.batch.spans):
+            if b > a:
+                rr, pp = rows[a:b], pos[a:b]
+                h[rr, pp] = self.substitute(h[rr, pp], r, layer).to(h.dtype)
+        return replace_hidden(args, kwargs, h)
+
+    def substitute(self, h, row: int, layer: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generator(self, row: int, layer: int, device) -> torch.Generator:
+        """The seeded generator of this row's sample at ``layer`` (conditions.SEED_RULE)."""
+        state = np.random.SeedSequence([self.seed, zlib.crc32(self.strategy.encode()), self.batch.samples[row],
+                                        layer + 1]).generate_state(2, np.uint32)
+        g = torch.Generator(device=device)
+        g.manual_seed(int(state[0]) << 32 | int(state[1]))
+        return g
+
+    def noise(self, shape, row: int, layer: int, device) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator(row, layer, device), device=device, dtype=torch.float32)
+
+    def stat(self, name: str, layer: int, device) -> torch.Tensor:
+        if self.fitted is None or layer not in self.fitted.layers:
+            raise RuntimeError(f"{self.strategy} needs the fitted '{name}' at layer {layer}; the run's statistics "
+                               "were not fitted (Extraction.fitted_statistics / run() fits them from original)")
+        return self.fitted.get(name, layer, device)
+
+
+@implements("norm_noise")
+class NormNoise(Substitute):
+    """h' = z * ||h|| / ||z||, z ~ N(0, I): each state's norm kept, its direction random."""
+
+    strategy = "norm_noise"
+
+    def substitute(self, h, row, layer):
+        z = self.noise(h.shape, row, layer, h.device)
+        return z * (h.float().norm(dim=-1, keepdim=True) / z.norm(dim=-1, keepdim=True))
+
+
+@implements("pca_noise")
+class PcaNoise(Substitute):
+    """h' = mean_l + (z * sqrt(var_l)) @ basis_l, z ~ N(0, I_k): the clean states' Gaussian in its top k directions."""
+
+    strategy = "pca_noise"
+
+    def substitute(self, h, row, layer):
+        mean, basis, var = (self.stat(n, layer, h.device) for n in ("mean", "pca_basis", "pca_variance"))
+        z = self.noise((h.shape[0], basis.shape[0]), row, layer, h.device)
+        return mean + (z * var.clamp_min(0).sqrt()) @ basis
+
+
+@implements("mean")
+class MeanStates(Substitute):
+    """h' = mean_l: the mean visual state of original over the run at this layer, at every position."""
+
+    strategy = "mean"
+
+    def substitute(self, h, row, layer):
+        return self.stat("mean", layer, h.device).expand(h.shape[0], -1)
+
+
+@implements("shuffle")
+class ShuffleStates(Substitute):
+    """h'[t] = h[perm[t]]: the sample's own states permuted over its positions (one random n-cycle per sample,
+    Sattolo's algorithm, the same at every layer)."""
+
+    strategy = "shuffle"
+
+    def substitute(self, h, row, layer):
+        return h[torch.as_tensor(self.permutation(row, h.shape[0]), device=h.device)].float()
+
+    def permutation(self, row: int, n: int) -> np.ndarray:
+        seq = np.random.SeedSequence([self.seed, zlib.crc32(self.strategy.encode()), self.batch.samples[row], 0])
+        return n_cycle(n, np.random.default_rng(seq))
+
+
+def n_cycle(n: int, rng) -> np.ndarray:
+    """A uniformly random n-cycle (Sattolo): perm[t] != t for every t when n > 1."""
+    perm = np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+class Fitted:
+    """Statistics fitted on original: ``values[name]`` (fit layer, ...) float32 arrays at decoder ``layers``."""
+
+    def __init__(self, layers, values: dict):
+        self.layers = {int(l): k for k, l in enumerate(layers)}
+        self.values = values
+        self._on: dict = {}
+
+    def get(self, name: str, layer: int, device) -> torch.Tensor:
+        key = (name, layer, str(device))
+        if key not in self._on:
+            self._on[key] = torch.as_tensor(np.asarray(self.values[name][self.layers[layer]]), device=device)
+        return self._on[key]
+
+
 def _fit(x: torch.Tensor, length: int, fill: bool) -> torch.Tensor:
     """(batch, n) bool cut or extended with ``fill`` to (batch, length): the prompt's per-position flags
     for a key range that also holds generated tokens."""
@@ -156,13 +285,15 @@ def _fit(x: torch.Tensor, length: int, fill: bool) -> torch.Tensor:
     return torch.cat([x, x.new_full((x.shape[0], length - x.shape[1]), fill)], dim=1)
 
 
-def install(layers, hook: conditions.Hook | None, P=(), offsets=(), inputs=None) -> Intervention:
+def install(layers, hook: conditions.Hook | None, P=(), offsets=(), inputs=None, fitted: Fitted | None = None,
+            seed: int = 0) -> Intervention:
     """The hooks of ``hook`` on decoder ``layers`` for the batch of planned samples ``P`` (``inputs``: the
-    processed batch, for its shape and padding mask); ``hook`` None installs nothing. A context manager."""
+    processed batch, for its shape and padding mask); ``hook`` None installs nothing. A context manager.
+    ``fitted``, ``seed``: the run's fitted statistics and soft seed (strategies that use neither ignore them)."""
     if hook is None:
         return Intervention(layers)
     if hook.strategy not in IMPLEMENTATIONS:
         raise UnknownNameError("intervention hook", hook.strategy, IMPLEMENTATIONS)
-    iv = IMPLEMENTATIONS[hook.strategy](layers, hook.layers, **dict(hook.params))
+    iv = IMPLEMENTATIONS[hook.strategy](layers, hook.layers, fitted=fitted, seed=seed, **dict(hook.params))
     iv.set_batch(positions(P, hook.positions, offsets, inputs))
     return iv

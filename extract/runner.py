@@ -27,25 +27,27 @@ import numpy as np
 import torch
 
 from gapcache import __version__
-from gapcache.conditions import NEEDS_DONOR, NEEDS_MEAN_RGB, RunFacts, condition_params, expand_config
+from gapcache.conditions import CLEAN, NEEDS_DONOR, NEEDS_MEAN_RGB, Condition, RunFacts, condition_params, \
+    expand_config, fitted_layers, kinds_in_group
 from gapcache.conditions import kind as condition_kind
-from gapcache.errors import IncompatibleStoreError, SampleError, StoreError
+from gapcache.errors import IncompatibleStoreError, SampleError, StoreError, StoreLockedError
 from gapcache.extract import data as data_mod
 from gapcache.extract import interventions
 from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
 from gapcache.extract.attention import AttentionSummaries
-from gapcache.extract.hooks import Capture
+from gapcache.extract.hooks import Capture, hidden_of
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.extract.preflight import check_shard_memory, check_task, preflight
 from gapcache.sites import POSITION_SITES, TOKEN_ROLES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, create
-from gapcache.store.locks import clean_leftovers, owner_tag
+from gapcache.store.locks import ShardLocks, clean_leftovers, owner_tag
 from gapcache.store.schema import SITES, STATUS_DONE, STATUS_FAILED, STORE_NAME
 from gapcache.store.writer import check_compatible, check_same_samples
 
 log = logging.getLogger(__name__)
 COMPAT_KEYS = ("config_hash", "model", "candidates", "condition_params")
+FIT_WAIT_SECONDS = 5  # how often a task waiting for another's fitted statistics looks for the store
 
 
 def progress(iterable, **kw):
@@ -71,6 +73,7 @@ class Extraction:
         self.processor.tokenizer.padding_side = "right"
         self.n_layers = self.adapter.n_layers(self.model)
         self.conditions = expand_config(self.cfg.extract, self.n_layers)
+        self.fitted = None  # statistics fitted on original (soft truncation): fitted_statistics()
         layers = self.cfg.extract.layers
         self.record = list(range(self.n_layers + 1)) if layers == "all" else sorted(set(layers))
         if self.record[-1] > self.n_layers:
@@ -219,7 +222,7 @@ class Extraction:
             shutil.rmtree(tmp, ignore_errors=True)
             layout = self.layout()
             lens, lens_attrs = self.lens_values()
-            values = {**self.sample_meta(), **lens}
+            values = {**self.sample_meta(), **lens, **self.fitted_values()}
             array_attrs = {"lens_norm_weight": lens_attrs}
             if self.cfg.extract.attention:  # attention summaries (issue 14): their coordinates create the arrays
                 values.update(self.attention_coords())
@@ -301,13 +304,17 @@ class Extraction:
 
     def run(self, show=True, task_index: int | None = None, n_tasks: int | None = None):
         """Extract every pending (condition, shard) unit of this task; rerun to resume."""
-        from gapcache.store.locks import ShardLocks
-
         preflight(self.cfg, self.out, task_index, n_tasks)  # again: cheap, and for callers of run() alone
         if not hasattr(self, "planned"):
             self.load().plan(show=show)
         self.check_planned()
-        self.open_or_create()
+        fit_lock = self.share_fitted()
+        try:
+            self.open_or_create()
+        finally:
+            if fit_lock is not None:
+                fit_lock.release()
+        self.fitted = self.read_fitted()  # every task substitutes from the store's statistics, never its own
         layout = self.layout()
         mine = self.units(layout, task_index, n_tasks)
         clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
@@ -322,6 +329,125 @@ class Extraction:
                 locks.acquire(f"{cond.label}.shard{shard:05d}")
                 writer.submit(self.shard_payload(ci, cond, shard, layout))
         return self.store_path
+
+    # ------------------------------------------------------------------ statistics fitted on original
+    def fit_layers(self) -> dict[str, tuple[int, ...]]:
+        return fitted_layers(self.conditions, self.n_layers)
+
+    def share_fitted(self):
+        """Before the store exists: the one task that creates it fits the statistics (holding the lock
+        ``locks/fitted_statistics.lock`` until the store, with them in it, is in place); every other task of
+        an array waits for the store and reads them from it. Returns the held lock (or None)."""
+        if not self.fit_layers():
+            return None
+        locks, told = ShardLocks(self.out / "locks"), False
+        while not (self.store_path / "zarr.json").is_file():
+            try:
+                locks.acquire("fitted_statistics")
+            except StoreLockedError:
+                if not told:
+                    log.info("another task is fitting the soft-truncation statistics; waiting for the store")
+                    told = True
+                time.sleep(FIT_WAIT_SECONDS)
+                continue
+            if not (self.store_path / "zarr.json").is_file() and self.fitted is None:
+                self.fitted = self.fitted_statistics()
+            return locks
+        return None
+
+    def ensure_fitted(self):
+        """Fit the statistics now if a condition needs them and they are not loaded (direct forward() calls)."""
+        if self.fitted is None and self.fit_layers():
+            self.fitted = self.fitted_statistics()
+        return self.fitted
+
+    def fitted_values(self) -> dict:
+        """The store arrays of the fitted statistics (none if no condition needs them)."""
+        if not self.fit_layers():
+            return {}
+        f = self.ensure_fitted()
+        layers = sorted(f.layers, key=f.layers.get)
+        return {"fit_layer": np.array(layers, np.int32), **{f"fit_{k}": v for k, v in f.values.items()}}
+
+    def read_fitted(self):
+        """The fitted statistics recorded in the store (None if no condition needs them)."""
+        need = self.fit_layers()
+        if not need:
+            return None
+        import zarr
+
+        g = zarr.open_group(str(self.store_path), mode="r")
+        names = ["mean"] + (["pca_basis", "pca_variance"] if "pca" in need else [])
+        missing = [f"fit_{n}" for n in ["layer"] + names if f"fit_{n}" not in g]
+        if missing:
+            raise StoreError(f"The store {self.store_path} lacks the fitted statistics {missing} that its soft "
+                             "truncation conditions need (made by an older gapcache?). Extract into a new --out.")
+        layers = [int(x) for x in g["fit_layer"][...]]
+        short = sorted(set().union(*need.values()) - set(layers))
+        if short:
+            raise StoreError(f"The store's fitted statistics cover layers {layers}, not {short}.")
+        from gapcache.extract.interventions import Fitted
+
+        return Fitted(layers, {n: np.asarray(g[f"fit_{n}"][...]) for n in names})
+
+    @torch.inference_mode()
+    def fitted_statistics(self):
+        """Pre-pass: forwards of original over every extractable sample (batches of ``extract.batch_size`` in
+        sample order, whatever the task), accumulating in float64 on the device, at the input of each layer
+        a fitting strategy acts on, over the full visual span: the mean and (pca_noise) the population
+        covariance's top ``soft_pca_k`` eigenvectors and eigenvalues."""
+        from gapcache.extract.interventions import Fitted
+
+        need = self.fit_layers()
+        layers = sorted(set().union(*need.values()))
+        pca = "pca" in need
+        clean = Condition(kinds_in_group(CLEAN)[0])
+        todo = [p.index for p in self.planned if p.ok and p.visual_length]
+        if not todo:
+            raise SampleError(self.planned[0].sample.id if self.planned else "-",
+                              "no extractable sample with visual tokens to fit the soft-truncation statistics on")
+        sums, outer, where = {}, {}, {}
+
+        def hook_at(layer):
+            def hook(module, args, kwargs):
+                h = hidden_of(args, kwargs)
+                rows, pos = where["index"]
+                x = h[rows.to(h.device), pos.to(h.device)].double()  # (n_vis, hidden)
+                sums[layer] = sums.get(layer, 0) + x.sum(0)
+                if pca:
+                    outer[layer] = outer.get(layer, 0) + x.T @ x
+            return hook
+
+        decoder = self.adapter.decoder_layers(self.model)
+        handles = [decoder[l].register_forward_pre_hook(hook_at(l), with_kwargs=True) for l in layers]
+        n, bs, device = 0, self.cfg.extract.batch_size, self.model.device
+        try:
+            for b0 in progress(range(0, len(todo), bs), desc="fit", disable=True):
+                idx = todo[b0 : b0 + bs]
+                P = [self.planned[i] for i in idx]
+                inputs = self.batch_inputs(idx, clean)
+                where["index"] = interventions.positions(P, "visual", [0] * len(P), inputs).index
+                self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
+                           use_cache=False, logits_to_keep=1)
+                n += sum(p.visual_length for p in P)
+        finally:
+            for h in handles:
+                h.remove()
+        values = {"mean": np.stack([(sums[l] / n).float().cpu().numpy() for l in layers])}
+        if pca:
+            k = min(self.cfg.extract.soft_pca_k, int(values["mean"].shape[1]))
+            bases, variances = [], []
+            for l in layers:
+                mu = sums[l] / n
+                cov = outer[l] / n - torch.outer(mu, mu)
+                evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
+                evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k].T  # (k,), (k, hidden)
+                top = evecs.abs().argmax(dim=1)
+                evecs = evecs * torch.sign(evecs[torch.arange(k), top])[:, None]
+                bases.append(evecs.float().cpu().numpy())
+                variances.append(evals.clamp_min(0).float().cpu().numpy())
+            values.update(pca_basis=np.stack(bases), pca_variance=np.stack(variances))
+        return Fitted(layers, values)
 
     def check_planned(self) -> None:
         """Before the store is created: some sample must be extractable, and a shard's payload, now that
@@ -486,6 +612,7 @@ class Extraction:
 
     @torch.inference_mode()
     def forward(self, indices, cond, inputs=None):
+        self.ensure_fitted()
         P = [self.planned[i] for i in indices]
         # candidates the gold answer's forward cannot score: their own forwards first (before the main
         # forward, so that it is the last pass any hook of this batch sees)
@@ -606,7 +733,7 @@ class Extraction:
         context manager that removes them on exit; installs nothing for a condition without a hook. Row r's
         prompt starts at ``offsets[r]`` (0 right padded; left padded: the padding before it)."""
         return interventions.install(self.adapter.decoder_layers(self.model), cond.hook(self.n_layers), P, offsets,
-                                     inputs)
+                                     inputs, fitted=self.fitted, seed=self.cfg.extract.soft_seed)
 
     @torch.inference_mode()
     def generate(self, indices, cond) -> list[str]:
@@ -620,6 +747,7 @@ class Extraction:
         """(batch, new tokens) greedy continuation of each prompt under ``cond``; an intervention keeps
         its hooks on for every decoding step (zero: the cached visual K/V were computed from zeroed
         states; drop: the generated tokens see no visual key at layers > L)."""
+        self.ensure_fitted()
         tok = self.processor.tokenizer
         P = [self.planned[i] for i in indices]
         images = [self.condition_image(i, cond) for i in indices]

@@ -105,10 +105,10 @@ def default_run_dir(cfg) -> Path:
 
 def count_units(cfg) -> dict:
     """Conditions x shards of a config, from the config and the dataset's sample count (no model)."""
-    from gapcache.conditions import expand
+    from gapcache.conditions import expand_config
 
     e, d = cfg.extract, cfg.data
-    n_cond = len(expand(e.conditions, e.truncation_layers, e.truncation_strategies))
+    n_cond = len(expand_config(e))
     try:
         from gapcache.extract import data as data_mod
 

@@ -268,6 +268,17 @@ _SPECS = [
               UNIT,
               "attention over the visual keys only: entropy, N_eff, top-k mass (NaN where the visual mass is 0)",
               fill=np.nan, required=False),
+    # ------------------------------------------------------------------ statistics fitted on original (soft truncation)
+    ArraySpec("fit_layer", ("fit_layer",), "int32", STORE,
+              "decoder layers whose input the fitted statistics describe (hidden-state index = layer)", required=False),
+    ArraySpec("fit_mean", ("fit_layer", "hidden"), "float32", STORE,
+              "mean visual state of original over the run at the input of each fit layer (strategy mean, pca_noise)",
+              required=False),
+    ArraySpec("fit_pca_basis", ("fit_layer", "pca_component", "hidden"), "float32", STORE,
+              "top principal directions of original's visual states per fit layer (rows unit norm; pca_noise)",
+              required=False),
+    ArraySpec("fit_pca_variance", ("fit_layer", "pca_component"), "float32", STORE,
+              "variance of original's visual states along each principal direction (pca_noise)", required=False),
 ]
 
 #: name -> spec, in declaration order (the order arrays are created, written and checked)

@@ -22,13 +22,13 @@ def creation_values(layout: Layout, seed=0) -> dict:
     sizes = {**layout.sizes(), "lens_token": 3}
     derived = layout.derived_values()
     out = {}
+    same = np.random.default_rng(0)  # whole-store tables every input of a merge must agree on: one value for all
     for spec in arrays.specs((arrays.STORE, arrays.SAMPLE, arrays.SPAN)):
         if spec.name in derived or (spec.span and not layout.has_span(spec.span)):
             continue
         shape = tuple(sizes.setdefault(d, 2) for d in spec.dims)
-        # whole-store arrays that must be identical in every input of a merge: the same values for every seed
-        own = np.random.default_rng(len(spec.name)) if spec.merge_rule == arrays.MERGE_EQUAL else rng
-        out[spec.name] = random_values(spec, shape, own, layout.model_dtype)
+        equal = spec.along == arrays.STORE and spec.merge_rule == arrays.MERGE_EQUAL
+        out[spec.name] = random_values(spec, shape, same if equal else rng, layout.model_dtype)
     out["donor"] = np.roll(np.arange(layout.n_samples), 1)  # sample indices (remapped by merge)
     return out
 

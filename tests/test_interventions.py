@@ -56,6 +56,7 @@ ATTN = {"llava": "eager", "qwen2_vl": "sdpa", "qwen2_5_vl": "eager", "qwen3_vl":
 KIND_OPTIONS = {
     "truncated": lambda strategies: {"truncation_layers": list(range(-1, N_LAYERS)),
                                      "truncation_strategies": list(strategies)},
+    "window": lambda strategies: {"truncation_windows": [[0, 0], [1, 2]], "window_strategies": list(strategies)},
 }
 #: the positions each position kind names, computed here from the planned sample (not by the code under test)
 EXPECTED_POSITIONS = {"visual": lambda p: set(range(p.visual_start, p.visual_start + p.visual_length))}
