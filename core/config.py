@@ -87,10 +87,11 @@ class ExtractConfig:
     visual_chunk_tokens: int = 64
     compression_level: int = 1  # zstd level of the state arrays; 0 = none (fastest on few cores)
     seed: int = 0  # derangement of blind_randomimage
-    truncation_windows: list = field(default_factory=list)  # [[a, b], ...]: the window kind's decoder layers a..b
-    window_strategies: list = field(default_factory=lambda: ["zero", "drop"])
-    soft_seed: int = 0  # noise and permutations of the soft-truncation strategies
-    soft_pca_k: int = 16  # principal directions of pca_noise
+    # [[a, b], ...]: the window kind's decoder layers a..b
+    truncation_windows: list = field(default_factory=list, metadata=ADDED)
+    window_strategies: list = field(default_factory=lambda: ["zero", "drop"], metadata=ADDED)
+    soft_seed: int = field(default=0, metadata=ADDED)  # noise and permutations of the soft-truncation strategies
+    soft_pca_k: int = field(default=16, metadata=ADDED)  # principal directions of pca_noise
     disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
     # "sites": the text sites only; "all": also every prompt text token, ragged per sample (the store's token span)
@@ -146,15 +147,12 @@ class Config:
         d = {k: _hashed(getattr(self, k)) for k in sections}
         for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size"):
             d["extract"].pop(k, None)
-        for k, default in HASH_OMITTED_AT_DEFAULT.items():  # options added later: old configs keep their hash
-            if d["extract"].get(k) == default:
-                d["extract"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 #: extract options that enter the config hash only when set (they came after stores were made without them)
-HASH_OMITTED_AT_DEFAULT = {"truncation_windows": [], "window_strategies": ["zero", "drop"], "soft_seed": 0,
-                           "soft_pca_k": 16}
+#: extract options (ADDED) left out of the hash while at their default
+HASH_OMITTED_AT_DEFAULT = tuple(f.name for f in fields(ExtractConfig) if f.metadata.get("hash") == "unless_default")
 
 
 DEMO = {
