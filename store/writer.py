@@ -91,7 +91,7 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
     Arrays written at creation (``along`` index / store / sample / span) get their values now: those the
     layout fixes are derived from it; the others come from ``values`` (name -> numpy array, first axis =
     sample for per-sample arrays), e.g. question, answer, label, site_position (sample, site), the lens
-    tables. An optional array without values is not created. Unit arrays are allocated (nothing written).
+    tables. An optional array without values, or whose dimensions the layout lacks, is not created. Unit arrays are allocated (nothing written).
     ``array_attrs`` maps array names to extra attributes (e.g. the lens norm's form).
     """
     import zarr
@@ -113,6 +113,8 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
         if spec.at_creation and spec.name not in values:
             if spec.required:
                 raise StoreError(f"create needs the values of the required array {spec.name!r}.")
+            continue
+        if not spec.required and not set(spec.dims) <= set(sizes):  # e.g. MoE routing of a run without it
             continue
         arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout)
         if (array_attrs or {}).get(spec.name):

@@ -15,6 +15,8 @@ from gapcache.store.schema import Layout
 from gapcache.store.verify import verify
 from helpers import random_payloads, random_values, small_layout
 
+ROUTING = (3, 4, 2)  # the optional MoE routing arrays: 3 router layers, 4 experts, top-2
+
 
 def creation_values(layout: Layout, seed=0) -> dict:
     """Random values of every optional creation-time array (per-sample metadata, lens tables), by the table."""
@@ -33,7 +35,7 @@ def creation_values(layout: Layout, seed=0) -> dict:
 
 def full_store(path, layout=None, seed=0):
     """A store holding every declared array, every unit written (every chunk holding data, none all fill)."""
-    layout = layout or small_layout("bfloat16")
+    layout = layout or small_layout("bfloat16", routing=ROUTING)
     create(path, layout, {"model": {"id": "test"}}, creation_values(layout, seed))
     with StoreWriter(path) as w:
         for p in random_payloads(layout, seed=seed):
@@ -147,9 +149,9 @@ def extra_arrays(monkeypatch):
 
 def _two_stores(tmp_path):
     la = Layout(("s0", "s1", "s2"), small_layout().conditions, (0, 1, 2), 4, "bfloat16", ("no", "yes"), (3, 4, 0),
-                samples_per_shard=2, visual_chunk_tokens=4)
+                samples_per_shard=2, visual_chunk_tokens=4, routing=ROUTING)  # every declared array
     lb = Layout(("s3", "s4"), la.conditions, la.layers, 4, "bfloat16", la.candidates, (2, 5), samples_per_shard=2,
-                visual_chunk_tokens=4)
+                visual_chunk_tokens=4, routing=la.routing)
     table = np.arange(8, dtype=np.float32).reshape(2, 4)
     paths = []
     for name, layout, seed in (("a", la, 1), ("b", lb, 2)):
