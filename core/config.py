@@ -71,6 +71,7 @@ class ExtractConfig:
     seed: int = 0  # derangement of blind_randomimage
     disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
+    routing: bool = False  # MoE families: record router top-k at the text sites and expert-load histograms
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Config:
         d = {k: v for k, v in self.to_dict().items() if k in sections}
         for k in ("disk_bandwidth_mb_s", "forward_seconds_per_batch", "batch_size"):
             d["extract"].pop(k, None)
+        if not d["extract"].get("routing"):  # off (the default): the hash of a config that predates the option
+            d["extract"].pop("routing", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -218,6 +221,7 @@ def validate(cfg: Config) -> None:
            "an int in [0, 22] (0 = no compression)", e.compression_level)
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
+    _check(isinstance(e.routing, bool), "extract.routing", "true or false", e.routing)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
     validate_slurm(cfg.slurm)

@@ -31,6 +31,7 @@ from gapcache.conditions import kind as condition_kind
 from gapcache.errors import IncompatibleStoreError, SampleError, StoreError
 from gapcache.extract import data as data_mod
 from gapcache.extract import interventions
+from gapcache.extract import routing as routing_mod
 from gapcache.extract.hooks import Capture
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
@@ -67,6 +68,8 @@ class Extraction:
             self.model, self.processor = self.adapter.load(self.cfg.model)
         self.processor.tokenizer.padding_side = "right"
         self.n_layers = self.adapter.n_layers(self.model)
+        if self.cfg.extract.routing:
+            routing_mod.check_routing(self.adapter, self.model)
         self.conditions = expand_config(self.cfg.extract, self.n_layers)
         layers = self.cfg.extract.layers
         self.record = list(range(self.n_layers + 1)) if layers == "all" else sorted(set(layers))
@@ -113,6 +116,7 @@ class Extraction:
             layers=tuple(self.record), hidden=self.adapter.hidden_size(self.model), model_dtype=self.cfg.model.dtype,
             candidates=self.candidates, visual_lengths=lengths, samples_per_shard=e.samples_per_shard,
             visual_chunk_tokens=e.visual_chunk_tokens, compression_level=e.compression_level,
+            routing=tuple(self.adapter.routing_shape(self.model.config)) if e.routing else (),
         )
 
     def store_attrs(self) -> dict:
@@ -135,6 +139,10 @@ class Extraction:
             "answer_prefix": self.adapter.answer_prefix,
             "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
             "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
+            **({"routing": {"rule": self.adapter.routing_rule, "sites": list(SITES), "modality": list(arrays.MODALITIES),
+                            "load": "top-k assignments per expert: visual = the visual span, text = every other "
+                                    "prompt position (teacher-forced answer and padding not counted)"}}
+               if cfg.extract.routing else {}),
             "condition_params": condition_params(RunFacts(cfg.extract, self.mean_rgb, tuple(self.donor.tolist()))),
             "provenance": {
                 "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -294,6 +302,8 @@ class Extraction:
         names = [s.name for s in arrays.specs(arrays.UNIT)]
         if not self.cfg.extract.generate.enabled:
             names.remove("generation")
+        if not self.cfg.extract.routing:
+            names = [n for n in names if n not in arrays.ROUTING]
         return names + [sp.states for sp in arrays.SPANS.values() if sp.recorded_by(cond)]
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
@@ -429,14 +439,16 @@ class Extraction:
         inputs = self.batch_inputs(indices, cond) if inputs is None else inputs
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
+        routing = self.routing(P, text_idx, inputs["input_ids"].shape[1])  # MoE routing (extract.routing)
         with Capture(layers, self.adapter.final_norm(self.model), self.record) as capture, \
-                self.intervention(P, cond, inputs, offsets=[0] * len(P)):
+                self.intervention(P, cond, inputs, offsets=[0] * len(P)), routing:
             capture.set_batch(text_idx, vis_idx if cond.records_visual else None)
             keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
             device = self.model.device
             model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model(**model_inputs, use_cache=False, logits_to_keep=torch.tensor(keep, device=device))
             text, vis = capture.collect()  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
+            routes = routing.collect(len(SITES))  # per row: route_expert, route_weight, route_load ([] if off)
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
         col = {pos: c for c, pos in enumerate(keep)}
         results = []
@@ -462,6 +474,7 @@ class Extraction:
                     bounds = np.cumsum([0] + [len(g) for g in sel])
                     chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
                 res["visual_states"] = self.to_storage(chunk)
+            res.update(routes[r] if routes else {})  # MoE routing
             results.append(res)
         for (r, k), score in zip(extra_rows, extra_scores):
             results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
@@ -497,6 +510,15 @@ class Extraction:
             for r, (p, seq) in enumerate(zip(P, seqs)):
                 out.append(sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(seq)))
         return out
+
+    def routing(self, P, text_idx, seq: int):
+        """The MoE routing hooks of one batch (``extract.routing``), as a context manager; a no-op when off."""
+        if not self.cfg.extract.routing:
+            return routing_mod.NoRouting()
+        r = routing_mod.Routing(self.adapter, self.model)
+        r.set_batch(text_idx, routing_mod.modality_map(
+            [(len(p.prompt_ids), p.visual_start, p.visual_length) for p in P], seq))
+        return r
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         if t.dtype == torch.bfloat16:
