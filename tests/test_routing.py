@@ -12,6 +12,7 @@ intervention hooks on) gives per-token logits; from them:
 
 from __future__ import annotations
 
+import html
 import os
 
 import numpy as np
@@ -167,3 +168,53 @@ def test_routing_off_keeps_the_config_hash_and_adds_no_arrays(run, tmp_path):
     res = ex_off.forward([0, 1], ex.conditions[0])
     assert not any(k.startswith("route_") for r in res for k in r)
     assert dataclasses.replace(ex_off.layout(), routing=()) == ex_off.layout()
+
+
+# --------------------------------------------------------------------------- CPU tier: the routing metric
+def test_routing_metric_functions_on_planted_counts():
+    from gapcache.analyze.routing import jensen_shannon, topk_overlap, visual_expert_share
+
+    assert jensen_shannon([1, 2, 3, 0], [2, 4, 6, 0]) == pytest.approx(0.0, abs=1e-12)  # same distribution
+    assert jensen_shannon([5, 0, 0, 0], [0, 0, 1, 3]) == pytest.approx(1.0)  # disjoint supports
+    assert jensen_shannon([1, 1], [1, 0]) == pytest.approx(1.5 - 0.75 * np.log2(3))  # 0.5*KL(p||m)+0.5*KL(q||m)
+    assert np.isnan(jensen_shannon([0, 0], [1, 0]))
+    assert visual_expert_share([3, 0, 2, 0], [1, 4, 2, 0]) == pytest.approx(1 / 3)  # experts 0,1,2 used; 0 visual
+    np.testing.assert_array_equal(topk_overlap([[1, 2], [3, 0], [-1, 2]], [[2, 1], [3, 1], [2, 1]]), [1.0, 0.5, np.nan])
+
+
+def test_routing_metric_on_the_tiny_moe_store(run, tmp_path, monkeypatch):
+    from gapcache.analyze import metrics
+    from gapcache.analyze import routing as routing_metric
+    from gapcache.analyze.pipeline import AnalysisParams, run_analysis
+
+    ex, ds, _ = run
+    monkeypatch.setitem(metrics.REGISTRY, "routing", routing_metric.METRIC)
+    summary = run_analysis([ex.store_path], tmp_path / "a", AnalysisParams(metrics=("routing",), n_resamples=49))
+    s = summary["stores"]["store"]
+    m = s["metrics"]["routing"]
+    assert "skipped" not in m and m["layers"] == list(range(N_LAYERS))
+    labels = [str(c) for c in ds.condition.values]
+    load = ds.route_load.values
+    res = routing_metric.compute(ds, AnalysisParams(n_resamples=49), metrics.Context())
+    jsd = res.arrays["route_jsd"].values
+    i, layer = 1, 2
+    expected = routing_metric.jensen_shannon(load[0, i, layer, 0], load[0, i, layer, 1])
+    assert jsd[0, i, layer] == pytest.approx(float(expected)) and 0 < expected < 1
+    np.testing.assert_allclose(m["jsd"]["original"]["estimate"], np.nanmean(jsd[0], axis=0))
+    overlap = res.arrays["route_overlap"].values
+    assert np.isnan(overlap[labels.index("original")]).all()
+    np.testing.assert_array_equal(overlap[labels.index("truncated_zero_L0"), :, 0], 1.0)  # layer 0 is untouched
+    assert set(m["overlap"]) == set(labels) - {"original"}
+    report = (tmp_path / "a" / "report.html").read_text()
+    assert "store/routing.png" in report and (tmp_path / "a" / "store" / "routing.png").is_file()
+    rows = routing_metric.rows(s)
+    assert len(rows) == 2 + len(labels) - 1
+    assert all(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" in report for a, b in rows)
+
+
+def test_routing_metric_skips_a_store_without_routing():
+    from types import SimpleNamespace
+
+    from gapcache.analyze import routing as routing_metric
+
+    assert "skipped" in routing_metric.compute(SimpleNamespace(variables={}), None, None)
