@@ -9,7 +9,8 @@ the choice the model applies read by its ``router_choice``) and, during one forw
   over the other prompt positions (``route_load``, modality ``visual`` / ``text``); the
   teacher-forced answer tokens and padding are not counted.
 
-Per-token router logits are never kept: the histograms are one ``bincount`` on the device per layer.
+Per-token router logits are never kept: the histograms are one ``scatter_add`` on the device per layer,
+and nothing in the hooks synchronizes with the device (one copy to the host after the forward).
 Dense layers (no router) keep the fill values (-1 ids, NaN weights, -1 loads).
 
 Usage (inside ``Extraction.forward``)::
@@ -86,11 +87,13 @@ class Routing(Hooks):
             _, rows, pos, mod = self._dev
             self._ids[li] = ids[rows, pos].detach()
             self._w[li] = w[rows, pos].detach()
-            # key = (row * n_modalities + modality) * n_experts + expert, over the counted positions
-            valid = mod >= 0
+            # key = (row * n_modalities + modality) * n_experts + expert; positions not counted go to one extra
+            # bin (no boolean indexing, no bincount: nothing here waits for the device)
+            n_bins = b * len(MODALITIES) * self.n_experts
             key = (torch.arange(b, device=ids.device)[:, None] * len(MODALITIES) + mod)[:, :, None] * self.n_experts
-            key = (key + ids)[valid]
-            self._load[li] = torch.bincount(key.reshape(-1), minlength=b * len(MODALITIES) * self.n_experts)
+            key = torch.where((mod >= 0)[:, :, None], key + ids, n_bins).reshape(-1)
+            load = torch.zeros(n_bins + 1, dtype=torch.int32, device=ids.device)
+            self._load[li] = load.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))[:n_bins]
             return None
 
         return hook

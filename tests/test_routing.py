@@ -218,3 +218,23 @@ def test_routing_metric_skips_a_store_without_routing():
     from gapcache.analyze import routing as routing_metric
 
     assert "skipped" in routing_metric.compute(SimpleNamespace(variables={}), None, None)
+
+
+def test_dry_run_counts_the_routing_bytes(run, monkeypatch):
+    from gapcache.extract import estimate
+    from gapcache.store import arrays
+
+    _, _, path = run
+    seen = []
+    real = arrays.bytes_per_sample
+
+    def spy(sizes, *a, **kw):
+        seen.append(real(sizes, *a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(estimate.arrays, "bytes_per_sample", spy)
+    for routing in (False, True):
+        estimate.dry_run(config(path, routing=routing), n_probe=2)
+    text_off, text_on = seen[0], seen[2]  # (text-only, with visual) per run
+    per_sample = (2 * 2 + 2 * 4) * N_LAYERS * TOP_K + N_LAYERS * 2 * N_EXPERTS * 4  # ids, weights at 2 sites; load
+    assert text_on - text_off == per_sample
