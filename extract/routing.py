@@ -61,13 +61,16 @@ class Routing(Hooks):
         self.adapter = adapter
         self.routers = adapter.routers(model)
         self.n_layers, self.n_experts, self.top_k = adapter.routing_shape(model.config)
-        self._handles = []
-        for li, module in enumerate(self.routers):
-            if module is not None:
-                self._handles.append(module.register_forward_hook(self._hook(li)))
+        self._handles = []  # installed on entering the ``with`` block, removed on leaving it
         self._ids: dict[int, torch.Tensor] = {}
         self._w: dict[int, torch.Tensor] = {}
         self._load: dict[int, torch.Tensor] = {}
+
+    def __enter__(self):
+        for li, module in enumerate(self.routers):
+            if module is not None:
+                self._handles.append(module.register_forward_hook(self._hook(li)))
+        return self
 
     def set_batch(self, text_idx, modality):
         """text_idx: (rows, positions) long tensors of the text sites (site-major per row, as Capture);

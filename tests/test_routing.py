@@ -104,6 +104,8 @@ def test_the_store_holds_routing_with_its_coordinates(run):
     assert "Qwen3VLMoeTextTopKRouter" in ds.attrs["routing"]["rule"]
     assert (ds.status.values == STATUS_DONE).all()
     assert [str(c) for c in ds.condition.values] == list(CONDITIONS)
+    routers = get_adapter(FAMILY).routers(ex.model)
+    assert len(routers) == N_LAYERS and all(r is not None and not r._forward_hooks for r in routers)  # removed
 
 
 @pytest.mark.parametrize("label", CONDITIONS)
