@@ -97,6 +97,8 @@ class ExtractConfig:
     # "sites": the text sites only; "all": also every prompt text token, ragged per sample (the store's token span)
     text: str = field(default="sites", metadata=ADDED)
     attention: bool = field(default=False, metadata=ADDED)  # attention summaries at the query sites (attn_mass, attn_visual)
+    # MoE families: record router top-k at the text sites and expert-load histograms
+    routing: bool = field(default=False, metadata=ADDED)
 
 
 @dataclass
@@ -254,6 +256,7 @@ def validate(cfg: Config) -> None:
     _check(isinstance(e.attention, bool), "extract.attention", "true or false", e.attention)
     _check(_is_int(e.soft_seed) and e.soft_seed >= 0, "extract.soft_seed", "a non-negative int", e.soft_seed)
     _check(_is_int(e.soft_pca_k) and e.soft_pca_k > 0, "extract.soft_pca_k", "a positive int", e.soft_pca_k)
+    _check(isinstance(e.routing, bool), "extract.routing", "true or false", e.routing)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
     validate_slurm(cfg.slurm)

@@ -79,6 +79,9 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
     n_cand = len({c for s in samples for c in s.candidates})
     sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_cand}
+    if e.routing and adapter.routing_shape(mconf):  # MoE routing arrays (a few KB per sample)
+        n_route, n_experts, top_k = adapter.routing_shape(mconf)
+        sizes.update(route_layer=n_route, expert=n_experts, k=top_k, modality=len(arrays.MODALITIES))
     if e.attention:  # attention summaries (issue 14)
         from gapcache.extract import attention as att
 

@@ -156,6 +156,11 @@ def model_shape(cfg) -> tuple[int, int] | None:
 def preflight(cfg, out, task_index=None, n_tasks=None) -> None:
     """Every check of an extraction that needs no model weights."""
     check_task(task_index, n_tasks)
+    if cfg.extract.routing:  # a family without MoE routers: refused before the model loads
+        from gapcache.extract.models import get_adapter
+        from gapcache.extract.routing import check_routing
+
+        check_routing(get_adapter(cfg.model.family))
     check_out_dir(out)
     check_existing_store(Path(out) / STORE_NAME, cfg.to_dict())
     shape = model_shape(cfg)

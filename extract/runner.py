@@ -36,6 +36,7 @@ from gapcache.extract import interventions
 from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
 from gapcache.extract.attention import AttentionSummaries
 from gapcache.extract.hooks import Capture, hidden_of
+from gapcache.extract import routing as routing_mod
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
 from gapcache.extract.preflight import check_shard_memory, check_task, preflight
@@ -72,6 +73,8 @@ class Extraction:
             self.model, self.processor = self.adapter.load(self.cfg.model)
         self.processor.tokenizer.padding_side = "right"
         self.n_layers = self.adapter.n_layers(self.model)
+        if self.cfg.extract.routing:
+            routing_mod.check_routing(self.adapter, self.model)
         self.conditions = expand_config(self.cfg.extract, self.n_layers)
         self.fitted = None  # statistics fitted on original (soft truncation): fitted_statistics()
         layers = self.cfg.extract.layers
@@ -121,6 +124,7 @@ class Extraction:
             visual_chunk_tokens=e.visual_chunk_tokens, compression_level=e.compression_level,
             span_lengths=(("token", tuple(len(self.token_positions(p)) for p in self.planned)),)
             if self.text_tokens else (),
+            routing=tuple(self.adapter.routing_shape(self.model.config)) if e.routing else (),
         )
 
     @property
@@ -179,6 +183,10 @@ class Extraction:
             "answer_prefix": self.adapter.answer_prefix,
             "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
             "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
+            **({"routing": {"rule": self.adapter.routing_rule, "sites": list(SITES), "modality": list(arrays.MODALITIES),
+                            "load": "top-k assignments per expert: visual = the visual span, text = every other "
+                                    "prompt position (teacher-forced answer and padding not counted)"}}
+               if cfg.extract.routing else {}),
             "condition_params": condition_params(RunFacts(cfg.extract, self.mean_rgb, tuple(self.donor.tolist()))),
             "provenance": {
                 "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
@@ -472,6 +480,8 @@ class Extraction:
         names = [s.name for s in arrays.specs(arrays.UNIT) if (s.required if held is None else s.name in held)]
         if not self.cfg.extract.generate.enabled:
             names.remove("generation")
+        if not self.cfg.extract.routing:
+            names = [n for n in names if n not in arrays.ROUTING]
         if not self.cfg.extract.attention:
             names = [n for n in names if n not in ATTENTION_ARRAYS]
         return names + [sp.states for n, sp in arrays.SPANS.items() if layout.has_span(n) and sp.recorded_by(cond)]
@@ -621,9 +631,10 @@ class Extraction:
         inputs = self.batch_inputs(indices, cond) if inputs is None else inputs
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
+        routing = self.routing(P, text_idx, inputs["input_ids"].shape[1])  # MoE routing (extract.routing)
         with Capture(layers, self.adapter.final_norm(self.model), self.record) as capture, \
                 self.intervention(P, cond, inputs, offsets=[0] * len(P)), \
-                self.attention_summaries(P, inputs) as attention:  # issue 14: None unless extract.attention
+                self.attention_summaries(P, inputs) as attention, routing:  # issue 14: None unless extract.attention
             capture.set_groups({"text": text_idx, "visual": vis_idx if cond.records_visual else None,
                                 "token": self.token_indices(indices)})
             keep = sorted({p.prediction + t for p in P for t in range(len(p.answer_ids))})
@@ -633,6 +644,7 @@ class Extraction:
             got = capture.collect_groups()
             text, vis = got["text"], got.get("visual")  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
             tokens = got.get("token")  # (n_text_tokens, layer, hidden) or None
+            routes = routing.collect(len(SITES))  # per row: route_expert, route_weight, route_load ([] if off)
         logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
         attn_rows = attention.results() if attention is not None else None
         col = {pos: c for c, pos in enumerate(keep)}
@@ -665,6 +677,7 @@ class Extraction:
                 tok_off += n_tok
             if attn_rows is not None:  # attention summaries (issue 14)
                 res.update(attn_rows[r])
+            res.update(routes[r] if routes else {})  # MoE routing
             results.append(res)
         for (r, k), score in zip(extra_rows, extra_scores):
             results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
@@ -722,6 +735,15 @@ class Extraction:
         heads = att.n_heads(att.text_config(self.adapter, self.model))
         return {"attn_query": strs(att.QUERIES), "attn_target": strs(att.TARGETS), "attn_stat": strs(att.STATS),
                 "attn_head": np.arange(heads, dtype=np.int32)}
+
+    def routing(self, P, text_idx, seq: int):
+        """The MoE routing hooks of one batch (``extract.routing``), as a context manager; a no-op when off."""
+        if not self.cfg.extract.routing:
+            return routing_mod.NoRouting()
+        r = routing_mod.Routing(self.adapter, self.model)
+        r.set_batch(text_idx, routing_mod.modality_map(
+            [(len(p.prompt_ids), p.visual_start, p.visual_length) for p in P], seq))
+        return r
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
         if t.dtype == torch.bfloat16:

@@ -279,7 +279,29 @@ _SPECS = [
               required=False),
     ArraySpec("fit_pca_variance", ("fit_layer", "pca_component"), "float32", STORE,
               "variance of original's visual states along each principal direction (pca_noise)", required=False),
+    # ------------------------------------------------------------------ MoE routing (extract.routing: true)
+    # Optional: a store has them only when its Layout has ``routing`` (MoE families, routing on); their
+    # dimensions come from the Layout. ``route_layer`` = decoder layer index (its router), not a hidden-state index.
+    ArraySpec("route_layer", ("route_layer",), "int32", INDEX, "decoder layer of each router (MoE routing)",
+              required=False),
+    ArraySpec("expert", ("expert",), "int32", INDEX, "expert index of the MoE routers", required=False),
+    ArraySpec("modality", ("modality",), STR, INDEX, "positions a route_load histogram counts (MODALITIES)",
+              required=False),
+    ArraySpec("route_expert", ("condition", "sample", "site", "route_layer", "k"), "int16", UNIT,
+              "the router's top-k expert ids at each text site, by descending weight (-1: layer without router)",
+              fill=-1, required=False),
+    ArraySpec("route_weight", ("condition", "sample", "site", "route_layer", "k"), "float32", UNIT,
+              "the router's weight of each top-k expert as the model applies it (renormalized over the top k)",
+              fill=np.nan, required=False),
+    ArraySpec("route_load", ("condition", "sample", "route_layer", "modality", "expert"), "int32", UNIT,
+              "top-k assignments per expert over the sample's visual span / its other prompt positions "
+              "(teacher-forced answer and padding excluded; -1: layer without router)", fill=-1, required=False),
 ]
+
+#: the ``modality`` coordinate of route_load: the visual span, and every other prompt position
+MODALITIES = ("visual", "text")
+#: the unit arrays of MoE routing (written only by runs with ``extract.routing: true``)
+ROUTING = ("route_expert", "route_weight", "route_load")
 
 #: name -> spec, in declaration order (the order arrays are created, written and checked)
 ARRAYS: dict[str, ArraySpec] = {s.name: s for s in _SPECS}
@@ -355,6 +377,8 @@ def bytes_per_sample(sizes: dict, model_dtype: str, span_tokens: dict) -> float:
             continue
         if not spec.required and any(d not in sizes for d in spec.dims[2:]):
             continue  # an optional array whose option is off (its dimensions are not sized)
+        if not spec.required and not set(spec.dims[2:]) <= set(sizes):  # an optional array this run lacks
+            continue
         row = float(np.prod(unit_row_shape(spec, sizes), dtype=np.float64)) * dtype.itemsize
         total += row * (span_tokens[spec.span] if spec.along == VUNIT else 1)
     return total

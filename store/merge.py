@@ -194,6 +194,7 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
         span_lengths=tuple((n, _span_lengths(n, home, sample_ids)) for n, sp in arrays.SPANS.items()
                            if n != "visual" and sp.offset in first.g),
         samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression_level=_zstd_level(first.g["text_states"]),
+        routing=_routing_shape(first.g),
     )
     values, array_attrs = _creation_values(sources, home, sample_ids, layout)
     attrs = _merged_attrs(sources, layout, values.get("donor"))
@@ -243,6 +244,14 @@ def _creation_values(sources, home, sample_ids, layout) -> tuple[dict, dict]:
     values.update(lens)
     array_attrs.update(lens_attrs)
     return values, array_attrs
+
+
+def _routing_shape(g) -> tuple:
+    """(router layers, experts, top-k) of a store that records MoE routing, () otherwise."""
+    if "route_expert" not in g:
+        return ()
+    _, _, n_layers, _, n_experts = g["route_load"].shape
+    return int(n_layers), int(n_experts), int(g["route_expert"].shape[-1])
 
 
 def _span_lengths(span, home, sample_ids) -> tuple[int, ...]:

@@ -62,6 +62,7 @@ class Layout:
     visual_chunk_tokens: int = 64  # inner chunk rows of every span's states
     compression_level: int = 1
     span_lengths: tuple = ()  # ((span name, per-sample lengths), ...) of spans other than "visual"
+    routing: tuple = ()  # MoE routing recorded: (router layers, experts, top-k); () = none (no route_* arrays)
     visual_offsets: tuple[int, ...] = field(init=False)
     visual_shard_tokens: int = field(init=False)
     n_vtokens: int = field(init=False)
@@ -128,6 +129,11 @@ class Layout:
         for name, sp in SPANS.items():
             out[sp.condition_dim] = len(self.span_conditions(name))
             out[sp.token_dim] = self.spans[name].n_tokens
+        if self.routing:
+            from gapcache.store.arrays import MODALITIES
+
+            n_layers, n_experts, top_k = self.routing
+            out.update({"route_layer": n_layers, "expert": n_experts, "k": top_k, "modality": len(MODALITIES)})
         return out
 
     def derived_values(self) -> dict[str, np.ndarray]:
@@ -152,6 +158,11 @@ class Layout:
             out.update({sp.condition_dim: strs(c.label for c in self.span_conditions(name)),
                         sp.owner: owner, sp.position: index,
                         sp.offset: np.array(span.offsets, np.int64), sp.length: np.array(span.lengths, np.int32)})
+        if self.routing:
+            from gapcache.store.arrays import MODALITIES
+
+            out.update({"route_layer": np.arange(self.routing[0], dtype=np.int32),
+                        "expert": np.arange(self.routing[1], dtype=np.int32), "modality": strs(MODALITIES)})
         return out
 
     def shard_samples(self, shard: int) -> range:

@@ -91,7 +91,7 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
     Arrays written at creation (``along`` index / store / sample / span) get their values now: those the
     layout fixes are derived from it; the others come from ``values`` (name -> numpy array, first axis =
     sample for per-sample arrays), e.g. question, answer, label, site_position (sample, site), the lens
-    tables. An optional array without values is not created. Unit arrays are allocated (nothing written).
+    tables. An optional array without values, or whose dimensions the layout lacks, is not created. Unit arrays are allocated (nothing written).
     ``array_attrs`` maps array names to extra attributes (e.g. the lens norm's form).
     """
     import zarr
@@ -116,8 +116,8 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
             if spec.required:
                 raise StoreError(f"create needs the values of the required array {spec.name!r}.")
             continue
-        if not spec.at_creation and not spec.required and any(d not in sizes for d in spec.dims):
-            continue  # an optional unit array whose coordinates were not given (its option is off)
+        if not spec.required and not set(spec.dims) <= set(sizes):  # an optional array whose option is off
+            continue  # (e.g. attention summaries or MoE routing of a run without them)
         arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout)
         if (array_attrs or {}).get(spec.name):
             arr.attrs.update(array_attrs[spec.name])

@@ -11,12 +11,13 @@ from gapcache.store import Layout, ShardPayload, StoreWriter, create, open_store
 from gapcache.store import arrays, codec
 
 
-def small_layout(dtype="float32", lengths=(3, 4, 0, 2, 5), spc=2, candidates=("no", "yes")):
+def small_layout(dtype="float32", lengths=(3, 4, 0, 2, 5), spc=2, candidates=("no", "yes"), routing=()):
+    """``routing=(router layers, experts, top-k)`` adds the optional MoE routing arrays."""
     return Layout(
         sample_ids=tuple(f"s{i}" for i in range(len(lengths))),
         conditions=tuple(expand(["original", "blind_black", "truncated"], [0], ["zero"])),
         layers=(0, 1, 2), hidden=4, model_dtype=dtype, candidates=candidates,
-        visual_lengths=tuple(lengths), samples_per_shard=spc, visual_chunk_tokens=4,
+        visual_lengths=tuple(lengths), samples_per_shard=spc, visual_chunk_tokens=4, routing=tuple(routing),
     )
 
 
@@ -51,6 +52,8 @@ def random_payloads(layout: Layout, seed=0, scale=1.0):
             values = {}
             for spec in arrays.specs((arrays.UNIT, arrays.VUNIT)):
                 if (spec.along == arrays.VUNIT and not arrays.SPANS[spec.span].recorded_by(cond)) or not spec.every_unit:
+                    continue
+                if not spec.required and not set(spec.dims) <= set(sizes):  # an optional array the layout lacks
                     continue
                 lead = len(idx) if spec.along == arrays.UNIT else sum(layout.spans[spec.span].lengths[i] for i in idx)
                 values[spec.name] = random_values(spec, (lead, *arrays.unit_row_shape(spec, sizes)), rng,

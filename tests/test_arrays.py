@@ -15,6 +15,8 @@ from gapcache.store.schema import Layout
 from gapcache.store.verify import verify
 from helpers import random_payloads, random_values, small_layout
 
+ROUTING = (3, 4, 2)  # the optional MoE routing arrays: 3 router layers, 4 experts, top-2
+
 
 def creation_values(layout: Layout, seed=0) -> dict:
     """Random values of every optional creation-time array (per-sample metadata, lens tables), by the table."""
@@ -37,7 +39,7 @@ def every_span_layout():
     """small_layout with every optional span recorded too (so the store holds every declared array)."""
     import dataclasses
 
-    base = small_layout("bfloat16")
+    base = small_layout("bfloat16", routing=ROUTING)
     extra = tuple((name, tuple(range(2, 2 + base.n_samples))) for name, sp in arrays.SPANS.items() if sp.optional)
     return dataclasses.replace(base, span_lengths=extra)
 
@@ -158,9 +160,9 @@ def extra_arrays(monkeypatch):
 
 def _two_stores(tmp_path):
     la = Layout(("s0", "s1", "s2"), small_layout().conditions, (0, 1, 2), 4, "bfloat16", ("no", "yes"), (3, 4, 0),
-                samples_per_shard=2, visual_chunk_tokens=4)
+                samples_per_shard=2, visual_chunk_tokens=4, routing=ROUTING)  # every declared array
     lb = Layout(("s3", "s4"), la.conditions, la.layers, 4, "bfloat16", la.candidates, (2, 5), samples_per_shard=2,
-                visual_chunk_tokens=4)
+                visual_chunk_tokens=4, routing=la.routing)
     table = np.arange(8, dtype=np.float32).reshape(2, 4)
     paths = []
     for name, layout, seed in (("a", la, 1), ("b", lb, 2)):

@@ -9,6 +9,7 @@ A family adapter owns *all* of its family's knowledge, so that nothing outside
   (where the question, placed by the chat template, lies in the *processed* text, i.e. after the
   processor expanded the image placeholder), used by the site finders;
 * ``deepstack_layers``: decoder layers after which visual features are added again (Qwen3-VL);
+* ``routers``, ``routing_shape``, ``router_choice``, ``routing_rule``: MoE routing (Qwen3-VL-MoE);
 * ``lens_norm``: the final norm in the form the CPU logit lens applies,
   ``(offset + w) * h / sqrt(mean(h**2) + eps)``;
 * ``build_tiny``: the tiny random-weight checkpoint of the family (config dict and processor).
@@ -88,6 +89,22 @@ class Adapter:
         """Decoder layers after whose output visual features are added at the visual positions
         (so the stream entering layer l + 1 includes them). Empty for families without deepstack."""
         return ()
+
+    # --- MoE routing (extract.routing)
+    routing_rule: str = ""  # how the router picks its experts, as recorded in the store; "" = no routing
+
+    def routers(self, model) -> list:
+        """The router module of every decoder layer (None for a dense layer); [] for a family without MoE."""
+        return []
+
+    def routing_shape(self, config) -> tuple[int, int, int] | None:
+        """(router layers, experts, top-k) from the model config (no weights needed); None without MoE."""
+        return None
+
+    def router_choice(self, output):
+        """(expert ids (tokens, k) long, weights (tokens, k)) from a router module's forward output: the
+        experts and weights the model applies, tokens in the order of its (batch * seq) input."""
+        raise NotImplementedError(f"{type(self).__name__} has no MoE routing")
 
     # --- logit lens
     def lens_norm(self, model) -> dict:
