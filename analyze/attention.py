@@ -14,9 +14,9 @@ to the image come back in deep layers?
 from __future__ import annotations
 
 import numpy as np
-
 from gapcache.analyze import stats
 from gapcache.analyze.metrics import Context, MetricResult
+from gapcache.conditions import REFERENCE
 
 QUANTITIES = ("visual_mass", "question_mass", "template_mass", "first_mass", "entropy", "n_eff", "top5", "top10",
               "top50")
@@ -75,16 +75,16 @@ def compute(ds, p, ctx: Context) -> MetricResult | dict:
         entry = {"layers": layers, "per_condition": {}, "vs_original": {}}
         for k, c in enumerate(conds):
             entry["per_condition"][c] = {name: _per_layer_ci(hm[name][k], layers, p, ci) for name in QUANTITIES}
-        if "original" in conds:
-            o = conds.index("original")
+        if REFERENCE in conds:
+            o = conds.index(REFERENCE)
             for k, c in enumerate(conds):
-                if c != "original":
+                if c != REFERENCE:
                     entry["vs_original"][c] = {name: _per_layer_ci((hm[name][k], hm[name][o]), layers, p, diff)
                                                for name in ("visual_mass", "entropy", "n_eff")}
         if query == "prediction" and layers:
             chosen = int(ctx.cliff_layer) if ctx.cliff_layer is not None and int(ctx.cliff_layer) in layers \
                 else layers[len(layers) // 2]
-            c0 = conds.index("original") if "original" in conds else 0
+            c0 = conds.index(REFERENCE) if REFERENCE in conds else 0
             x = Q["visual_mass"][c0][:, all_layers.index(chosen)]  # (sample, head)
             heads = [int(h) for h in ds.attn_head.values]
             entry["per_head"] = {"layer": chosen, "condition": conds[c0], "heads": heads,
@@ -131,9 +131,9 @@ def figure(s, out, ctx: Context):
 def rows(s) -> list[tuple[str, str]]:
     """Prediction-site visual mass under original: first, minimum and last layer (the U-shape)."""
     entry = s["metrics"].get("attention", {}).get("queries", {}).get("prediction")
-    if not entry or "original" not in entry.get("per_condition", {}):
+    if not entry or REFERENCE not in entry.get("per_condition", {}):
         return []
-    ci = entry["per_condition"]["original"]["visual_mass"]
+    ci = entry["per_condition"][REFERENCE]["visual_mass"]
     est = np.asarray([np.nan if e is None else e for e in ci["estimate"]], float)
     if not np.isfinite(est).any():
         return []

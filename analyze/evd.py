@@ -65,9 +65,9 @@ import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
 from gapcache import conditions
 from gapcache.analyze import stats
+from gapcache.conditions import REFERENCE
 from gapcache.errors import ConfigError, DataError
 
 CLIFF_METHODS = ("median_evd", "steepest", "first_crossing", "seed_median", "seed_crossing")
@@ -448,7 +448,7 @@ def _require_coords(da, names, fn):
         raise ConfigError(f"The input of {fn} must carry the store's coordinates {list(names)}. Missing {missing}.")
 
 
-def truncation_deltas(gold, clean: str = "original"):
+def truncation_deltas(gold, clean: str = REFERENCE):
     """Delta (strategy, layer, sample) from gold log-probs labelled like the store.
 
     ``gold`` has dims (condition, sample) and the coordinates ``condition_kind``,
@@ -481,7 +481,7 @@ def truncation_deltas(gold, clean: str = "original"):
 
 
 def truncation_curves(gold, candidate_logprob=None, candidate_mask=None, gold_index=None,
-                      clean: str = "original"):
+                      clean: str = REFERENCE):
     """Truncation curves per (strategy, layer): mean Delta and, with candidates, forced-choice accuracy.
 
     Returns a Dataset with ``delta`` (strategy, layer, sample), ``mean_delta`` (strategy, layer),
@@ -491,7 +491,6 @@ def truncation_curves(gold, candidate_logprob=None, candidate_mask=None, gold_in
     == gold index (see ``gapcache.analyze.scoring.forced_choice_correct``).
     """
     import xarray as xr
-
     from gapcache.analyze.scoring import forced_choice_correct
 
     d = truncation_deltas(gold, clean)

@@ -17,10 +17,10 @@ generations. No torch.
 from __future__ import annotations
 
 import numpy as np
-
 from gapcache import conditions
 from gapcache.analyze import stats
 from gapcache.analyze.metrics import Context, MetricResult
+from gapcache.conditions import REFERENCE
 
 
 def _ci(x, p):
@@ -45,11 +45,11 @@ def compute(ds, p, ctx: Context) -> MetricResult:
         ok = np.isfinite(s[k])
         if ok.sum() >= 2:
             out["per_condition"][c] = _ci(s[k][ok], p).to_dict()
-    if "original" in conds:
-        o = conds.index("original")
+    if REFERENCE in conds:
+        o = conds.index(REFERENCE)
         for k, c in enumerate(conds):
             both = np.isfinite(s[k]) & np.isfinite(s[o])
-            if c != "original" and both.sum() >= 2:
+            if c != REFERENCE and both.sum() >= 2:
                 out["vs_original"][c] = _diff(s[k][both], s[o][both], p).to_dict()
         truncated = conditions.in_group(ds.condition_kind.values, conditions.TRUNCATION)
         strategies = [str(v) for v in ds.truncation_strategy.values]

@@ -23,18 +23,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from gapcache import conditions
 from gapcache.analyze import attention as attention_mod
 from gapcache.analyze import evd as evd_mod
-from gapcache.analyze import generation
+from gapcache.analyze import generation, report, stats
 from gapcache.analyze import metrics as registry
-from gapcache.analyze import report, stats
 from gapcache.analyze.metrics import Context, Metric, MetricResult
+from gapcache.conditions import REFERENCE
 from gapcache.errors import ConfigError, DataError, GapcacheError
 
 log = logging.getLogger(__name__)
-BLIND = ("blind_black", "blind_mean", "blind_randomimage")
+BLIND = conditions.kinds_in_group(conditions.BLIND)  # the blind kinds (labels = kind names)
 
 
 def __getattr__(name):
@@ -127,11 +126,11 @@ def accuracy(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
             sel = ok & (cats == cat)
             if sel.sum() >= 2:
                 out["per_category"].setdefault(c, {})[cat] = _ci(correct[k][sel], p).to_dict()
-    if "original" in conds:
-        o = conds.index("original")
+    if REFERENCE in conds:
+        o = conds.index(REFERENCE)
         for k, c in enumerate(conds):
             both = np.isfinite(correct[k]) & np.isfinite(correct[o])
-            if c != "original" and both.sum() >= 2:
+            if c != REFERENCE and both.sum() >= 2:
                 out["vs_original"][c] = stats.mean_diff_ci(
                     correct[k][both], correct[o][both], level=p.level, method=p.ci_method,
                     n_resamples=p.n_resamples, seed=p.seed).to_dict()
@@ -307,7 +306,7 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     groups = probe_groups(ds, p.n_splits)
     if not groups:
         return {"skipped": f"no candidate set with >= 2 classes and >= {p.n_splits} samples per class"}
-    conds = [c for c in ds.condition.values.tolist() if c == "original" or c in BLIND]
+    conds = [c for c in ds.condition.values.tolist() if c == REFERENCE or c in BLIND]
     out = {}
     for task, (idx, y) in groups.items():
         out[task] = {}
@@ -338,9 +337,9 @@ def _probe_differences(oof_correct: dict, p: AnalysisParams) -> dict:
     """condition - original probe correctness per layer, paired by sample id, Holm/BH across layers."""
     out = {}
     for (c, site), corr in oof_correct.items():
-        if c == "original" or ("original", site) not in oof_correct:
+        if c == REFERENCE or (REFERENCE, site) not in oof_correct:
             continue
-        cmp = stats.compare_paired(corr, oof_correct[("original", site)], correction=p.correction, alpha=p.alpha,
+        cmp = stats.compare_paired(corr, oof_correct[(REFERENCE, site)], correction=p.correction, alpha=p.alpha,
                                    level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
         out.setdefault(c, {})[site] = cmp.to_dict()
     return out

@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from gapcache import conditions
 from gapcache.analyze import metrics
 from gapcache.analyze.metrics import Context
+from gapcache.conditions import REFERENCE
 
 
 def _plt():
@@ -137,7 +137,7 @@ def fig_rank(s, out, ctx: Context):
 def fig_probes(s, out, ctx: Context):
     """Per probe task: accuracy per layer, and each condition - original (paired) -> probes.png."""
     m, cliff = s["metrics"], ctx.cliff_layer
-    pr = {k: v for k, v in m.get("probes", {}).items() if isinstance(v, dict) and "original" in v}
+    pr = {k: v for k, v in m.get("probes", {}).items() if isinstance(v, dict) and REFERENCE in v}
     if not pr:
         return None
     plt = _plt()

@@ -22,9 +22,9 @@ module's note in the report of issue 14).
 from __future__ import annotations
 
 import numpy as np
-
 from gapcache.analyze import metrics, stats
 from gapcache.analyze.metrics import Context, Metric, MetricResult
+from gapcache.conditions import REFERENCE
 
 
 def _ci(x, p):
@@ -88,8 +88,8 @@ def compute(ds, p, ctx: Context) -> MetricResult:
     pred = [str(x) for x in ds.site.values].index("prediction")
     ids = ds.route_expert.values[:, :, pred]  # (condition, sample, route_layer, k)
     overlap = np.full(jsd.shape, np.nan)
-    if "original" in conds:
-        o = conds.index("original")
+    if REFERENCE in conds:
+        o = conds.index(REFERENCE)
         both = done & done[o][None]
         overlap = np.where(both, topk_overlap(ids, ids[o][None]), np.nan)
         overlap[o] = np.nan
@@ -143,7 +143,7 @@ def rows(s) -> list[tuple[str, str]]:
         est = np.asarray(ci["estimate"], float)
         return f"{est[0]:.3f} -> {est[-1]:.3f} (n={ci['n']})"
 
-    ref = "original" if "original" in m["jsd"] else next(iter(m["jsd"]))
+    ref = REFERENCE if REFERENCE in m["jsd"] else next(iter(m["jsd"]))
     out.append((f"routing JSD(visual, text load) {ref} at layer {x[0]} -> {x[-1]}", ends(m["jsd"][ref])))
     if ref in m["visual_share"]:
         out.append((f"routing share of mostly-visual experts {ref} at layer {x[0]} -> {x[-1]}",

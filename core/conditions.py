@@ -657,3 +657,15 @@ def condition_params(facts: RunFacts) -> dict:
         if value is not None:
             out[name] = value
     return out
+
+
+def reference_label() -> str:
+    """The label of the clean condition every paired comparison is made against (the one kind of group CLEAN)."""
+    clean = kinds_in_group(CLEAN)
+    if len(clean) != 1:
+        raise ConfigError(f"The condition registry must have exactly one kind in group {CLEAN!r}. Got {list(clean)}.")
+    return Condition(clean[0]).label
+
+
+#: the reference condition's label ("original"), for the analysis' paired comparisons
+REFERENCE = reference_label()

@@ -63,3 +63,15 @@ def test_every_error_class_is_defined_in_core_errors():
     where = {p.relative_to(ROOT).as_posix() for d in ("core", "extract", "store", "analyze", "slurm")
              for p in (ROOT / d).rglob("*.py") if pattern.search(p.read_text())}
     assert where == {"core/errors.py"}
+
+
+def test_the_analysis_names_no_condition_outside_the_registry():
+    """Condition names live in core/conditions.py: the analysis asks the registry (REFERENCE, groups)."""
+    names = re.compile(r'"(original|blind_black|blind_mean|blind_randomimage|truncated)"')
+    offenders = []
+    for p in (ROOT / "analyze").glob("*.py"):
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if names.search(code) and not code.strip().startswith(('"""', ">>>")) and "sel(condition=" not in code:
+                offenders.append(f"{p.name}:{n}: {line.strip()}")
+    assert offenders == []
