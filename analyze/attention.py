@@ -101,13 +101,13 @@ def figure(s, out, ctx: Context):
     """Visual mass and visual N_eff at the prediction site per layer, per condition (the U-shape question);
     per head at the chosen layer -> attention_flow.png."""
     from gapcache import conditions
-    from gapcache.analyze.report import _band, _mark_cliff, _plt, _save
+    from gapcache.analyze.report import band, mark_cliff, pyplot, save_figure
 
     m = s["metrics"].get("attention", {})
     entry = m.get("queries", {}).get("prediction") if isinstance(m, dict) else None
     if not entry or not entry.get("layers"):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for c, v in entry["per_condition"].items():
         if conditions.label_in_group(c, conditions.TRUNCATION) and not c.startswith("truncated_drop"):
@@ -115,9 +115,9 @@ def figure(s, out, ctx: Context):
         for ax, name in zip(axes[:2], ("visual_mass", "n_eff")):
             ci = v[name]
             if all(e is not None for e in ci["estimate"]):
-                _band(ax, ci["layers"], ci, c)
+                band(ax, ci["layers"], ci, c)
     for ax, name in zip(axes[:2], ("attention mass on the image", "N_eff over visual keys")):
-        _mark_cliff(ax, ctx.cliff_layer)
+        mark_cliff(ax, ctx.cliff_layer)
         ax.set(xlabel="layer", ylabel=name, title=f"prediction site: {name}")
     axes[0].legend(fontsize=6)
     ph = entry.get("per_head")
@@ -125,7 +125,7 @@ def figure(s, out, ctx: Context):
         est = np.asarray([np.nan if e is None else e for e in ph["visual_mass"]["estimate"]], float)
         axes[2].bar(ph["heads"], est)
         axes[2].set(xlabel="head", ylabel="mass on the image", title=f"per head, layer {ph['layer']} ({ph['condition']})")
-    return _save(fig, out, "attention_flow")
+    return save_figure(fig, out, "attention_flow")
 
 
 def rows(s) -> list[tuple[str, str]]:

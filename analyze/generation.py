@@ -69,44 +69,38 @@ def compute(ds, p, ctx: Context) -> MetricResult:
 
 def figure(s, out, ctx: Context):
     """Mean generation score per condition (bars) and per truncation layer (bands) -> generation.png."""
-    from gapcache.analyze.report import _band, _plt, _save
+    from gapcache.analyze.report import band, bars_ci, pyplot, save_figure
 
     m = s["metrics"].get("generation", {})
     per, tr = m.get("per_condition", {}), m.get("truncation", {})
     if not per:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2 if tr else 1, figsize=(9 if tr else 7, 3.2), squeeze=False)
     ax = axes[0, 0]
-    names = list(per)
-    est = np.array([per[n]["estimate"] for n in names])
-    err = np.array([[est[i] - per[n]["low"], per[n]["high"] - est[i]] for i, n in enumerate(names)]).T
-    ax.bar(range(len(names)), est, yerr=err, capsize=3, color="tab:green", alpha=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("generation score")
-    ax.set_ylim(0, 1)
+    bars_ci(ax, per, "tab:green", "generation score")
     ax.set_title(f"Generation score ({', '.join(m.get('tasks', []))})")
     if tr:
         for st, v in tr.items():
-            _band(axes[0, 1], v["layers"], v["score"], st)
+            band(axes[0, 1], v["layers"], v["score"], st)
         axes[0, 1].set_xlabel("truncation layer L")
         axes[0, 1].set_ylabel("generation score")
         axes[0, 1].legend(fontsize=7)
-    return _save(fig, out, "generation")
+    return save_figure(fig, out, "generation")
 
 
 def rows(s) -> list[tuple[str, str]]:
     """Generation score per non-truncated condition, each - original (paired), and the truncation ends."""
-    from gapcache.analyze.report import _fmt
+    from gapcache.analyze.report import fmt_ci
 
     m = s["metrics"].get("generation", {})
     out = []
     for c, ci in m.get("per_condition", {}).items():
         if not conditions.label_in_group(c, conditions.TRUNCATION):
-            out.append((f"generation score {c}", _fmt(ci)))
+            out.append((f"generation score {c}", fmt_ci(ci)))
     for c, ci in m.get("vs_original", {}).items():
         if not conditions.label_in_group(c, conditions.TRUNCATION):
-            out.append((f"generation score {c} - original (paired)", _fmt(ci)))
+            out.append((f"generation score {c} - original (paired)", fmt_ci(ci)))
     for st, v in m.get("truncation", {}).items():
         d = v["vs_original"]
         out.append((f"generation truncation {st}: score - original at L={v['layers'][0]} -> L={v['layers'][-1]}",

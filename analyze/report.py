@@ -23,7 +23,7 @@ from gapcache.analyze.metrics import Context
 from gapcache.conditions import REFERENCE
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,21 +32,32 @@ def _plt():
     return plt
 
 
-def _band(ax, x, ci, label):
+def band(ax, x, ci, label):
     est, lo, hi = (np.asarray(ci[k], float) for k in ("estimate", "low", "high"))
     line = ax.plot(x, est, marker="o", ms=3, label=label)[0]
     ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
 
 
-def _save(fig, out: Path, name: str) -> str:
+def save_figure(fig, out: Path, name: str) -> str:
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"{name}.{ext}", dpi=130)
-    _plt().close(fig)
+    pyplot().close(fig)
     return f"{name}.png"
 
 
-def _mark_cliff(ax, cliff):
+def bars_ci(ax, per: dict, color: str, ylabel: str) -> None:
+    """One bar per condition of ``per`` ({name: interval dict}) with its CI as error bars, on [0, 1]."""
+    names = list(per)
+    est = np.array([per[n]["estimate"] for n in names])
+    err = np.array([[est[i] - per[n]["low"], per[n]["high"] - est[i]] for i, n in enumerate(names)]).T
+    ax.bar(range(len(names)), est, yerr=err, capsize=3, color=color, alpha=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+
+
+def mark_cliff(ax, cliff):
     if cliff is not None and np.isfinite(cliff):
         ax.axvline(cliff, color="k", ls="--", lw=1, label=f"cliff L={cliff:g}")
 
@@ -57,17 +68,11 @@ def fig_accuracy(s, out, ctx: Context):
     acc = m.get("accuracy", {}).get("per_condition", {})
     if not acc:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    names = list(acc)
-    est = np.array([acc[n]["estimate"] for n in names])
-    err = np.array([[est[i] - acc[n]["low"], acc[n]["high"] - est[i]] for i, n in enumerate(names)]).T
-    ax.bar(range(len(names)), est, yerr=err, capsize=3, color="tab:blue", alpha=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("forced-choice accuracy")
-    ax.set_ylim(0, 1)
+    bars_ci(ax, acc, "tab:blue", "forced-choice accuracy")
     ax.set_title("Accuracy by condition (95% CI over samples)")
-    return _save(fig, out, "accuracy")
+    return save_figure(fig, out, "accuracy")
 
 
 def fig_truncation(s, out, ctx: Context):
@@ -76,19 +81,19 @@ def fig_truncation(s, out, ctx: Context):
     tr = {k: v for k, v in m.get("truncation", {}).items() if isinstance(v, dict) and "layers" in v}
     if not tr:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for s, v in tr.items():
-        _band(axes[0], v["layers"], v["mean_delta"], s)
+        band(axes[0], v["layers"], v["mean_delta"], s)
         if "accuracy" in v:
             axes[1].plot(v["layers"], v["accuracy"], marker="o", ms=3, label=s)
             axes[1].axhline(v["clean_accuracy"], color="gray", lw=0.8)
     axes[0].set(xlabel="truncation layer L", ylabel="mean Delta (log-prob)", title="Delta(L) = s_clean - s_trunc(L)")
     axes[1].set(xlabel="truncation layer L", ylabel="accuracy", title="Truncation curve (gray: original)")
     for ax in axes:
-        _mark_cliff(ax, cliff)
+        mark_cliff(ax, cliff)
         ax.legend(fontsize=7)
-    return _save(fig, out, "truncation")
+    return save_figure(fig, out, "truncation")
 
 
 def fig_evd(s, out, ctx: Context):
@@ -98,14 +103,14 @@ def fig_evd(s, out, ctx: Context):
     e = m.get("evd", {})
     if "tau" not in e or "delta" not in results or "evd" not in results:
         return None
-    plt = _plt()
+    plt = pyplot()
     d = results["delta"].sel(strategy=e["strategy"]).transpose("sample", "trunc_layer").values
     layers = results["delta"]["trunc_layer"].values
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     curve = e["cliffs"]["steepest"]["mean_curve"]
     axes[0].plot(layers, curve, marker="o", ms=3)
     axes[0].axhline(e["tau"]["value"], color="r", lw=1, label=f"tau={e['tau']['value']:.3g} ({e['tau']['rule']})")
-    _mark_cliff(axes[0], cliff)
+    mark_cliff(axes[0], cliff)
     axes[0].set(xlabel="L", ylabel="mean Delta", title=f"Mean Delta ({e['strategy']})")
     axes[0].legend(fontsize=7)
     evd = results["evd"].values
@@ -115,7 +120,7 @@ def fig_evd(s, out, ctx: Context):
     axes[2].hist(fin, bins=50)
     axes[2].axvline(e["tau"]["value"], color="r", lw=1)
     axes[2].set(xlabel="Delta", ylabel="count", title="Delta distribution (choose tau)")
-    return _save(fig, out, "delta_evd")
+    return save_figure(fig, out, "delta_evd")
 
 
 def fig_rank(s, out, ctx: Context):
@@ -124,14 +129,14 @@ def fig_rank(s, out, ctx: Context):
     vis = m.get("rank", {}).get("visual", {})
     if not vis:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for c, v in vis.items():
-        _band(ax, v["layers"], v["mean"], c)
-    _mark_cliff(ax, cliff)
+        band(ax, v["layers"], v["mean"], c)
+    mark_cliff(ax, cliff)
     ax.set(xlabel="layer (stream entering)", ylabel="effective rank", title="Visual-span effective rank (95% CI)")
     ax.legend(fontsize=7)
-    return _save(fig, out, "effective_rank")
+    return save_figure(fig, out, "effective_rank")
 
 
 def fig_probes(s, out, ctx: Context):
@@ -140,7 +145,7 @@ def fig_probes(s, out, ctx: Context):
     pr = {k: v for k, v in m.get("probes", {}).items() if isinstance(v, dict) and REFERENCE in v}
     if not pr:
         return None
-    plt = _plt()
+    plt = pyplot()
     tasks = list(pr)
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3 * len(tasks)), squeeze=False)
     for r, t in enumerate(tasks):
@@ -148,18 +153,18 @@ def fig_probes(s, out, ctx: Context):
             if c == "vs_original":
                 continue
             for site, v in sites.items():
-                _band(axes[r, 0], v["layers"], v["accuracy_ci"], f"{c}/{site}")
+                band(axes[r, 0], v["layers"], v["accuracy_ci"], f"{c}/{site}")
         for c, sites in pr[t].get("vs_original", {}).items():
             for site, v in sites.items():
                 ci = v["interval"]
-                _band(axes[r, 1], ci["coords"]["layer"], ci, f"{c} - original/{site}")
+                band(axes[r, 1], ci["coords"]["layer"], ci, f"{c} - original/{site}")
         axes[r, 0].set(title=f"probe accuracy [{t}]", xlabel="layer", ylabel="balanced accuracy")
         axes[r, 1].set(title="difference from original (paired)", xlabel="layer")
         axes[r, 1].axhline(0, color="k", lw=0.8)
         for ax in axes[r]:
-            _mark_cliff(ax, cliff)
+            mark_cliff(ax, cliff)
             ax.legend(fontsize=6)
-    return _save(fig, out, "probes")
+    return save_figure(fig, out, "probes")
 
 
 def fig_lens(s, out, ctx: Context):
@@ -168,18 +173,18 @@ def fig_lens(s, out, ctx: Context):
     ln = {k: v for k, v in m.get("lens", {}).items() if isinstance(v, dict) and "layers" in v}
     if not ln:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for c, v in ln.items():
         if not conditions.label_in_group(c, conditions.TRUNCATION):
-            _band(ax, v["layers"], v["accuracy"], c)
-    _mark_cliff(ax, cliff)
+            band(ax, v["layers"], v["accuracy"], c)
+    mark_cliff(ax, cliff)
     ax.set(xlabel="layer", ylabel="lens accuracy", title="Logit lens at the prediction site")
     ax.legend(fontsize=7)
-    return _save(fig, out, "logit_lens")
+    return save_figure(fig, out, "logit_lens")
 
 
-def _fmt(ci):
+def fmt_ci(ci):
     """'estimate [low, high] (n=...)' of a scalar interval dict, '; degenerate' when it has zero width
     (every resample the same: stats.DEGENERATE_NOTE); '–' for none."""
     if not ci:
@@ -215,10 +220,10 @@ def rows_accuracy(s) -> list[tuple[str, str]]:
     rows = []
     for c, ci in m.get("accuracy", {}).get("per_condition", {}).items():
         if not conditions.label_in_group(c, conditions.TRUNCATION):
-            rows.append((f"accuracy {c}", _fmt(ci)))
+            rows.append((f"accuracy {c}", fmt_ci(ci)))
     for c, ci in m.get("accuracy", {}).get("vs_original", {}).items():
         if not conditions.label_in_group(c, conditions.TRUNCATION):
-            rows.append((f"accuracy {c} - original (paired)", _fmt(ci)))
+            rows.append((f"accuracy {c} - original (paired)", fmt_ci(ci)))
     return rows
 
 
@@ -248,8 +253,8 @@ def rows_evd(s) -> list[tuple[str, str]]:
         rows.append(("tau", f"{e['tau']['value']:.4g} ({e['tau']['rule']})"))
         rows.append(("cliff layer", f"{s.get('cliff_layer')} ({e['cliff_source']}); "
                      + ", ".join(f"{k}={v['layer']}" for k, v in e["cliffs"].items())))
-        rows.append(("mean EVD", _fmt(e.get("mean_evd"))))
-        rows.append(("EVD gap hard - easy", _fmt(e.get("gap_hard_minus_easy"))))
+        rows.append(("mean EVD", fmt_ci(e.get("mean_evd"))))
+        rows.append(("EVD gap hard - easy", fmt_ci(e.get("gap_hard_minus_easy"))))
     return rows
 
 
@@ -268,7 +273,7 @@ def rows_rank(s) -> list[tuple[str, str]]:
                      f"{est[0]:.2f} -> {est[-1]:.2f} (n={v['mean']['n']})"))
     for c, v in visual.items():
         if "er_ratio" in v:
-            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})", _fmt(v["er_ratio"])))
+            rows.append((f"ER ratio {c} (after/before L={v['er_ratio_cliff_layer']})", fmt_ci(v["er_ratio"])))
     notes = {(v["er_ratio_cliff_layer"], v["er_ratio_note"]): None for v in visual.values() if "er_ratio_note" in v}
     for cliff, note in notes:  # the same reason for every condition: one row
         rows.append((f"ER ratio (after/before L={cliff})", note))

@@ -109,26 +109,26 @@ def compute(ds, p, ctx: Context) -> MetricResult:
 
 def figure(s, out, ctx: Context):
     """JSD (visual vs text load), share of mostly-visual experts, top-k overlap with original, by layer."""
-    from gapcache.analyze.report import _band, _plt, _save
+    from gapcache.analyze.report import band, pyplot, save_figure
 
     m = s["metrics"].get("routing", {})
     if not m.get("jsd"):
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     x = m["layers"]
     for ax, key, ylabel in ((axes[0], "jsd", "JSD(visual, text load)"),
                             (axes[1], "visual_share", "share of mostly-visual experts"),
                             (axes[2], "overlap", "top-k overlap with original (prediction site)")):
         for c, ci in m.get(key, {}).items():
-            _band(ax, x, ci, c)
+            band(ax, x, ci, c)
         ax.set_xlabel("decoder layer (router)")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.set_ylim(0, 1.02)
         if m.get(key):
             ax.legend(fontsize=6)
     fig.suptitle("MoE routing by modality, and under blind / truncated inputs", fontsize=9)
-    return _save(fig, out, "routing")
+    return save_figure(fig, out, "routing")
 
 
 def rows(s) -> list[tuple[str, str]]:

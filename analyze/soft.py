@@ -135,15 +135,15 @@ def fig_soft(s, out, ctx: Context):
     entries = {k: v for k, v in m.get("strategies", {}).items() if "mean_delta" in v}
     if not entries:
         return None
-    plt = report._plt()
+    plt = report.pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
     L = m["layers"]
     for name, v in entries.items():
-        report._band(axes[0, 0], L, v["mean_delta"], name)
-        report._band(axes[0, 1], L, v["accuracy"], name)
+        report.band(axes[0, 0], L, v["mean_delta"], name)
+        report.band(axes[0, 1], L, v["accuracy"], name)
         if "delta_minus_zero" in v:
-            report._band(axes[1, 0], L, v["delta_minus_zero"], name)
-            report._band(axes[1, 1], L, v["accuracy_minus_zero"], name)
+            report.band(axes[1, 0], L, v["delta_minus_zero"], name)
+            report.band(axes[1, 1], L, v["accuracy_minus_zero"], name)
     if m.get("clean_accuracy") is not None:
         axes[0, 1].axhline(m["clean_accuracy"], color="gray", lw=0.8)
     for ax in axes[1]:
@@ -154,9 +154,9 @@ def fig_soft(s, out, ctx: Context):
     axes[1, 0].set(ylabel="Delta_s - Delta_zero", title="paired difference from zero (Delta)")
     axes[1, 1].set(ylabel="acc_s - acc_zero", title="paired difference from zero (accuracy)")
     for ax in axes.ravel():
-        report._mark_cliff(ax, ctx.cliff_layer)
+        report.mark_cliff(ax, ctx.cliff_layer)
         ax.legend(fontsize=7)
-    return report._save(fig, out, "soft_truncation")
+    return report.save_figure(fig, out, "soft_truncation")
 
 
 def fig_window(s, out, ctx: Context):
@@ -164,7 +164,7 @@ def fig_window(s, out, ctx: Context):
     w = {k: v for k, v in s["metrics"].get("window", {}).get("windows", {}).items() if "accuracy" in v}
     if not w:
         return None
-    plt = report._plt()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(w) + 2), 3.2))
     labels = list(w)
     est = np.array([w[k]["accuracy_minus_original"]["estimate"] for k in labels], float)
@@ -174,7 +174,7 @@ def fig_window(s, out, ctx: Context):
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="accuracy - original (paired)", title="window masking")
-    return report._save(fig, out, "window")
+    return report.save_figure(fig, out, "window")
 
 
 def rows_soft(s) -> list[tuple[str, str]]:
@@ -189,7 +189,7 @@ def rows_soft(s) -> list[tuple[str, str]]:
 
 
 def rows_window(s) -> list[tuple[str, str]]:
-    return [(f"window {k}: accuracy - original (paired)", report._fmt(v["accuracy_minus_original"]))
+    return [(f"window {k}: accuracy - original (paired)", report.fmt_ci(v["accuracy_minus_original"]))
             for k, v in s["metrics"].get("window", {}).get("windows", {}).items() if "accuracy_minus_original" in v]
 
 
