@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gapcache import conditions as conditions_mod
+from gapcache import variants
 from gapcache.errors import ConfigError
 
 VISUAL_MODES = ("all", "subset", "pool")
@@ -99,6 +100,8 @@ class ExtractConfig:
     attention: bool = field(default=False, metadata=ADDED)  # attention summaries at the query sites (attn_mass, attn_visual)
     # MoE families: record router top-k at the text sites and expert-load histograms
     routing: bool = field(default=False, metadata=ADDED)
+    # surface variants pooled into each candidate's score by logsumexp (gapcache.variants.RULES: case, space)
+    candidate_variants: list = field(default_factory=list, metadata=ADDED)
 
 
 @dataclass
@@ -257,6 +260,7 @@ def validate(cfg: Config) -> None:
     _check(_is_int(e.soft_seed) and e.soft_seed >= 0, "extract.soft_seed", "a non-negative int", e.soft_seed)
     _check(_is_int(e.soft_pca_k) and e.soft_pca_k > 0, "extract.soft_pca_k", "a positive int", e.soft_pca_k)
     _check(isinstance(e.routing, bool), "extract.routing", "true or false", e.routing)
+    variants.check_rules(e.candidate_variants)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)
     validate_slurm(cfg.slurm)

@@ -21,6 +21,7 @@ import numpy as np
 from gapcache.errors import ConfigError, SampleError, SiteError
 from gapcache.extract.data import Sample, derangement, pixel_sum
 from gapcache.sites import SiteContext, find_sites, site_value
+from gapcache.variants import surface_variants
 
 
 #: stands for the question when the chat template is rendered to find where the user's text goes
@@ -41,8 +42,9 @@ class PlannedSample:
     cand_prefix: int = 0  # tokens shared by all of the sample's candidates
     cand_columns: list = field(default_factory=list)  # columns of the sample's candidates in the store
     cand_tokens: list = field(default_factory=list)  # their first distinguishing token ids (the lens; [] if none)
-    cand_seqs: list = field(default_factory=list)  # every candidate's full token ids (answer prefix included)
-    cand_extra: list = field(default_factory=list)  # indices into cand_columns scored by the extra forward
+    cand_seqs: list = field(default_factory=list)  # every candidate variant's full token ids (answer prefix included)
+    cand_owner: list = field(default_factory=list)  # per cand_seqs entry: its candidate (index into cand_columns)
+    cand_extra: list = field(default_factory=list)  # indices into cand_seqs scored by the extra forward
     pixel_sum: tuple | None = None  # data.pixel_sum of the image (blind_mean's mean without decoding it again)
 
     @property
@@ -159,7 +161,7 @@ class Planner:
             raise SampleError(s.id, f"prompt + answer is {total} tokens, above extract.max_length={self.max_length}")
 
 
-def candidate_table(planner: Planner, planned) -> tuple[tuple[str, ...], np.ndarray]:
+def candidate_table(planner: Planner, planned, rules=()) -> tuple[tuple[str, ...], np.ndarray]:
     """(all candidates, mask (sample, candidate) of each sample's own set); sets each sample's scoring.
 
     A candidate's score is exact whatever its tokenization: the teacher-forced log-prob of its full
@@ -170,22 +172,46 @@ def candidate_table(planner: Planner, planned) -> tuple[tuple[str, ...], np.ndar
     forward of prompt + candidate rows under the same condition (``Extraction.forward``), batched.
     No sample fails because of its candidate set.
 
+    ``rules`` (``extract.candidate_variants``, see ``gapcache.variants``): each candidate's surface
+    variants are scored the same way and pooled by logsumexp (``cand_seqs`` holds every variant's ids,
+    ``cand_owner`` the candidate each belongs to; the as-written candidate first).
+
     For the logit lens, ``cand_prefix`` / ``cand_tokens`` keep the first distinguishing token after the
-    candidates' shared prefix when every candidate has one and the gold answer starts with that prefix
-    (else ``cand_tokens`` is empty and the sample has no lens rows).
+    candidates' shared prefix (as written) when every candidate has one and the gold answer starts with
+    that prefix (else ``cand_tokens`` is empty and the sample has no lens rows).
     """
     cands = tuple(sorted({c for p in planned for c in p.sample.candidates}))
-    ids = {c: planner.encode_answer(c) for c in cands}
-    empty = [c for c in cands if not ids[c]]
-    if empty:
-        raise ConfigError(f"Candidate answers {empty} tokenize to nothing.")
+    table = variant_table(planner, cands, rules)
     mask = np.zeros((len(planned), len(cands)), bool)
     for p in planned:
         own = [cands.index(c) for c in p.sample.candidates]
         mask[p.index, own] = True
         if own and p.ok:
-            _candidate_scoring(p, [ids[cands[j]] for j in own], own)
+            _candidate_scoring(p, [[ids for _, ids in table[cands[j]]] for j in own], own)
     return cands, mask
+
+
+def variant_table(planner: Planner, cands, rules=()) -> dict[str, list[tuple[str, list]]]:
+    """candidate -> [(variant text, token ids)], the as-written candidate first, variants with equal ids
+    kept once. A ConfigError when a candidate tokenizes to nothing or two candidates share a variant."""
+    empty = [c for c in cands if not planner.encode_answer(c)]
+    if empty:
+        raise ConfigError(f"Candidate answers {empty} tokenize to nothing.")
+    table, owner = {}, {}
+    for c in cands:
+        table[c] = []
+        for v in surface_variants(c, rules):
+            ids = planner.encode_answer(v)
+            key = tuple(ids)
+            if key in owner and owner[key][0] != c:
+                raise ConfigError(
+                    f"Candidates {owner[key][0]!r} and {c!r} share the surface variant {v!r} (token ids {list(ids)}) "
+                    f"under extract.candidate_variants {list(rules)}: their pooled scores could not be told apart. "
+                    "List only one of them as a candidate, or drop the rule.")
+            if key not in owner:
+                owner[key] = (c, v)
+                table[c].append((v, list(ids)))
+    return table
 
 
 def shared_prefix(seqs: list) -> int:
@@ -201,9 +227,13 @@ def read_from_gold(seq: list, answer_ids: list) -> bool:
     return len(seq) <= len(answer_ids) and list(seq[:-1]) == list(answer_ids[: len(seq) - 1])
 
 
-def _candidate_scoring(p: PlannedSample, seqs: list, columns: list):
-    p.cand_columns, p.cand_seqs = columns, [list(s) for s in seqs]
-    p.cand_extra = [k for k, s in enumerate(seqs) if not read_from_gold(s, p.answer_ids)]
+def _candidate_scoring(p: PlannedSample, groups: list, columns: list):
+    """``groups[k]``: the token-id lists of candidate k's variants (its as-written ids first)."""
+    p.cand_columns = columns
+    p.cand_seqs = [list(s) for g in groups for s in g]
+    p.cand_owner = [k for k, g in enumerate(groups) for _ in g]
+    p.cand_extra = [j for j, s in enumerate(p.cand_seqs) if not read_from_gold(s, p.answer_ids)]
+    seqs = [g[0] for g in groups]
     n = shared_prefix(seqs)
     heads = [s[n] if len(s) > n else None for s in seqs]
     if None not in heads and len(set(heads)) == len(heads) and p.answer_ids[:n] == seqs[0][:n] \

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.special import logsumexp
 import torch
 
 from gapcache import __version__
@@ -38,7 +39,7 @@ from gapcache.extract.attention import AttentionSummaries
 from gapcache.extract.hooks import Capture, hidden_of
 from gapcache.extract import routing as routing_mod
 from gapcache.extract.models import get_adapter, processor_fingerprint
-from gapcache.extract.plan import Planner, candidate_table, donors
+from gapcache.extract.plan import Planner, candidate_table, donors, variant_table
 from gapcache.extract.preflight import check_shard_memory, check_task, preflight
 from gapcache.sites import POSITION_SITES, TOKEN_ROLES, position_row
 from gapcache.store import Layout, ShardPayload, StoreWriter, arrays, create
@@ -93,7 +94,7 @@ class Extraction:
         self.planner = Planner(self.adapter, self.model, self.processor, self.cfg.extract.max_length)
         it = progress(enumerate(samples), total=len(samples), desc="plan", disable=not show)
         self.planned = [self.planner.plan(i, s) for i, s in it]
-        self.candidates, self.cand_mask = candidate_table(self.planner, self.planned)
+        self.candidates, self.cand_mask = candidate_table(self.planner, self.planned, self.cfg.extract.candidate_variants)
         ok = [p.pixel_sum for p in self.planned if p.ok]  # images decoded once, while planning
         need_mean = any(condition_kind(c).image in NEEDS_MEAN_RGB for c in self.cfg.extract.conditions)
         self.mean_rgb = data_mod.mean_of_sums(ok) if need_mean and ok else None
@@ -179,7 +180,7 @@ class Extraction:
                                  "log p(token | prompt, earlier candidate tokens) from the prediction site; read "
                                  "from the gold answer's forward where the candidate's earlier tokens are a prefix "
                                  "of the gold's, else from one extra forward of prompt + candidate (same condition)",
-            "candidate_variants": "none (each candidate scored as written; no surface-variant pooling)",
+            "candidate_variants": self.variants_record(),
             "answer_prefix": self.adapter.answer_prefix,
             "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
             "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
@@ -194,6 +195,16 @@ class Extraction:
                 **processor_fingerprint(self.processor),
             },
         }
+
+    def variants_record(self):
+        """The store's record of surface-variant pooling (root attribute ``candidate_variants``)."""
+        rules = list(self.cfg.extract.candidate_variants)
+        if not rules:
+            return "none (each candidate scored as written; no surface-variant pooling)"
+        table = variant_table(self.planner, self.candidates, rules)
+        return {"rules": rules, "pooling": "logsumexp of the exact log-probs of the distinct variants (equal token "
+                                           "ids counted once); gold_logprob stays the as-written gold answer's",
+                "variants": {c: [v for v, _ in table[c]] for c in self.candidates}}
 
     def sample_meta(self) -> dict:
         P = self.planned
@@ -653,15 +664,15 @@ class Extraction:
         vis_off = tok_off = 0
         for r, (i, p) in enumerate(zip(indices, P)):
             gold = sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(p.answer_ids))
-            cand = np.full(len(self.candidates), np.nan, np.float32)
             extra = set(p.cand_extra)
-            for k, (c, seq) in enumerate(zip(p.cand_columns, p.cand_seqs)):
-                if k not in extra:  # every factor read from the gold answer's forward
+            scores = [np.nan] * len(p.cand_seqs)  # per variant sequence; the extra forward's filled in below
+            for j, seq in enumerate(p.cand_seqs):
+                if j not in extra:  # every factor read from the gold answer's forward
                     head = len(seq) - 1
                     prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(head))
-                    cand[c] = prefix + logp[r, col[p.prediction + head], seq[head]].numpy()
+                    scores[j] = prefix + float(logp[r, col[p.prediction + head], seq[head]])
             res = {"text_states": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold_logprob": gold,
-                   "candidate_logprob": cand}
+                   "candidate_logprob": scores}
             if vis is not None:
                 sel = self.visual_select[i]
                 n_flat = sum(len(g) for g in sel) if isinstance(sel, list) else len(sel)
@@ -679,17 +690,28 @@ class Extraction:
                 res.update(attn_rows[r])
             res.update(routes[r] if routes else {})  # MoE routing
             results.append(res)
-        for (r, k), score in zip(extra_rows, extra_scores):
-            results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
+        for (r, j), score in zip(extra_rows, extra_scores):
+            results[r]["candidate_logprob"][j] = score
+        for res, p in zip(results, P):
+            res["candidate_logprob"] = self.pooled(p, res["candidate_logprob"])
         if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):
                 res["generation"] = text_out
         return results
 
+    def pooled(self, p, scores) -> np.ndarray:
+        """(candidate,) float32: each of ``p``'s candidates scored by the logsumexp of its variants' exact
+        log-probs ``scores`` (one per ``p.cand_seqs``; a single variant: its score as is); NaN elsewhere."""
+        cand = np.full(len(self.candidates), np.nan, np.float32)
+        for k, c in enumerate(p.cand_columns):
+            own = [s for s, o in zip(scores, p.cand_owner) if o == k]
+            cand[c] = own[0] if len(own) == 1 else logsumexp(own)
+        return cand
+
     @torch.inference_mode()
     def candidate_logprobs(self, rows, cond) -> list[float]:
-        """Exact log p(candidate) = sum_t log p(c_t | prompt, c_<t) for ``rows`` = [(sample index, k)]
-        (k: index into the sample's ``cand_columns``), by teacher-forced forwards of prompt + candidate
+        """Exact log p(candidate) = sum_t log p(c_t | prompt, c_<t) for ``rows`` = [(sample index, j)]
+        (j: index into the sample's ``cand_seqs``), by teacher-forced forwards of prompt + candidate
         rows under ``cond`` (its intervention hooks on), ``extract.batch_size`` rows at a time.
 
         Cost: one extra forward (vision tower included) per candidate that the gold answer's forward

@@ -397,3 +397,68 @@ def test_multi_token_candidates_are_scored_exactly_and_no_sample_fails(tmp_path)
                     logp = torch.log_softmax(ex.model(**inputs).logits[0].float(), -1)
                 want = sum(float(logp[p.prediction + t, s]) for t, s in enumerate(seq))
                 assert got[i, c] == pytest.approx(want, abs=2e-4), (cond.label, p.sample.id, c)
+
+
+def _manifest_config(tmp_path, rows, **extract):
+    """A config over a JSONL manifest of ``rows`` (every image ok.png, a red 40 px square)."""
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "ok.png")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = yaml.safe_load(write_config(tmp_path, conditions=["original"]).read_text())
+    cfg["data"] = {"dataset": "manifest", "path": str(tmp_path / "m.jsonl")}
+    cfg["extract"].update(extract)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "cfg.yaml"
+
+
+def test_surface_variants_are_pooled_by_logsumexp_of_exact_logprobs(tmp_path):
+    """candidate_variants [case, space]: each candidate's score is the logsumexp of the exact teacher-forced
+    log-probs of its distinct variants (yes, Yes, YES, ' yes', ...), each checked against a batch-1 forward;
+    the store records the rules and the variants; the gold log-prob stays the as-written answer's."""
+    import torch
+    from scipy.special import logsumexp
+
+    from gapcache.config import load_config
+    from gapcache.extract.runner import Extraction
+
+    cands = ["no", "red car", "yes"]
+    rows = [{"id": f"s{i}", "image": "ok.png", "question": "Is it red?", "answer": a, "candidates": cands}
+            for i, a in enumerate(["yes", "no", "red car"])]
+    ex = Extraction(load_config(_manifest_config(tmp_path, rows, candidate_variants=["case", "space"])),
+                    tmp_path / "run").load()
+    ex.plan(show=False)
+    ex.run(show=False)
+    ds = open_store(ex.store_path)
+    rec = ds.attrs["candidate_variants"]
+    assert rec["rules"] == ["case", "space"] and "logsumexp" in rec["pooling"]
+    assert rec["variants"]["yes"][:3] == ["yes", "Yes", "YES"] and rec["variants"]["red car"][0] == "red car"
+    tok = ex.processor.tokenizer
+    got = ds.candidate_logprob.sel(condition="original").values
+    for i, p in enumerate(ex.planned):
+        base = ex.processor(text=[p.prompt], images=[ex.condition_image(i, ex.conditions[0])], return_tensors="pt")
+
+        def exact(text):
+            seq = tok(ex.adapter.answer_prefix + text, add_special_tokens=False)["input_ids"]
+            ids = torch.cat([base["input_ids"], torch.tensor([seq])], dim=1)
+            with torch.no_grad():
+                logp = torch.log_softmax(ex.model(**{**base, "input_ids": ids,
+                                                     "attention_mask": torch.ones_like(ids)}).logits[0].float(), -1)
+            return sum(float(logp[p.prediction + t, s]) for t, s in enumerate(seq))
+
+        for c, cand in enumerate(ds.candidate.values):
+            variants = rec["variants"][str(cand)]
+            assert len(variants) > 1
+            assert got[i, c] == pytest.approx(logsumexp([exact(v) for v in variants]), abs=3e-4), (p.sample.id, cand)
+        assert float(ds.gold_logprob.sel(condition="original").values[i]) == pytest.approx(
+            exact(p.sample.answer), abs=3e-4)
+
+
+def test_candidates_that_share_a_surface_variant_are_refused(tmp_path):
+    """'yes' and 'Yes' under the case rule would pool to the same score: a ConfigError naming both."""
+    from gapcache.config import load_config
+    from gapcache.extract.runner import Extraction
+
+    rows = [{"id": "s0", "image": "ok.png", "question": "Is it red?", "answer": "yes", "candidates": ["Yes", "yes"]}]
+    ex = Extraction(load_config(_manifest_config(tmp_path, rows, candidate_variants=["case"])), tmp_path / "run").load()
+    with pytest.raises(ConfigError, match=r"'Yes' and 'yes' share the surface variant"):
+        ex.plan(show=False)
+    assert not (tmp_path / "run" / "store.zarr").exists()
