@@ -291,9 +291,10 @@ def rows_lens(s) -> list[tuple[str, str]]:
 
 
 def key_numbers(s) -> list[tuple[str, str]]:
-    """Every metric's report rows, in registry order (a metric the run skipped: one row with the reason)."""
+    """Every metric's report rows in report order (metrics.report_order: the lead ones that ran first, then
+    registry order; a metric the run skipped: one row with the reason)."""
     rows = []
-    for entry in metrics.registered(s["metrics"]):
+    for entry in metrics.report_order(s["metrics"]):
         m = s["metrics"][entry.name]
         rows += [(entry.name, f"skipped: {m['skipped']}")] if "skipped" in m else entry.rows(s)
     return rows
@@ -312,7 +313,7 @@ def write_report(summary: dict, out, results: dict | None = None) -> Path:
         fig_dir.mkdir(parents=True, exist_ok=True)
         res = (results or {}).get(name)
         ctx = Context(cliff_layer=s.get("cliff_layer"), arrays={} if res is None else res)
-        figs = [entry.figure(s, fig_dir, ctx) for entry in metrics.registered(s["metrics"])]
+        figs = [entry.figure(s, fig_dir, ctx) for entry in metrics.report_order(s["metrics"])]
         model = s["store"].get("model") or {}
         parts.append(f"<h2>{html.escape(name)}: {html.escape(str(model.get('id')))} "
                      f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")
