@@ -94,6 +94,33 @@ def _windows(dv, dt, av, at, layers, cats, p) -> dict:
             "per_category": transfer.by_group(dv[keep], dt[keep], grid, cats[keep], **kw)}
 
 
+def dual_channel(ds, strategy: str, measure: str = "logprob"):
+    """(Delta_visual, Delta_text, layers) of one strategy on the layers run on both channels: (sample, layer)
+    arrays, NaN where a sample was not done; ``measure`` 'logprob' (s_clean - s_patched) or 'accuracy'
+    (correct_clean - correct_patched). DataError when the store lacks one of the two channels."""
+    from gapcache.errors import DataError
+
+    rows = {k: v for k, v in patched_rows(ds).items() if k[1] == strategy}
+    conds = [str(c) for c in ds.condition.values]
+    if {c for c, _, _ in rows} != set(CHANNELS) or REFERENCE not in conds:
+        raise DataError(f"dual_channel needs {strategy!r} patching on both channels {list(CHANNELS)} and a "
+                        f"{REFERENCE!r} condition. Got {sorted(rows)} instead.")
+    values = ds.gold_logprob.values if measure == "logprob" else _correct(ds)
+    delta, channels, _, layers = cube(values, rows, conds.index(REFERENCE))
+    dv, dt = delta[channels.index("visual"), 0].T, delta[channels.index("text"), 0].T
+    both = np.isfinite(dv).any(0) & np.isfinite(dt).any(0)
+    return dv[:, both], dt[:, both], [int(x) for x, h in zip(layers, both) if h]
+
+
+def windows_by(ds, groups, strategy: str = "zero", measure: str = "logprob", **kwargs) -> dict:
+    """The transfer window of each group of samples (``groups``: (sample,) labels, e.g. question kinds), on the
+    samples done at every layer of both channels: :func:`gapcache.analyze.transfer.by_group` of
+    :func:`dual_channel` (``kwargs``: level, n_resamples, seed, min_samples)."""
+    dv, dt, layers = dual_channel(ds, strategy, measure)
+    keep = np.isfinite(dv).all(1) & np.isfinite(dt).all(1)
+    return transfer.by_group(dv[keep], dt[keep], layers, np.asarray(groups, dtype=object)[keep], **kwargs)
+
+
 def compute(ds, p, ctx: Context) -> MetricResult:
     """Dual-channel curves per (channel, strategy) and the transfer window per strategy run on both channels.
     Array: patch_delta (channel, patch_strategy, patch_layer, sample)."""
@@ -132,16 +159,16 @@ def compute(ds, p, ctx: Context) -> MetricResult:
 
 
 def swap_donor(ds) -> np.ndarray | None:
-    """Each sample's swap donor index (-1: none) as the store records it, or None when it does not."""
+    """Each sample's swap donor index (-1: none): ``condition_params.<patching kind>.swap.donor``, else the store's
+    ``donor`` array (the derangement blind_randomimage feeds, which swap reuses); None when it records neither."""
     params = (ds.attrs.get("condition_params") or {})
     for name, entry in conditions.KINDS.items():
         if entry.group != getattr(conditions, "PATCHING", None):
             continue
-        rec = params.get(name) or {}
-        donor = rec.get("donor", (rec.get(SWAP) or {}).get("donor"))
+        donor = ((params.get(name) or {}).get(SWAP) or {}).get("donor")
         if donor is not None:
             return np.asarray(donor, np.int64)
-    return None
+    return np.asarray(ds.donor.values, np.int64) if "donor" in ds else None
 
 
 def swap(ds, p, ctx: Context) -> MetricResult:
@@ -179,7 +206,7 @@ def _mark_window(ax, w: dict) -> None:
     if cross is not None:
         ax.axvline(cross, color="tab:red", lw=1.2, label=f"crossing L={cross}")
     if start is not None and cross is not None:
-        ax.axvspan(start, cross, color="tab:orange", alpha=0.15, label=f"transfer window {start}..{cross}")
+        ax.axvspan(start, cross, color="tab:purple", alpha=0.12, label=f"transfer window {start}..{cross}")
     elif start is not None:
         ax.axvline(start, color="tab:orange", lw=1.2, label=f"last visual-dominant L={start}")
 
