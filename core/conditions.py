@@ -47,15 +47,21 @@ NEEDS_MEAN_RGB = frozenset({"mean"})
 NEEDS_DONOR = frozenset({"randomimage"})
 
 #: token positions a hook can act on (per planned sample; ``gapcache.extract.interventions.POSITIONS``)
-POSITIONS = {"visual": "the sample's visual span (every image-token position)"}
+POSITIONS = {"visual": "the sample's visual span (every image-token position)",
+             "question": "the question's content tokens, first to last (site question; template and special tokens "
+                         "excluded)"}
+#: the channels of single-layer patching (DESIGN.md, "Single-layer patching, two channels") -> the positions hooked
+CHANNELS = {"visual": "visual", "text": "question"}
 
 #: analysis groups: the analysis asks for a group, never for a condition name
-CLEAN, BLIND, TRUNCATION, WINDOW = "clean", "blind", "truncation", "window"
+CLEAN, BLIND, TRUNCATION, WINDOW, PATCHING = "clean", "blind", "truncation", "window", "patching"
 GROUPS = {
     CLEAN: "the unmodified input (the reference of every paired comparison)",
     BLIND: "the prompt with another image: what the answer owes to this image",
     TRUNCATION: "the original image, visual states intervened on at the input of every layer > L (Delta, EVD)",
     WINDOW: "the original image, visual positions intervened on at the input of decoder layers a..b only",
+    PATCHING: "the original image, one channel (visual or the question's text tokens) corrupted at the input of one "
+              "decoder layer l only (Delta_c(l), the transfer window)",
 }
 
 #: statistics a strategy substitutes from, fitted on ``original`` over the run's samples (a pre-pass over the
@@ -64,7 +70,17 @@ FITS = {
     "mean": "per layer: the mean visual state over every visual token of every sample (fit_mean)",
     "pca": "per layer: the top principal directions and variances of the visual states (fit_pca_basis, "
            "fit_pca_variance)",
+    "sigma": "per layer: the std of every entry of the visual states (tokens x hidden, population; fit_sigma)",
+    "question_mean": "per layer: the mean state over every question content token of every sample "
+                     "(fit_question_mean)",
+    "question_sigma": "per layer: the std of every entry of the question tokens' states (fit_question_sigma)",
 }
+
+
+def fit_key(stat: str, positions: str) -> str:
+    """The FITS key of statistic ``stat`` fitted over ``positions`` (the visual span: the plain name)."""
+    return stat if positions == "visual" else f"{positions}_{stat}"
+
 
 #: what a strategy changes: the hidden states at its positions, or which keys its positions are
 ACTS_ON = ("states", "attention")
@@ -80,6 +96,8 @@ class Strategy:
     kinds: tuple[str, ...] = ("truncated",)  # the condition kinds that accept it
     fits: tuple[str, ...] = ()  # keys of FITS: statistics fitted on original that it substitutes from
     soft: bool = False  # a soft-truncation substitute (DESIGN.md, "Soft truncation") rather than zero / drop
+    channels: tuple[str, ...] = tuple(CHANNELS)  # the patching channels it may act on (kind patched)
+    donor: bool = False  # substitutes the states a donor sample's image produces (needs a donor forward)
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,7 @@ class RunFacts:
     extract: object  # the run's ExtractConfig (or anything with the same option attributes)
     mean_rgb: tuple | None = None
     donor: tuple | None = None
+    fitted: object = None  # the statistics fitted on original (extract.interventions.Fitted: layers, values), if any
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,9 @@ class Condition:
     # a window kind's decoder layers a..b (inclusive); recorded only when set, so older records stay identical
     window_start: int = field(default=NO_LAYER, metadata={"omit_default": True})
     window_end: int = field(default=NO_LAYER, metadata={"omit_default": True})
+    # a patched kind's channel (a key of CHANNELS) and the one decoder layer whose input it corrupts
+    channel: str = field(default="", metadata={"omit_default": True})
+    patch_layer: int = field(default=NO_LAYER, metadata={"omit_default": True})
 
     @property
     def entry(self) -> ConditionKind:
@@ -285,6 +307,85 @@ def _validate_truncated(entry: ConditionKind, options: Mapping, used: bool) -> N
                f"non-empty when '{entry.name}' is run", options["truncation_layers"])
 
 
+def _patched_label(c: Condition) -> str:
+    return f"{c.kind}_{c.channel}_{c.strategy}_L{c.patch_layer}"
+
+
+def _parse_patched(entry: ConditionKind, label: str) -> Condition | None:
+    """``<kind>_<channel>_<strategy>_L<l>`` -> its Condition; None for another label."""
+    channels = "|".join(map(re.escape, CHANNELS))
+    m = re.match(rf"^{re.escape(entry.name)}_(?P<channel>{channels})_(?P<strategy>[a-z0-9_]+?)_L(?P<layer>\d+)$",
+                 label)
+    if not m:
+        return None
+    return Condition(entry.name, strategy=m["strategy"], channel=m["channel"], patch_layer=int(m["layer"]))
+
+
+def _expand_patched(entry: ConditionKind, options: Mapping, n_layers: int | None) -> list[Condition]:
+    """Every (channel, strategy, layer) of the options; a strategy limited to some channels (swap: visual)
+    expands on those only."""
+    layers = list(options.get("patch_layers", ()))
+    channels = list(options.get("patch_channels", ()))
+    strategies = list(options.get("patch_strategies", ()))
+    if not layers:
+        raise ConfigError("The 'patch_layers' parameter must be a non-empty list of decoder layers when "
+                          f"'{entry.name}' is among the conditions. Got [] instead.")
+    _check_swap_channels(strategies, channels)
+    out = []
+    for channel in channels:
+        _check(channel in CHANNELS, "extract.patch_channels", f"a list of {list(CHANNELS)}", channel)
+        for name in strategies:
+            if channel not in check_strategy(name, entry.name).channels:
+                continue
+            for layer in layers:
+                if layer < 0 or (n_layers is not None and layer >= n_layers):
+                    top = "n_layers - 1" if n_layers is None else n_layers - 1
+                    raise ConfigError(f"The 'patch_layers' entries must lie in [0, {top}]. Got {layer} instead.")
+                out.append(Condition(entry.name, strategy=name, channel=channel, patch_layer=int(layer)))
+    return out
+
+
+def _check_swap_channels(strategies, channels) -> None:
+    """A strategy limited to some channels (swap: the visual one) needs one of them among ``channels``."""
+    for name in strategies:
+        allowed = STRATEGIES[name].channels if name in STRATEGIES else tuple(CHANNELS)
+        if not set(allowed) & set(channels):
+            raise ConfigError(
+                f"The 'extract.patch_strategies' entry {name!r} acts on the {' / '.join(allowed)} channel only, but "
+                f"'extract.patch_channels' is {list(channels)}. Add {allowed[0]!r} to patch_channels or remove "
+                f"{name!r} from patch_strategies.")
+
+
+def _validate_patched(entry: ConditionKind, options: Mapping, used: bool) -> None:
+    accepted = strategies_of(entry.name)
+    strategies, channels, layers = options["patch_strategies"], options["patch_channels"], options["patch_layers"]
+    for name, value in (("patch_strategies", strategies), ("patch_channels", channels), ("patch_layers", layers)):
+        _check(isinstance(value, list), f"extract.{name}", "a list", value)
+    for s in strategies:
+        _check(s in accepted, "extract.patch_strategies", f"a list of {list(accepted)}", s)
+    for c in channels:
+        _check(c in CHANNELS, "extract.patch_channels", f"a list of {list(CHANNELS)}", c)
+    for name, value in (("patch_strategies", strategies), ("patch_channels", channels), ("patch_layers", layers)):
+        _check(len(set(map(str, value))) == len(value), f"extract.{name}", "a list without repeats", value)
+    for layer in layers:
+        _check(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0,
+               "extract.patch_layers", "a list of decoder layer indices (ints >= 0)", layer)
+    if used:
+        _check(bool(layers), "extract.patch_layers", f"non-empty when '{entry.name}' is run", layers)
+        _check(bool(channels), "extract.patch_channels", f"non-empty when '{entry.name}' is run", channels)
+        _check(bool(strategies), "extract.patch_strategies", f"non-empty when '{entry.name}' is run", strategies)
+        _check_swap_channels(strategies, channels)
+
+
+def _patched_hook(c: Condition, n_layers: int) -> Hook | None:
+    if c.channel not in CHANNELS:
+        raise UnknownNameError("patching channel", c.channel, CHANNELS)
+    if c.channel not in strategy(c.strategy).channels:
+        raise ConfigError(f"The patching strategy {c.strategy!r} acts on the {list(strategy(c.strategy).channels)} "
+                          f"channel(s) only. Got channel {c.channel!r} ({c.label}) instead.")
+    return Hook(c.strategy, (c.patch_layer,), CHANNELS[c.channel]) if 0 <= c.patch_layer < n_layers else None
+
+
 def _no_hook(c: Condition, n_layers: int) -> Hook | None:
     return None
 
@@ -323,6 +424,15 @@ def _window_invariant(c: Condition, n_layers: int) -> Invariant:
                      "text-site states at indices <= a equal original's, every later index differs")
 
 
+def _patched_invariant(c: Condition, n_layers: int) -> Invariant:
+    """Only the input of layer l is corrupted: every stream before it is original's at the text sites, and so is
+    index l itself for the visual channel (the text channel corrupts the question tokens, the instruction site
+    among them, at index l); every later index differs."""
+    same = min(c.patch_layer if c.channel == "visual" else c.patch_layer - 1, n_layers)
+    return Invariant(same, same < n_layers, "text-site states at indices < l (visual channel: <= l) equal "
+                                            "original's, every later index differs")
+
+
 def _no_params(facts: RunFacts):
     return None
 
@@ -349,13 +459,14 @@ SEED_RULE = ("noise / permutation of sample i at layer l from numpy SeedSequence
 
 
 def fitted_layers(conds, n_layers: int) -> dict[str, tuple[int, ...]]:
-    """Per statistic of FITS: the decoder layers whose input some condition of ``conds`` substitutes from it."""
+    """Per statistic of FITS (``fit_key``: over the positions of the hook): the decoder layers whose input some
+    condition of ``conds`` substitutes from it."""
     out: dict[str, set] = {}
     for c in conds:
         hook = c.hook(n_layers)
         if hook is not None:
             for f in STRATEGIES[hook.strategy].fits:
-                out.setdefault(f, set()).update(hook.layers)
+                out.setdefault(fit_key(f, hook.positions), set()).update(hook.layers)
     return {f: tuple(sorted(v)) for f, v in out.items()}
 
 
@@ -397,6 +508,67 @@ def _window_params(facts: RunFacts):
             "convention": "input of decoder layers a..b (inclusive) is intervened on"}
 
 
+#: what each strategy puts at the positions of a patched channel (recorded in condition_params.patched.rules)
+PATCH_RULES = {
+    "zero": "h'[t] = 0 at every position t of the channel",
+    "gaussian": "h'[t] = h[t] + sigma_c(l) * z_t, z_t ~ N(0, I) (float32, cast to the model dtype), additive as in "
+                "causal tracing; sigma_c(l) (condition_params.patched.sigma; fit_sigma, fit_question_sigma): the std "
+                "of every entry of original's states of channel c at the input of l over the run's samples",
+    "norm_noise": "h'[t] = z_t * ||h[t]|| / ||z_t||, z_t ~ N(0, I) (float32, cast to the model dtype)",
+    "mean": "h'[t] = the mean state of channel c at the input of l over the run (fit_mean: visual, "
+            "fit_question_mean: text) at every position t",
+    "swap": "h'[t] = the state at visual position t entering layer l in a forward of this sample's prompt with its "
+            "donor's image resized to this image's size (blind_randomimage's input; same token layout)",
+}
+PATCH_FIT_SOURCE = ("a pre-pass forward of original over every extractable sample (the full visual span; the "
+                    "question's content tokens), at the input of every layer a fitting strategy acts on, float64 "
+                    "sums: mean = sum x / n over tokens; sigma = sqrt(sum x^2 / N - (sum x / N)^2) over the "
+                    "N = tokens x hidden entries; stored as float32 arrays fit_layer, fit_mean, fit_sigma, "
+                    "fit_question_mean, fit_question_sigma")
+#: strategies whose substitute draws noise (seeded by extract.soft_seed and SEED_RULE)
+NOISY = frozenset({"gaussian", "norm_noise", "pca_noise"})
+
+
+def _sigma_table(facts: RunFacts, channels, layers):
+    """channel -> {str(l): sigma_c(l)} from the run's fitted statistics (None where they are not known yet)."""
+    f = facts.fitted
+    if f is None:
+        return None
+    out = {}
+    for ch in channels:
+        values = f.values[fit_key("sigma", CHANNELS[ch])]
+        out[ch] = {str(l): float(values[f.layers[l]]) for l in layers}
+    return out
+
+
+def _patched_params(facts: RunFacts):
+    e = facts.extract
+    if "patched" not in e.conditions:  # stores of runs without patching keep their condition_params byte for byte
+        return None
+    strategies, channels = list(e.patch_strategies), list(e.patch_channels)
+    out = {"layers": list(e.patch_layers), "channels": channels, "strategies": strategies,
+           "convention": "input of decoder layer l only is corrupted, at the channel's positions",
+           "positions": {ch: POSITIONS[CHANNELS[ch]] for ch in channels},
+           "rules": {s: PATCH_RULES[s] for s in strategies}}
+    if NOISY & set(strategies):
+        out.update(seed=e.soft_seed, seed_rule=SEED_RULE)
+    if "gaussian" in strategies:
+        out["sigma"] = _sigma_table(facts, channels, e.patch_layers)
+    fits = sorted({fit_key(f, CHANNELS[ch]) for s in strategies for f in STRATEGIES[s].fits for ch in channels
+                   if ch in STRATEGIES[s].channels})
+    if fits:
+        out["fitted"] = {"statistics": fits, "source": PATCH_FIT_SOURCE,
+                         "shared": "computed once, by the task that creates the store (others wait for it), and "
+                                   "read back from the store by every task"}
+    if "swap" in strategies and "visual" in channels:
+        out["swap"] = {"donor": list(facts.donor) if facts.donor is not None else None, "seed": e.seed,
+                       "derangement": "the one blind_randomimage feeds (the store's donor array; -1: no donor)",
+                       "resize": "PIL bicubic to the original's size",
+                       "states": "one extra forward per sample and swap condition of the donor-image prompt, "
+                                 "stopped at the input of layer l (vision tower + layers 0..l-1)"}
+    return out
+
+
 def _merge_first(name: str, found: list, remap) -> dict | None:
     """Parameters of merged stores: the first input's (inputs that ran the kind with other settings add entries
     of their own labels, so nothing of theirs is lost)."""
@@ -425,16 +597,32 @@ def _merge_donors(name: str, found: list, remap) -> dict | None:
     return out or None
 
 
-def _merge_truncated(name: str, found: list, remap) -> dict | None:
+def _merge_truncated(name: str, found: list, remap, keys=("layers", "strategies", "windows")) -> dict | None:
     """The union of the truncation layers and strategies (window kinds: windows) the inputs ran."""
     out = dict(_merge_first(name, found, remap) or {})
-    for key in ("layers", "strategies", "windows"):
+    for key in keys:
         seen = []
         for _, p in found:
             seen += [v for v in (p or {}).get(key, []) if v not in seen]
         if seen:
             out[key] = sorted(seen) if key == "layers" else seen
     return out or None
+
+
+def _merge_patched(name: str, found: list, remap) -> dict | None:
+    """The union of the layers, channels and strategies; swap's donors remapped to the merged sample order; the
+    sigma of each input kept when they differ (each input's gaussian entries were drawn with its own)."""
+    import copy
+
+    out = copy.deepcopy(_merge_truncated(name, found, remap, keys=("layers", "channels", "strategies")))
+    if not out:
+        return None
+    if out.get("swap") and remap is not None:
+        out["swap"]["donor"] = [int(x) for x in remap]
+    sigmas = [p.get("sigma") for _, p in found if p and "sigma" in p]
+    if any(s != sigmas[0] for s in sigmas):
+        out["sigma_of_inputs"] = [{"store": str(path), "sigma": (p or {}).get("sigma")} for path, p in found]
+    return out
 
 
 @dataclass(frozen=True)
@@ -516,25 +704,41 @@ register_kind(ConditionKind(
     merge_params=_merge_truncated, invariant=_window_invariant,
 ))
 
+register_kind(ConditionKind(
+    "patched", "the original image; one channel (visual or the question's text tokens) corrupted at the input of "
+               "one decoder layer l only", "original", PATCHING, records_visual=False, default=False,
+    options=("patch_layers", "patch_channels", "patch_strategies"), expand=_expand_patched, validate=_validate_patched,
+    label=_patched_label, parse=_parse_patched, params=_patched_params, hook=_patched_hook,
+    merge_params=_merge_patched, invariant=_patched_invariant,
+))
+
 register_strategy(Strategy(
     "zero", "visual-position states overwritten with zeros at the input of each layer > L (still attended)", "states",
-    kinds=("truncated", "window")))
+    kinds=("truncated", "window", "patched")))
 register_strategy(Strategy(
     "drop", "visual positions masked out of attention (as keys) in every layer > L", "attention",
     kinds=("truncated", "window")))
 register_strategy(Strategy(
     "norm_noise", "each visual state replaced by Gaussian noise rescaled to that state's L2 norm", "states",
-    soft=True))
+    kinds=("truncated", "patched"), soft=True))
 register_strategy(Strategy(
     "pca_noise", "visual states replaced by noise with the clean visual states' mean and covariance in their top "
                  "principal directions at that layer (fitted on original)", "states", fits=("mean", "pca"),
     soft=True))
 register_strategy(Strategy(
     "mean", "visual states replaced by the mean visual state of original over the run at that layer", "states",
-    fits=("mean",), soft=True))
+    kinds=("truncated", "patched"), fits=("mean",), soft=True))
 register_strategy(Strategy(
     "shuffle", "the sample's own visual states permuted over its visual positions (a random n-cycle)", "states",
     soft=True))
+
+register_strategy(Strategy(
+    "gaussian", "Gaussian noise of the clean states' std (sigma of that channel at that layer, fitted on original) "
+                "added to each state (causal tracing)", "states", kinds=("patched",), fits=("sigma",)))
+register_strategy(Strategy(
+    "swap", "the visual states a donor sample's image (the recorded derangement, resized to this image's size) "
+            "produces at that layer under this sample's prompt", "states", kinds=("patched",), channels=("visual",),
+    donor=True))
 
 # ----------------------------------------------------------------------------- lookups
 

@@ -92,6 +92,11 @@ class ExtractConfig:
     window_strategies: list = field(default_factory=lambda: ["zero", "drop"], metadata=ADDED)
     soft_seed: int = field(default=0, metadata=ADDED)  # noise and permutations of the soft-truncation strategies
     soft_pca_k: int = field(default=16, metadata=ADDED)  # principal directions of pca_noise
+    # single-layer patching (kind patched): decoder layers l, channels, strategies (swap: visual channel only)
+    patch_layers: list = field(default_factory=list, metadata=ADDED)
+    patch_channels: list = field(default_factory=lambda: ["visual", "text"], metadata=ADDED)
+    patch_strategies: list = field(default_factory=lambda: ["zero", "gaussian", "norm_noise", "mean", "swap"],
+                                   metadata=ADDED)
     disk_bandwidth_mb_s: float = 500.0  # what --dry-run compares the need against
     forward_seconds_per_batch: float | None = None  # for --dry-run; measured by --check when absent
     # "sites": the text sites only; "all": also every prompt text token, ragged per sample (the store's token span)

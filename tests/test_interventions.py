@@ -57,9 +57,13 @@ KIND_OPTIONS = {
     "truncated": lambda strategies: {"truncation_layers": list(range(-1, N_LAYERS)),
                                      "truncation_strategies": list(strategies)},
     "window": lambda strategies: {"truncation_windows": [[0, 0], [1, 2]], "window_strategies": list(strategies)},
+    "patched": lambda strategies: {"patch_layers": list(range(N_LAYERS)), "patch_channels": list(conditions.CHANNELS),
+                                   "patch_strategies": list(strategies)},
 }
-#: the positions each position kind names, computed here from the planned sample (not by the code under test)
-EXPECTED_POSITIONS = {"visual": lambda p: set(range(p.visual_start, p.visual_start + p.visual_length))}
+#: the positions each position kind names, computed here from the planned sample (not by the code under test;
+#: the question's: every non-special prompt token whose text overlaps the question's characters, test_question_positions)
+EXPECTED_POSITIONS = {"visual": lambda p: set(range(p.visual_start, p.visual_start + p.visual_length)),
+                      "question": lambda p: set(p.expected_question)}
 
 
 def conformance_options() -> dict:
