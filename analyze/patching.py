@@ -26,17 +26,14 @@ from gapcache.analyze import report, stats, transfer
 from gapcache.analyze.metrics import Context, Metric, MetricResult
 from gapcache.conditions import REFERENCE
 
-CHANNELS = ("visual", "text")
+CHANNELS = tuple(conditions.CHANNELS)  # ("visual", "text")
 SWAP = "swap"
 
 
 def patched_rows(ds) -> dict:
     """{(channel, strategy, patched layer): condition index} of the store's patched conditions."""
-    group = getattr(conditions, "PATCHING", None)
-    if group is None or group not in conditions.GROUPS:
-        return {}
     rows = {}
-    for k, inside in enumerate(conditions.in_group(ds.condition_kind.values, group)):
+    for k, inside in enumerate(conditions.in_group(ds.condition_kind.values, conditions.PATCHING)):
         if inside:
             c = conditions.parse_label(str(ds.condition.values[k]))
             rows[str(c.channel), str(c.strategy), int(c.patch_layer)] = k
@@ -163,7 +160,7 @@ def swap_donor(ds) -> np.ndarray | None:
     ``donor`` array (the derangement blind_randomimage feeds, which swap reuses); None when it records neither."""
     params = (ds.attrs.get("condition_params") or {})
     for name, entry in conditions.KINDS.items():
-        if entry.group != getattr(conditions, "PATCHING", None):
+        if entry.group != conditions.PATCHING:
             continue
         donor = ((params.get(name) or {}).get(SWAP) or {}).get("donor")
         if donor is not None:

@@ -185,3 +185,107 @@ def test_a_lead_metric_that_ran_comes_first_in_the_report(tmp_path):
     finally:
         metrics.REGISTRY.clear()
         metrics.REGISTRY.update(saved)
+
+
+# --------------------------------------------------------------------------- from a store (synthetic values)
+
+N, PATCH_LAYERS = 40, [0, 1, 2, 3]
+PLANTED = np.array([-3.0, 0.0, 3.0, 3.0])  # text - visual: visual dominates at 0, neither at 1, text from 2 on
+
+
+def patched_store(path):
+    """A store with original and patched (both channels zero, visual swap) at PATCH_LAYERS whose gold log-probs
+    plant PLANTED, with a shared per-sample difficulty; swap at layer 0 answers the donor's gold, later its own."""
+    from gapcache import conditions
+    from gapcache.store import Layout, StoreWriter, create, open_store
+    from helpers import random_payloads
+
+    conds = conditions.expand(["original", "patched"], patch_layers=PATCH_LAYERS, patch_channels=["visual", "text"],
+                              patch_strategies=["zero", "swap"])
+    layout = Layout(sample_ids=tuple(f"s{i}" for i in range(N)), conditions=tuple(conds), layers=(0, 1, 2, 3, 4),
+                    hidden=4, model_dtype="float32", candidates=("no", "yes"), visual_lengths=(2,) * N,
+                    samples_per_shard=8, visual_chunk_tokens=4)
+    rng = np.random.default_rng(0)
+    gold = np.arange(N) % 2  # answer index: no, yes, no, ...
+    donor = (np.arange(N) + 1) % N  # every donor's gold differs from the sample's own
+    clean = rng.normal(-1, 1, N)
+    dv = np.abs(rng.normal(2, 1, (N, 4)))
+    spread = rng.uniform(-0.5, 0.5, (N, 4)) * (PLANTED != 0)
+    gl = {"original": clean}
+    cand = {"original": gold}
+    for j, L in enumerate(PATCH_LAYERS):
+        gl[f"patched_visual_zero_L{L}"] = clean - dv[:, j]
+        gl[f"patched_text_zero_L{L}"] = clean - dv[:, j] - (PLANTED[j] + spread[:, j])  # float32 both: d = 0 at 1
+        gl[f"patched_visual_swap_L{L}"] = clean - 5
+        cand[f"patched_visual_zero_L{L}"] = cand[f"patched_text_zero_L{L}"] = gold
+        cand[f"patched_visual_swap_L{L}"] = gold[donor] if L == 0 else gold
+    payloads = random_payloads(layout)
+    labels = [c.label for c in conds]
+    for pl in payloads:
+        idx = list(layout.shard_samples(pl.shard))
+        label = labels[pl.condition]
+        pl.values["gold_logprob"] = gl[label][idx].astype(np.float32)
+        lp = np.full((len(idx), 2), -5.0, np.float32)
+        lp[np.arange(len(idx)), cand[label][idx]] = -0.1
+        pl.values["candidate_logprob"] = lp
+    meta = {"question": np.array([f"q{i}" for i in range(N)], dtype=object),
+            "answer": np.array(["no", "yes"], dtype=object)[gold],
+            "category": np.array(["hard", "easy"] * (N // 2), dtype=object),
+            "candidate_mask": np.ones((N, 2), bool), "label": gold.astype(np.int32)}
+    attrs = {"model": {"id": "test"}, "condition_params": {"patched": {"swap": {"donor": donor.tolist()}}}}
+    create(path, layout, attrs, meta)
+    with StoreWriter(path) as w:
+        for pl in payloads:
+            w.submit(pl)
+    return open_store(path), dv, spread
+
+
+def test_patching_and_swap_metrics_from_the_store(tmp_path):
+    from gapcache.analyze import patching
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    from gapcache.analyze.report import write_report
+
+    ds, dv, spread = patched_store(tmp_path / "store.zarr")
+    p = AnalysisParams(metrics=("accuracy", "patching", "swap"), n_resamples=199)
+    summary, results = analyze_store(ds, p)
+    m = summary["metrics"]["patching"]
+    assert (m["channels"], m["strategies"], m["layers"], m["headline"]) == (["visual", "text"], ["zero", "swap"],
+                                                                            PATCH_LAYERS, "zero")
+    w = m["transfer"]["zero"]["logprob"]
+    assert (w["start"], w["crossing"], w["window"]) == (0, 2, [0, 2])
+    assert w["crossing_ci"]["low"] == w["crossing_ci"]["high"] == 2 and w["start_ci"]["low"] == 0
+    assert set(m["transfer"]) == {"zero"}  # swap has no text channel: no window
+    np.testing.assert_allclose(m["curves"]["visual"]["zero"]["delta"]["estimate"], dv.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(m["curves"]["text"]["zero"]["delta"]["estimate"], (dv + PLANTED + spread).mean(0),
+                               rtol=1e-5)
+    assert m["curves"]["visual"]["swap"]["accuracy_drop"]["estimate"] == [1.0, 0.0, 0.0, 0.0]
+    acc = m["transfer"]["zero"]["accuracy"]  # zero patching never changes an answer here: nothing significant
+    assert (acc["start"], acc["crossing"]) == (None, None)
+    assert set(m["transfer"]["zero"]["per_category"]) == {"easy", "hard"}
+    assert m["transfer"]["zero"]["per_category"]["hard"]["n"] == N // 2
+    assert results.patch_delta.dims == ("channel", "patch_strategy", "patch_layer", "sample")
+    groups = np.array(["a", "b"] * (N // 2))
+    assert patching.windows_by(ds, groups, n_resamples=199)["a"]["crossing"] == 2
+    s = summary["metrics"]["swap"]
+    assert s["layers"] == PATCH_LAYERS and s["n_informative"] == N and s["chance"] == 0.5
+    assert s["follows"]["estimate"] == [1.0, 0.0, 0.0, 0.0] and s["clean_follows"] == 0.0
+    assert s["per_category"]["hard"]["n_informative"] == N // 2
+    out = tmp_path / "report"
+    html = write_report({"stores": {"store": {**summary, "path": "x"}}}, out, {"store": results}).read_text()
+    assert (out / "store" / "transfer_window.png").is_file() and (out / "store" / "swap.png").is_file()
+    assert html.index("transfer window (zero, log-prob Delta)") < html.index("accuracy original")
+    assert html.index("store/transfer_window.png") < html.index("store/accuracy.png")
+    assert "start 0 [0, 0] (found in 100%) -&gt; crossing 2 [2, 2] (found in 100%)" in html
+    assert "cliff layer (truncation; secondary to the transfer window)" in html
+
+
+def test_a_store_without_patched_conditions_skips_both_metrics(tmp_path):
+    from gapcache.analyze import patching
+    from gapcache.analyze.pipeline import AnalysisParams
+    from helpers import random_payloads, roundtrip, small_layout
+
+    layout = small_layout()
+    ds = roundtrip(tmp_path / "s.zarr", layout, random_payloads(layout))
+    p = AnalysisParams(n_resamples=9)
+    assert patching.compute(ds, p, metrics.Context()) == {"skipped": "no patched condition in the store"}
+    assert patching.swap(ds, p, metrics.Context()) == {"skipped": "no visual swap condition in the store"}
