@@ -185,12 +185,13 @@ def swap(ds, p, ctx: Context) -> MetricResult:
     pred = transfer.forced_choice(lp[[rows[L] for L in layers]], mask)  # (layer, sample)
     clean = transfer.forced_choice(lp[conds.index(REFERENCE)], mask)
     gold = gold_candidate_index(ds.answer.values, ds.candidate.values)
-    out = {"layers": layers, **transfer.donor_following(pred, clean, gold, donor, mask, **_kw(p)),
-           "per_category": {}}
+    answer = transfer.donor_gold(gold, donor)
+    out = {"layers": layers, "donor_answer": "the donor's gold (transfer.donor_gold)",
+           **transfer.donor_following(pred, clean, gold, answer, mask, **_kw(p)), "per_category": {}}
     cats = strs(ds.category)
     for cat in sorted(set(cats.tolist()) - {""}):
         sel = cats == cat
-        out["per_category"][cat] = transfer.donor_following(pred, clean, gold, np.where(sel, donor, -1), mask,
+        out["per_category"][cat] = transfer.donor_following(pred, clean, gold, np.where(sel, answer, -1), mask,
                                                             **_kw(p))
     return MetricResult(out)
 

@@ -187,16 +187,24 @@ def forced_choice(candidate_logprob, mask) -> np.ndarray:
     return np.where(np.isfinite(scored).any(-1), np.argmax(scored, axis=-1), -1)
 
 
-def donor_following(pred, clean_pred, gold, donor, mask, *, level: float = 0.95, method: str = stats.DEFAULT_METHOD,
-                    n_resamples: int = 1999, seed: int | None = 0) -> dict:
+def donor_gold(gold, donor) -> np.ndarray:
+    """g_d(i) = gold[donor[i]]: the donor's gold candidate index (-1 where there is no donor or no gold)."""
+    gold, donor = np.asarray(gold, np.int64), np.asarray(donor, np.int64)
+    return np.where(donor >= 0, gold[np.clip(donor, 0, None)], -1)
+
+
+def donor_following(pred, clean_pred, gold, donor_answer, mask, *, level: float = 0.95,
+                    method: str = stats.DEFAULT_METHOD, n_resamples: int = 1999, seed: int | None = 0) -> dict:
     """Per patched layer: the fraction of answers that follow the donor, with CIs, against chance.
 
     ``pred`` (layer, sample): the predicted candidate under swap at each layer; ``clean_pred`` (sample,): under
-    the clean condition; ``gold`` (sample,) each sample's gold candidate index; ``donor`` (sample,) the donor
-    sample index (-1: none); ``mask`` (sample, candidate) each sample's own candidates. The donor's gold is
-    g_d(i) = gold[donor[i]]. A sample counts (is *informative*) when g_d(i) is one of its own candidates and
-    differs from its own gold (otherwise following the donor cannot be told from being right). Per layer l over
-    the informative samples with a prediction:
+    the clean condition; ``gold`` (sample,) each sample's gold candidate index; ``donor_answer`` (sample,) the
+    candidate the donor's image implies, g_d(i) (-1: none); the store knows the donor's gold, :func:`donor_gold`
+    (right when the donor asks the same question of its own image; a caller who can read the answer off the
+    donor's image for this sample's question passes that instead); ``mask`` (sample, candidate) each sample's own
+    candidates. A sample counts (is *informative*) when g_d(i) is one of its own candidates and differs from its
+    own gold (otherwise following the donor cannot be told from being right). Per layer l over the informative
+    samples with a prediction:
 
         follows(l)        = mean_i [pred(l, i) == g_d(i)]                  (mean_ci)
         chance            = mean_i 1 / |candidates(i)|                     (a uniform guess)
@@ -204,13 +212,12 @@ def donor_following(pred, clean_pred, gold, donor, mask, *, level: float = 0.95,
         follows - clean   = mean_i ([pred(l, i) == g_d(i)] - [clean_pred(i) == g_d(i)])   (paired, mean_diff_ci)
     """
     pred, clean_pred = np.asarray(pred, np.int64), np.asarray(clean_pred, np.int64)
-    gold, donor, mask = np.asarray(gold, np.int64), np.asarray(donor, np.int64), np.asarray(mask, bool)
-    dg = np.where(donor >= 0, gold[np.clip(donor, 0, None)], -1)
+    gold, dg, mask = np.asarray(gold, np.int64), np.asarray(donor_answer, np.int64), np.asarray(mask, bool)
     own = mask[np.arange(len(gold)), np.clip(dg, 0, None)] & (dg >= 0)
     informative = own & (dg != gold) & (gold >= 0) & (clean_pred >= 0) & (pred >= 0).all(0)
     n = int(informative.sum())
     out = {"n_informative": n, "n": int(len(gold)),
-           "rule": "informative: the donor's gold is one of the sample's candidates and not its own gold"}
+           "rule": "informative: the donor's answer is one of the sample's candidates and not its own gold"}
     if n < 2:
         return {**out, "skipped": f"{n} informative samples (need >= 2)"}
     kw = dict(level=level, method=method, n_resamples=n_resamples, seed=seed)

@@ -151,7 +151,9 @@ def test_donor_following_counts_informative_samples_against_chance_and_clean():
     pred = np.array([[1, 2, 0, 0, 1],   # layer 0: every informative answer follows the donor
                      [0, 2, 2, 0, 1]])  # layer 1: only sample 1 does
     clean = np.array([0, 1, 0, 0, 1])   # sample 2's clean answer already equals its donor's gold
-    r = transfer.donor_following(pred, clean, gold, donor, mask, n_resamples=99)
+    assert transfer.donor_gold(gold, donor).tolist() == [1, 2, 0, 0, 2]
+    assert transfer.donor_gold(gold, np.array([-1, 0, 0, 0, 0])).tolist()[0] == -1
+    r = transfer.donor_following(pred, clean, gold, transfer.donor_gold(gold, donor), mask, n_resamples=99)
     assert (r["n_informative"], r["n"]) == (3, 5)
     assert r["follows"]["estimate"] == pytest.approx([1.0, 1 / 3])
     assert r["chance"] == pytest.approx(1 / 3) and r["clean_follows"] == pytest.approx(1 / 3)
