@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from gapcache.conditions import expand_config, fitted_layers
+from gapcache.conditions import strategy as strategy_entry
 from gapcache.store import arrays
 from gapcache.store.schema import SITES
 DEFAULT_SECONDS_PER_BATCH = 0.1  # ~ Qwen3-VL-30B-A3B batch of 8 on an H100
@@ -56,6 +57,52 @@ def check(ex, n: int) -> str:
     return "\n".join(lines)
 
 
+def forward_passes(cond, n_layers: int, extra: float = 0.0, generate: bool = False) -> tuple[float, float]:
+    """(forward passes, full-forward equivalents) one sample costs under ``cond``: the gold answer's forward,
+    ``extra`` candidate forwards (the mean number the gold's forward cannot score) and the generation's prompt
+    forward (decoding steps not counted); a donor strategy (swap) adds, per forward it serves in a batch, one donor
+    forward stopped at the input of its layer l: the vision tower and l of the ``n_layers`` decoder layers
+    (counted as l / n_layers of a forward; the vision tower not counted)."""
+    main = 1.0 + extra + (1.0 if generate else 0.0)
+    hook = cond.hook(n_layers)
+    if hook is None or not strategy_entry(hook.strategy).donor:
+        return main, main
+    donors = 1.0 + (1.0 if extra else 0.0) + (1.0 if generate else 0.0)  # gold + candidates share one (cache)
+    return main + donors, main + donors * hook.layers[0] / n_layers
+
+
+def suite_passes(conds, n_layers: int, extra: float = 0.0, generate: bool = False) -> dict:
+    """Per condition kind (in order): conditions, forward passes and full-forward equivalents per sample; the
+    fit pre-pass (one forward of original per sample) under ``"fit pre-pass"`` when some condition needs it."""
+    out: dict = {}
+    for c in conds:
+        passes, equiv = forward_passes(c, n_layers, extra, generate)
+        row = out.setdefault(c.kind, {"conditions": 0, "passes": 0.0, "equivalents": 0.0})
+        row["conditions"] += 1
+        row["passes"] += passes
+        row["equivalents"] += equiv
+    if fitted_layers(conds, n_layers):
+        out["fit pre-pass"] = {"conditions": 0, "passes": 1.0, "equivalents": 1.0}
+    return out
+
+
+def passes_lines(conds, n_layers: int, n: int, batch_size: int, sec: float, extra: float = 0.0,
+                 generate: bool = False, gb: dict | None = None) -> list[str]:
+    """The dry run's forward-pass table: per condition family, and the whole suite in GPU-hours at ``sec``."""
+    table = suite_passes(conds, n_layers, extra, generate)
+    lines = [f"forward passes per sample, by condition family (full-forward equivalents; {extra:.2f} extra "
+             f"candidate forwards per condition{', generation prompt forward' if generate else ''}):"]
+    for kind, row in table.items():
+        size = f"  {gb[kind]:9.3f} GB" if gb and kind in gb else ""
+        lines.append(f"  {kind:<18} {row['conditions']:4d} conditions  {row['passes']:8.2f} passes  "
+                     f"({row['equivalents']:.2f} equivalents){size}")
+    equiv = sum(r["equivalents"] for r in table.values())
+    hours = equiv * n / batch_size * sec / 3600
+    lines.append(f"whole suite: {sum(r['passes'] for r in table.values()):.2f} passes ({equiv:.2f} equivalents) "
+                 f"per sample; {n} samples at {sec:g} s per batch of {batch_size}: {hours:.2f} GPU-hours of forwards")
+    return lines
+
+
 def dry_run(cfg, n_probe: int = 32) -> str:
     from transformers import AutoConfig, AutoProcessor
 
@@ -96,13 +143,16 @@ def dry_run(cfg, n_probe: int = 32) -> str:
              f"mean span {np.mean(spans):.0f} over {len(probe)} probed)"
              + (f"; every text token recorded: {tokens:.0f}/sample" if e.text == "all" else ""),
              "per condition (before compression):"]
-    total = 0.0
+    total, by_kind = 0.0, {}
     for c in conds:
         per = arrays.bytes_per_sample(sizes, cfg.model.dtype,
                                       {k: v for k, v in recorded.items() if arrays.SPANS[k].recorded_by(c)})
         total += per * n
+        by_kind[c.kind] = by_kind.get(c.kind, 0.0) + per * n / 1e9
         lines.append(f"  {c.label:<24} {per * n / 1e9:9.3f} GB  ({per / 1e6:.2f} MB/sample)")
     sec = e.forward_seconds_per_batch or DEFAULT_SECONDS_PER_BATCH
+    extra = float(np.mean([len(p.cand_extra) for p in probe if p.ok] or [0]))
+    lines += passes_lines(conds, n_layers, n, e.batch_size, sec, extra, e.generate.enabled, by_kind)
     widest = arrays.bytes_per_sample(sizes, cfg.model.dtype, recorded)  # a condition recording every span
     need = widest * e.batch_size / sec / 1e6
     shard = widest * e.samples_per_shard / 1e6

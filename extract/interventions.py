@@ -9,6 +9,9 @@ before anything else registered on the layer (a ``Capture`` there sees the inter
 * ``drop``: the positions are masked out of attention as keys, for every query outside them
   (positions still attend to each other). In a cached decoding step (generation) the queries are
   the new tokens: they see no masked key either.
+* single-layer patching (``conditions.PATCH_RULES``): ``zero``, ``norm_noise``, ``mean`` on either channel
+  (visual span or the question's tokens), ``gaussian`` (h + sigma z, sigma fitted per channel and layer),
+  ``swap`` (the donor image's visual states, handed in by the runner's donor forward);
 * soft truncation (``conditions.SOFT_RULES`` has each formula): ``norm_noise`` (Gaussian noise at each
   state's norm), ``pca_noise`` (noise of the fitted mean and top-k covariance), ``mean`` (the fitted
   mean), ``shuffle`` (the sample's own states, permuted by a random n-cycle). Their randomness is
@@ -42,6 +45,7 @@ IMPLEMENTATIONS: dict[str, type] = {}
 #: position kind (``conditions.POSITIONS``) -> planned sample -> the positions within its prompt
 POSITIONS = {
     "visual": lambda p: range(p.visual_start, p.visual_start + p.visual_length),
+    "question": lambda p: range(p.sites["question"][0], p.sites["question"][0] + p.sites["question"][1]),
 }
 
 
@@ -89,8 +93,8 @@ class Intervention(Hooks):
     ``set_batch(batch)`` before each forward. With no layers it installs nothing (a condition
     without a hook). Subclasses implement ``hook(module, args, kwargs)``."""
 
-    def __init__(self, layers, act_on=(), fitted=None, seed: int = 0, **params):
-        self.act_on, self.params = tuple(act_on), params
+    def __init__(self, layers, act_on=(), fitted=None, seed: int = 0, positions: str = "visual", **params):
+        self.act_on, self.params, self.positions = tuple(act_on), params, positions
         self.fitted, self.seed = fitted, seed  # the run's fitted statistics (Fitted) and soft seed
         self.batch: Batch | None = None
         self.index_of = {id(layers[i]): i for i in self.act_on}
@@ -199,10 +203,12 @@ class Substitute(Intervention):
         return torch.randn(shape, generator=self.generator(row, layer, device), device=device, dtype=torch.float32)
 
     def stat(self, name: str, layer: int, device) -> torch.Tensor:
-        if self.fitted is None or layer not in self.fitted.layers:
-            raise RuntimeError(f"{self.strategy} needs the fitted '{name}' at layer {layer}; the run's statistics "
+        """The fitted statistic ``name`` over this hook's positions (``conditions.fit_key``) at ``layer``."""
+        key = conditions.fit_key(name, self.positions)
+        if self.fitted is None or layer not in self.fitted.layers or key not in self.fitted.values:
+            raise RuntimeError(f"{self.strategy} needs the fitted '{key}' at layer {layer}; the run's statistics "
                                "were not fitted (Extraction.fitted_statistics / run() fits them from original)")
-        return self.fitted.get(name, layer, device)
+        return self.fitted.get(key, layer, device)
 
 
 @implements("norm_noise")
@@ -236,6 +242,33 @@ class MeanStates(Substitute):
 
     def substitute(self, h, row, layer):
         return self.stat("mean", layer, h.device).expand(h.shape[0], -1)
+
+
+@implements("gaussian")
+class GaussianNoise(Substitute):
+    """h' = h + sigma_l * z, z ~ N(0, I): the clean states' std of this channel at this layer (fitted), added."""
+
+    strategy = "gaussian"
+
+    def substitute(self, h, row, layer):
+        return h.float() + self.stat("sigma", layer, h.device) * self.noise(h.shape, row, layer, h.device)
+
+
+@implements("swap")
+class SwapStates(Substitute):
+    """h'[t] = donor[t]: the states the donor's image produces at this layer under this row's prompt, given as
+    ``donor_states`` (per row: (n, hidden), from ``Extraction.donor_states``)."""
+
+    strategy = "swap"
+
+    def substitute(self, h, row, layer):
+        donor = self.params.get("donor_states")
+        if donor is None or donor[row] is None:
+            raise RuntimeError("swap needs the donor's states of each row (install(..., donor_states=...))")
+        if donor[row].shape != h.shape:
+            raise RuntimeError(f"swap: the donor's states of row {row} have shape {tuple(donor[row].shape)}, the "
+                               f"patched positions {tuple(h.shape)}; the donor image must give the same layout")
+        return donor[row].to(h.device).float()
 
 
 @implements("shuffle")
@@ -286,14 +319,16 @@ def _fit(x: torch.Tensor, length: int, fill: bool) -> torch.Tensor:
 
 
 def install(layers, hook: conditions.Hook | None, P=(), offsets=(), inputs=None, fitted: Fitted | None = None,
-            seed: int = 0) -> Intervention:
+            seed: int = 0, **extra) -> Intervention:
     """The hooks of ``hook`` on decoder ``layers`` for the batch of planned samples ``P`` (``inputs``: the
     processed batch, for its shape and padding mask); ``hook`` None installs nothing. A context manager.
-    ``fitted``, ``seed``: the run's fitted statistics and soft seed (strategies that use neither ignore them)."""
+    ``fitted``, ``seed``: the run's fitted statistics and soft seed (strategies that use neither ignore them);
+    ``extra``: further keyword arguments of the hook (swap: ``donor_states``)."""
     if hook is None:
         return Intervention(layers)
     if hook.strategy not in IMPLEMENTATIONS:
         raise UnknownNameError("intervention hook", hook.strategy, IMPLEMENTATIONS)
-    iv = IMPLEMENTATIONS[hook.strategy](layers, hook.layers, fitted=fitted, seed=seed, **dict(hook.params))
+    iv = IMPLEMENTATIONS[hook.strategy](layers, hook.layers, fitted=fitted, seed=seed, positions=hook.positions,
+                                        **dict(hook.params), **extra)
     iv.set_batch(positions(P, hook.positions, offsets, inputs))
     return iv

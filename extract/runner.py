@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from gapcache import __version__
-from gapcache.conditions import CLEAN, NEEDS_DONOR, NEEDS_MEAN_RGB, Condition, RunFacts, condition_params, \
+from gapcache.conditions import CLEAN, KINDS, NEEDS_DONOR, NEEDS_MEAN_RGB, Condition, RunFacts, condition_params, \
     expand_config, fitted_layers, kinds_in_group
+from gapcache.conditions import strategy as strategy_entry
 from gapcache.conditions import kind as condition_kind
 from gapcache.errors import IncompatibleStoreError, SampleError, StoreError, StoreLockedError
 from gapcache.extract import data as data_mod
@@ -187,7 +188,8 @@ class Extraction:
                             "load": "top-k assignments per expert: visual = the visual span, text = every other "
                                     "prompt position (teacher-forced answer and padding not counted)"}}
                if cfg.extract.routing else {}),
-            "condition_params": condition_params(RunFacts(cfg.extract, self.mean_rgb, tuple(self.donor.tolist()))),
+            "condition_params": condition_params(RunFacts(cfg.extract, self.mean_rgb, tuple(self.donor.tolist()),
+                                                          self.ensure_fitted())),
             "provenance": {
                 "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
                 "gapcache": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -317,6 +319,8 @@ class Extraction:
             self.load().plan(show=show)
         self.check_planned()
         fit_lock = self.share_fitted()
+        if self.fitted is None and self.fit_layers() and (self.store_path / "zarr.json").is_file():
+            self.fitted = self.read_fitted()  # its condition_params record them (patched: sigma); compared next
         try:
             self.open_or_create()
         finally:
@@ -385,7 +389,8 @@ class Extraction:
         import zarr
 
         g = zarr.open_group(str(self.store_path), mode="r")
-        names = ["mean"] + (["pca_basis", "pca_variance"] if "pca" in need else [])
+        names = ["mean"] + (["pca_basis", "pca_variance"] if "pca" in need else []) \
+            + [n for n in ("sigma", "question_mean", "question_sigma") if n in need]
         missing = [f"fit_{n}" for n in ["layer"] + names if f"fit_{n}" not in g]
         if missing:
             raise StoreError(f"The store {self.store_path} lacks the fitted statistics {missing} that its soft "
@@ -402,59 +407,52 @@ class Extraction:
     def fitted_statistics(self):
         """Pre-pass: forwards of original over every extractable sample (batches of ``extract.batch_size`` in
         sample order, whatever the task), accumulating in float64 on the device, at the input of each layer
-        a fitting strategy acts on, over the full visual span: the mean and (pca_noise) the population
-        covariance's top ``soft_pca_k`` eigenvectors and eigenvalues."""
+        a fitting strategy acts on: over the full visual span the mean, the std of every entry (sigma) and
+        (pca_noise) the population covariance's top ``soft_pca_k`` eigenvectors and eigenvalues; over the
+        question's content tokens (patched text channel) their mean and sigma."""
         from gapcache.extract.interventions import Fitted
 
         need = self.fit_layers()
         layers = sorted(set().union(*need.values()))
-        pca = "pca" in need
         clean = Condition(kinds_in_group(CLEAN)[0])
         todo = [p.index for p in self.planned if p.ok and p.visual_length]
         if not todo:
             raise SampleError(self.planned[0].sample.id if self.planned else "-",
                               "no extractable sample with visual tokens to fit the soft-truncation statistics on")
-        sums, outer, where = {}, {}, {}
+        groups = ["visual"] + (["question"] if any(k.startswith("question_") for k in need) else [])
+        acc = {g: FitSums("pca" in need and g == "visual") for g in groups}
+        where = {}
 
         def hook_at(layer):
             def hook(module, args, kwargs):
                 h = hidden_of(args, kwargs)
-                rows, pos = where["index"]
-                x = h[rows.to(h.device), pos.to(h.device)].double()  # (n_vis, hidden)
-                sums[layer] = sums.get(layer, 0) + x.sum(0)
-                if pca:
-                    outer[layer] = outer.get(layer, 0) + x.T @ x
+                for g in groups:
+                    rows, pos = where[g]
+                    acc[g].add(layer, h[rows.to(h.device), pos.to(h.device)].double())  # (n, hidden)
             return hook
 
         decoder = self.adapter.decoder_layers(self.model)
         handles = [decoder[l].register_forward_pre_hook(hook_at(l), with_kwargs=True) for l in layers]
-        n, bs, device = 0, self.cfg.extract.batch_size, self.model.device
+        bs, device = self.cfg.extract.batch_size, self.model.device
         try:
-            for b0 in progress(range(0, len(todo), bs), desc="fit", disable=True):
+            for b0 in range(0, len(todo), bs):
                 idx = todo[b0 : b0 + bs]
                 P = [self.planned[i] for i in idx]
                 inputs = self.batch_inputs(idx, clean)
-                where["index"] = interventions.positions(P, "visual", [0] * len(P), inputs).index
+                for g in groups:
+                    where[g] = interventions.positions(P, g, [0] * len(P), inputs).index
                 self.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()},
                            use_cache=False, logits_to_keep=1)
-                n += sum(p.visual_length for p in P)
         finally:
             for h in handles:
                 h.remove()
-        values = {"mean": np.stack([(sums[l] / n).float().cpu().numpy() for l in layers])}
-        if pca:
-            k = min(self.cfg.extract.soft_pca_k, int(values["mean"].shape[1]))
-            bases, variances = [], []
-            for l in layers:
-                mu = sums[l] / n
-                cov = outer[l] / n - torch.outer(mu, mu)
-                evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
-                evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k].T  # (k,), (k, hidden)
-                top = evecs.abs().argmax(dim=1)
-                evecs = evecs * torch.sign(evecs[torch.arange(k), top])[:, None]
-                bases.append(evecs.float().cpu().numpy())
-                variances.append(evals.clamp_min(0).float().cpu().numpy())
-            values.update(pca_basis=np.stack(bases), pca_variance=np.stack(variances))
+        values = {"mean": acc["visual"].means(layers)}
+        if "pca" in need:
+            values.update(zip(("pca_basis", "pca_variance"), acc["visual"].pca(layers, self.cfg.extract.soft_pca_k)))
+        if "sigma" in need:
+            values["sigma"] = acc["visual"].sigmas(layers)
+        if "question" in acc:
+            values.update(question_mean=acc["question"].means(layers), question_sigma=acc["question"].sigmas(layers))
         return Fitted(layers, values)
 
     def check_planned(self) -> None:
@@ -754,8 +752,51 @@ class Extraction:
         """The hooks of ``cond`` (its registry ``Hook``: strategy, layers, positions) for this batch, as a
         context manager that removes them on exit; installs nothing for a condition without a hook. Row r's
         prompt starts at ``offsets[r]`` (0 right padded; left padded: the padding before it)."""
-        return interventions.install(self.adapter.decoder_layers(self.model), cond.hook(self.n_layers), P, offsets,
-                                     inputs, fitted=self.fitted, seed=self.cfg.extract.soft_seed)
+        hook = cond.hook(self.n_layers)
+        extra = {}
+        if hook is not None and strategy_entry(hook.strategy).donor:
+            extra["donor_states"] = self.donor_states([p.index for p in P], hook.layers[0], left=any(offsets))
+        return interventions.install(self.adapter.decoder_layers(self.model), hook, P, offsets,
+                                     inputs, fitted=self.fitted, seed=self.cfg.extract.soft_seed, **extra)
+
+    @torch.inference_mode()
+    def donor_states(self, indices, layer: int, left: bool = False) -> list:
+        """Per row: the visual states (n_vis, hidden) entering decoder ``layer`` in a forward of the row's prompt
+        with its donor's image resized to its own size (the blind-image kind's input), stopped there: the vision
+        tower and layers 0..layer-1, one partial forward per batch. ``left``: left padded, as generation is.
+        The last few batches are cached (a swap condition's candidate, gold and generation forwards share one)."""
+        key = (tuple(indices), layer, left)
+        cache = self.__dict__.setdefault("_donor_cache", {})
+        if key in cache:
+            return cache[key]
+        donor_cond = Condition(next(n for n, k in KINDS.items() if k.image in NEEDS_DONOR))
+        P = [self.planned[i] for i in indices]
+        if left:
+            inputs, offsets = self.left_padded_inputs(indices, donor_cond)
+        else:
+            inputs, offsets = self.batch_inputs(indices, donor_cond), [0] * len(P)
+        where = interventions.positions(P, "visual", offsets, inputs)
+        got = {}
+
+        def stop(module, args, kwargs):
+            h = hidden_of(args, kwargs)
+            rows, pos = where.index
+            got["h"] = h[rows.to(h.device), pos.to(h.device)].detach()  # (n_vis over rows, hidden)
+            raise _StopForward
+
+        handle = self.adapter.decoder_layers(self.model)[layer].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(**{k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()},
+                       use_cache=False, logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        out = [got["h"][a:b] for a, b in where.spans]
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = out
+        return out
 
     @torch.inference_mode()
     def generate(self, indices, cond) -> list[str]:
@@ -764,12 +805,9 @@ class Extraction:
         new = self.generate_ids(indices, cond)
         return list(self.processor.tokenizer.batch_decode(new, skip_special_tokens=True))
 
-    @torch.inference_mode()
-    def generate_ids(self, indices, cond) -> torch.Tensor:
-        """(batch, new tokens) greedy continuation of each prompt under ``cond``; an intervention keeps
-        its hooks on for every decoding step (zero: the cached visual K/V were computed from zeroed
-        states; drop: the generated tokens see no visual key at layers > L)."""
-        self.ensure_fitted()
+    def left_padded_inputs(self, indices, cond):
+        """The processed prompts of ``indices`` under ``cond``, left padded (as generation needs), and each row's
+        offset (the padding before its prompt)."""
         tok = self.processor.tokenizer
         P = [self.planned[i] for i in indices]
         images = [self.condition_image(i, cond) for i in indices]
@@ -784,8 +822,65 @@ class Extraction:
         for r, (o, p) in enumerate(zip(offsets, P)):
             if inputs["input_ids"][r, o:].tolist() != p.prompt_ids:
                 raise SampleError(p.sample.id, f"left-padded prompt under {cond.label} differs from the planned one")
+        return inputs, offsets
+
+    @torch.inference_mode()
+    def generate_ids(self, indices, cond) -> torch.Tensor:
+        """(batch, new tokens) greedy continuation of each prompt under ``cond``; an intervention keeps
+        its hooks on for every decoding step (zero: the cached visual K/V were computed from zeroed
+        states; drop: the generated tokens see no visual key at layers > L)."""
+        self.ensure_fitted()
+        tok = self.processor.tokenizer
+        P = [self.planned[i] for i in indices]
+        inputs, offsets = self.left_padded_inputs(indices, cond)
+        seq = inputs["input_ids"].shape[1]
         with self.intervention(P, cond, inputs, offsets):
             model_inputs = {k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model.generate(**model_inputs, do_sample=False, pad_token_id=tok.pad_token_id,
                                       max_new_tokens=self.cfg.extract.generate.max_new_tokens)
         return out[:, seq:].cpu()
+
+
+class _StopForward(Exception):
+    """Raised by the donor forward's hook once it has the states it needs (the rest of the model is not run)."""
+
+
+class FitSums:
+    """Float64 sums of states per layer (one position group of the fit pre-pass): count, sum, sum of squares
+    and (``outer``) the outer-product sum, from which the mean, the entry std and the PCA follow."""
+
+    def __init__(self, outer: bool):
+        self.outer, self.n, self.sum, self.sq, self.xtx = outer, {}, {}, {}, {}
+
+    def add(self, layer: int, x: torch.Tensor):  # x: (n, hidden) float64
+        self.n[layer] = self.n.get(layer, 0) + x.shape[0]
+        self.sum[layer] = self.sum.get(layer, 0) + x.sum(0)
+        self.sq[layer] = self.sq.get(layer, 0) + (x * x).sum()
+        if self.outer:
+            self.xtx[layer] = self.xtx.get(layer, 0) + x.T @ x
+
+    def means(self, layers) -> np.ndarray:  # (layer, hidden) float32
+        return np.stack([(self.sum[l] / self.n[l]).float().cpu().numpy() for l in layers])
+
+    def sigmas(self, layers) -> np.ndarray:
+        """(layer,) float32: sqrt(sum x^2 / N - (sum x / N)^2) over the N = tokens x hidden entries."""
+        out = []
+        for l in layers:
+            entries = self.n[l] * self.sum[l].numel()
+            out.append(float((self.sq[l] / entries - (self.sum[l].sum() / entries) ** 2).clamp_min(0).sqrt()))
+        return np.array(out, np.float32)
+
+    def pca(self, layers, k: int):
+        """(layer, k, hidden) bases (rows signed so their largest-magnitude entry is positive), (layer, k) variances."""
+        bases, variances = [], []
+        for l in layers:
+            mu = self.sum[l] / self.n[l]
+            cov = self.xtx[l] / self.n[l] - torch.outer(mu, mu)
+            k = min(k, int(mu.numel()))
+            evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending
+            evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k].T  # (k,), (k, hidden)
+            top = evecs.abs().argmax(dim=1)
+            evecs = evecs * torch.sign(evecs[torch.arange(k), top])[:, None]
+            bases.append(evecs.float().cpu().numpy())
+            variances.append(evals.clamp_min(0).float().cpu().numpy())
+        return np.stack(bases), np.stack(variances)

@@ -279,6 +279,15 @@ _SPECS = [
               required=False),
     ArraySpec("fit_pca_variance", ("fit_layer", "pca_component"), "float32", STORE,
               "variance of original's visual states along each principal direction (pca_noise)", required=False),
+    ArraySpec("fit_sigma", ("fit_layer",), "float32", STORE,
+              "std of every entry of original's visual states at the input of each fit layer (patched gaussian)",
+              required=False),
+    ArraySpec("fit_question_mean", ("fit_layer", "hidden"), "float32", STORE,
+              "mean state of original over every question content token at the input of each fit layer (patched "
+              "text mean)", required=False),
+    ArraySpec("fit_question_sigma", ("fit_layer",), "float32", STORE,
+              "std of every entry of original's question-token states at the input of each fit layer (patched text "
+              "gaussian)", required=False),
     # ------------------------------------------------------------------ MoE routing (extract.routing: true)
     # Optional: a store has them only when its Layout has ``routing`` (MoE families, routing on); their
     # dimensions come from the Layout. ``route_layer`` = decoder layer index (its router), not a hidden-state index.

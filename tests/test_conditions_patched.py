@@ -151,3 +151,18 @@ def test_merge_params_unions_remaps_donors_and_keeps_each_sigma():
     assert out["sigma_of_inputs"] == [{"store": "a.zarr", "sigma": a["sigma"]}, {"store": "b.zarr", "sigma": b["sigma"]}]
     same = entry.merge_params("patched", [("a.zarr", a), ("c.zarr", dict(a))], None)
     assert same == a and "sigma_of_inputs" not in same
+
+
+def test_dry_run_counts_the_forward_passes_of_each_family():
+    from gapcache.extract.estimate import forward_passes, suite_passes
+
+    swap = Condition("patched", strategy="swap", channel="visual", patch_layer=12)
+    zero = Condition("patched", strategy="zero", channel="text", patch_layer=12)
+    assert forward_passes(zero, 48) == (1.0, 1.0)
+    assert forward_passes(swap, 48) == (2.0, 1.25)  # + one donor forward stopped at layer 12 of 48
+    assert forward_passes(swap, 48, extra=0.5, generate=True) == (5.5, 2.5 + 3 * 0.25)
+    e = cfg(patch_layers=[0, 24], patch_strategies=["zero", "mean", "swap"]).extract
+    table = suite_passes(conditions.expand_config(e, 48), 48)
+    assert table == {"original": {"conditions": 1, "passes": 1.0, "equivalents": 1.0},
+                     "patched": {"conditions": 10, "passes": 12.0, "equivalents": 10.5},
+                     "fit pre-pass": {"conditions": 0, "passes": 1.0, "equivalents": 1.0}}

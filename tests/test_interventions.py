@@ -60,10 +60,30 @@ KIND_OPTIONS = {
     "patched": lambda strategies: {"patch_layers": list(range(N_LAYERS)), "patch_channels": list(conditions.CHANNELS),
                                    "patch_strategies": list(strategies)},
 }
-#: the positions each position kind names, computed here from the planned sample (not by the code under test;
-#: the question's: every non-special prompt token whose text overlaps the question's characters, test_question_positions)
-EXPECTED_POSITIONS = {"visual": lambda p: set(range(p.visual_start, p.visual_start + p.visual_length)),
-                      "question": lambda p: set(p.expected_question)}
+
+
+def question_tokens(p, tok) -> set:
+    """The prompt positions whose decoded text, whitespace removed, spells the question (whitespace removed): the
+    last such run of tokens, whitespace-only tokens at its ends left out (not read from the site planner)."""
+    target = "".join(p.sample.question.split())
+    pieces = ["".join(tok.decode([t]).split()) for t in p.prompt_ids]
+    found = None
+    for a in range(len(pieces)):
+        if not pieces[a] or not target.startswith(pieces[a]):
+            continue
+        text, b = "", a
+        while b < len(pieces) and len(text) < len(target) and target.startswith(text + pieces[b]):
+            text, b = text + pieces[b], b + 1
+        if text == target:
+            found = (a, b)
+    assert found is not None, (p.sample.question, pieces)
+    return set(range(*found))
+
+
+#: the positions each position kind names, computed here from the planned sample and its tokenizer (not by the
+#: code under test)
+EXPECTED_POSITIONS = {"visual": lambda p, tok: set(range(p.visual_start, p.visual_start + p.visual_length)),
+                      "question": question_tokens}
 
 
 def conformance_options() -> dict:
@@ -259,7 +279,7 @@ def test_hook_acts_on_its_declared_layers_and_positions_only(run, label):
     b, seq = inputs["input_ids"].shape
     declared = torch.zeros(b, seq, dtype=torch.bool)
     for row, p in enumerate(P):
-        declared[row, sorted(EXPECTED_POSITIONS[hook.positions](p))] = True
+        declared[row, sorted(EXPECTED_POSITIONS[hook.positions](p, run.processor.tokenizer))] = True
     for j in range(N_LAYERS):
         (h0, a0), (h1, a1) = seen[j, "before"], seen[j, "after"]
         if j not in hook.layers:
@@ -277,6 +297,19 @@ def test_hook_acts_on_its_declared_layers_and_positions_only(run, label):
             allowed_removal = (~declared)[:, :, None] & declared[:, None, :]
             assert not (removed & ~allowed_removal).any(), (label, j, "masked an undeclared pair")
             assert all(removed[row].any() for row in range(b)), (label, j, "left a row untouched")
+
+
+def test_question_positions_are_the_question_s_content_tokens(run):
+    """The text channel's positions: exactly the tokens that spell the question, none special, the instruction
+    site the last of them, the template before and after them left out."""
+    tok = run.processor.tokenizer
+    special = set(tok.all_special_ids)
+    for p in run.ex.planned:
+        got = set(interventions.POSITIONS["question"](p))
+        assert got == question_tokens(p, tok), (run.family, p.index)
+        assert not {int(p.prompt_ids[t]) for t in got} & special
+        assert max(got) == p.instruction and not got & set(range(p.visual_start, p.visual_start + p.visual_length))
+        assert p.prediction not in got
 
 
 def test_hooks_are_context_managers_and_remove_on_exit(run):

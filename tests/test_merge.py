@@ -173,3 +173,31 @@ def test_condition_params_merge_by_each_kinds_rule(tmp_path):
                {**PROV, "condition_params": params([9.0, 9.0, 9.0], [0], [0])})
     with pytest.raises(IncompatibleStoreError, match=r"'condition_params.blind_mean.mean_rgb'"):
         merge([a, c], tmp_path / "m2.zarr")
+
+
+def test_patched_condition_params_merge(tmp_path):
+    """Single-layer patching: layers, channels and strategies are the union of the inputs', the swap's donors are
+    remapped to the merged sample order, and each input's gaussian sigma is kept when they differ."""
+    from gapcache.conditions import Condition
+
+    def layout(ids, layer):
+        conds = (Condition("original"), Condition("patched", strategy="swap", channel="visual", patch_layer=layer),
+                 Condition("patched", strategy="gaussian", channel="text", patch_layer=layer))
+        return Layout(sample_ids=tuple(ids), conditions=conds, layers=(0, 1, 2), hidden=4, model_dtype="bfloat16",
+                      candidates=("no", "yes"), visual_lengths=(2, 1), samples_per_shard=2, visual_chunk_tokens=4)
+
+    def params(layer, sigma):
+        return {"patched": {"layers": [layer], "channels": ["visual", "text"], "strategies": ["swap", "gaussian"],
+                            "sigma": {"visual": {str(layer): sigma}, "text": {str(layer): sigma / 2}},
+                            "swap": {"donor": [1, 0], "seed": 0}}}
+
+    a = _store(tmp_path / "a.zarr", layout(["s0", "s1"], 1), 1, {**PROV, "condition_params": params(1, 2.0)})
+    b = _store(tmp_path / "b.zarr", layout(["s2", "s3"], 0), 2, {**PROV, "condition_params": params(0, 3.0)})
+    m = open_store(merge([a, b], tmp_path / "m.zarr"))
+    got = m.attrs["condition_params"]["patched"]
+    assert got["layers"] == [0, 1] and got["channels"] == ["visual", "text"]
+    assert got["swap"]["donor"] == [1, 0, 3, 2] == m.donor.values.tolist()
+    assert [s["sigma"]["visual"] for s in got["sigma_of_inputs"]] == [{"1": 2.0}, {"0": 3.0}]
+    assert sorted(str(c) for c in m.condition.values) == ["original", "patched_text_gaussian_L0",
+                                                          "patched_text_gaussian_L1", "patched_visual_swap_L0",
+                                                          "patched_visual_swap_L1"]
