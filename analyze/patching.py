@@ -230,7 +230,8 @@ def figure(s, out, ctx: Context):
                 axes[2].plot(v["layers"], v["delta"]["estimate"], ls="-" if c == "visual" else "--", marker="o",
                              ms=3, label=f"{c} {name}")
     axes[0].set(title=f"Dual-channel patching ({head}; {int(100 * w['level'])}% paired CIs)", ylabel="Delta (log-prob)")
-    axes[1].set(title="text - visual, sup-t band over layers", ylabel="Delta_text - Delta_visual")
+    axes[1].set(title=f"text - visual, sup-t band; window {w['start']}..{w['crossing']} (None: not found)",
+                ylabel="Delta_text - Delta_visual")
     axes[2].set(title="every strategy (solid: visual, dashed: text)", ylabel="mean Delta")
     for ax in axes:
         _mark_window(ax, w)
@@ -238,12 +239,17 @@ def figure(s, out, ctx: Context):
         if cliff is not None and np.isfinite(cliff):
             ax.axvline(cliff, color="gray", ls=":", lw=1, label=f"truncation cliff L={cliff:g} (secondary)")
         ax.set_xlabel("patched layer l (input of decoder layer l)")
+        ax.set_xticks(w["layers"])
         ax.legend(fontsize=6)
     return report.save_figure(fig, out, "transfer_window")
 
 
 def _end(value, ci) -> str:
-    return "not found" if value is None else f"{value} [{ci['low']}, {ci['high']}] (found in {ci['found_fraction']:.0%})"
+    """'3 [2, 4] (found in 97%)'; an end not found (or a CI bound beyond the grid) reads 'none'."""
+    def name(x):
+        return "none" if x is None or x == ci["not_found_as"] else str(x)
+
+    return f"{name(value)} [{name(ci['low'])}, {name(ci['high'])}] (found in {ci['found_fraction']:.0%} of resamples)"
 
 
 def window_text(w: dict) -> str:

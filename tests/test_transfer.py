@@ -277,7 +277,12 @@ def test_patching_and_swap_metrics_from_the_store(tmp_path):
     assert (out / "store" / "transfer_window.png").is_file() and (out / "store" / "swap.png").is_file()
     assert html.index("transfer window (zero, log-prob Delta)") < html.index("accuracy original")
     assert html.index("store/transfer_window.png") < html.index("store/accuracy.png")
-    assert "start 0 [0, 0] (found in 100%) -&gt; crossing 2 [2, 2] (found in 100%)" in html
+    assert "start 0 [0, 0] (found in 100% of resamples) -&gt; crossing 2 [2, 2] (found in 100% of resamples)" in html
+    none = {"start": None, "start_ci": {"low": -1, "high": 1, "found_fraction": 0.25, "not_found_as": -1},
+            "crossing": 3, "crossing_ci": {"low": 3, "high": 4, "found_fraction": 0.9, "not_found_as": 4},
+            "n": 5, "level": 0.95, "layers": [0, 1, 2, 3]}
+    assert patching.window_text(none) == ("start none [none, 1] (found in 25% of resamples) -> crossing 3 [3, none] "
+                                          "(found in 90% of resamples) (n=5; FWER <= 0.05 over 4 layers, sup-t band)")
     assert "cliff layer (truncation; secondary to the transfer window)" in html
 
 
