@@ -209,37 +209,48 @@ def _mark_window(ax, w: dict) -> None:
         ax.axvline(start, color="tab:orange", lw=1.2, label=f"last visual-dominant L={start}")
 
 
-def figure(s, out, ctx: Context):
-    """Delta_visual and Delta_text against l (paired CI bands) with the crossing and the window marked, the
-    text - visual difference with its simultaneous band, and every strategy's curves -> transfer_window.png."""
-    m = s["metrics"].get("patching", {})
-    head = m.get("headline")
-    if head is None:
-        return None
-    w, curves = m["transfer"][head]["logprob"], m["curves"]
-    plt = report.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+def _dual_panels(ax0, ax1, m: dict, head: str) -> dict:
+    """The headline strategy's two Delta curves and their text - visual difference with its band; its window."""
+    w = m["transfer"][head]["logprob"]
     for c in CHANNELS:
-        v = curves[c][head]
-        report.band(axes[0], v["layers"], v["delta"], f"Delta_{c} ({head})")
-    report.band(axes[1], w["layers"], w["difference"], "Delta_text - Delta_visual (simultaneous band)")
-    axes[1].axhline(0, color="k", lw=0.8)
+        report.band(ax0, m["curves"][c][head]["layers"], m["curves"][c][head]["delta"], f"Delta_{c} ({head})")
+    report.band(ax1, w["layers"], w["difference"], "Delta_text - Delta_visual (simultaneous band)")
+    ax1.axhline(0, color="k", lw=0.8)
+    ax0.set(title=f"Dual-channel patching ({head}; {int(100 * w['level'])}% paired CIs)", ylabel="Delta (log-prob)")
+    ax1.set(title=f"text - visual, sup-t band; window {w['start']}..{w['crossing']} (None: not found)",
+            ylabel="Delta_text - Delta_visual")
+    return w
+
+
+def _all_curves(ax, curves: dict) -> None:
     for c, per in curves.items():
         for name, v in per.items():
             if "delta" in v:
-                axes[2].plot(v["layers"], v["delta"]["estimate"], ls="-" if c == "visual" else "--", marker="o",
-                             ms=3, label=f"{c} {name}")
-    axes[0].set(title=f"Dual-channel patching ({head}; {int(100 * w['level'])}% paired CIs)", ylabel="Delta (log-prob)")
-    axes[1].set(title=f"text - visual, sup-t band; window {w['start']}..{w['crossing']} (None: not found)",
-                ylabel="Delta_text - Delta_visual")
-    axes[2].set(title="every strategy (solid: visual, dashed: text)", ylabel="mean Delta")
+                ax.plot(v["layers"], v["delta"]["estimate"], ls="-" if c == "visual" else "--", marker="o", ms=3,
+                        label=f"{c} {name}")
+    ax.set(title="every strategy (solid: visual, dashed: text)", ylabel="mean Delta")
+
+
+def figure(s, out, ctx: Context):
+    """Delta_visual and Delta_text against l (paired CI bands) with the crossing and the window marked, the
+    text - visual difference with its simultaneous band, and every strategy's curves -> transfer_window.png
+    (a store with one channel only: the curves alone)."""
+    m = s["metrics"].get("patching", {})
+    head = m.get("headline")
+    if not any("delta" in v for per in m.get("curves", {}).values() for v in per.values()):
+        return None
+    plt = report.pyplot()
+    fig, axes = plt.subplots(1, 3 if head else 1, figsize=(14, 3.6) if head else (6, 3.6), squeeze=False)
+    axes = axes[0]
+    w = _dual_panels(axes[0], axes[1], m, head) if head else {}
+    _all_curves(axes[-1], m["curves"])
     for ax in axes:
         _mark_window(ax, w)
         cliff = ctx.cliff_layer
         if cliff is not None and np.isfinite(cliff):
             ax.axvline(cliff, color="gray", ls=":", lw=1, label=f"truncation cliff L={cliff:g} (secondary)")
         ax.set_xlabel("patched layer l (input of decoder layer l)")
-        ax.set_xticks(w["layers"])
+        ax.set_xticks(m["layers"])
         ax.legend(fontsize=6)
     return report.save_figure(fig, out, "transfer_window")
 

@@ -284,6 +284,9 @@ def test_patching_and_swap_metrics_from_the_store(tmp_path):
     assert patching.window_text(none) == ("start none [none, 1] (found in 25% of resamples) -> crossing 3 [3, none] "
                                           "(found in 90% of resamples) (n=5; FWER <= 0.05 over 4 layers, sup-t band)")
     assert "cliff layer (truncation; secondary to the transfer window)" in html
+    one_channel = {"metrics": {"patching": {**m, "headline": None, "transfer": {}}}}  # e.g. visual patching only
+    assert patching.figure(one_channel, tmp_path, metrics.Context()) == "transfer_window.png"
+    assert patching.rows(one_channel) == []
 
 
 def test_a_store_without_patched_conditions_skips_both_metrics(tmp_path):
