@@ -90,16 +90,16 @@ def figure(s, out, ctx: Context):
 
 
 def rows(s) -> list[tuple[str, str]]:
-    """Generation score per non-truncated condition, each - original (paired), and the truncation ends."""
-    from gapcache.analyze.report import fmt_ci
+    """Generation score per condition outside the truncation / patching groups, each - original (paired), and the truncation ends."""
+    from gapcache.analyze.report import fmt_ci, shown_apart
 
     m = s["metrics"].get("generation", {})
     out = []
     for c, ci in m.get("per_condition", {}).items():
-        if not conditions.label_in_group(c, conditions.TRUNCATION):
+        if not shown_apart(c):
             out.append((f"generation score {c}", fmt_ci(ci)))
     for c, ci in m.get("vs_original", {}).items():
-        if not conditions.label_in_group(c, conditions.TRUNCATION):
+        if not shown_apart(c):
             out.append((f"generation score {c} - original (paired)", fmt_ci(ci)))
     for st, v in m.get("truncation", {}).items():
         d = v["vs_original"]

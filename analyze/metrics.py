@@ -80,13 +80,16 @@ class Context:
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """One registered metric: its name (the summary key and the ``--metrics`` value), its compute,
-    figure and report-rows functions (signatures in the module docstring), and one line of help."""
+    figure and report-rows functions (signatures in the module docstring), and one line of help.
+    ``lead``: when it ran (not skipped), its figure and rows come first in the report (the headline result,
+    e.g. the transfer window); the others keep registry order."""
 
     name: str
     compute: Callable[..., MetricResult | dict]
     figure: Callable[..., str | None]
     rows: Callable[[dict], list]
     description: str = ""
+    lead: bool = False
 
 
 REGISTRY: dict[str, Metric] = {}  # name -> entry; insertion order = pipeline order
@@ -124,6 +127,14 @@ def get(name: str) -> Metric:
 def registered(selected=None) -> list[Metric]:
     """The entries in pipeline order; only those named in ``selected`` when given (its order is ignored)."""
     return [m for m in REGISTRY.values() if selected is None or m.name in selected]
+
+
+def report_order(summaries: dict) -> list[Metric]:
+    """The entries of the metrics in ``summaries`` ({name: summary}) in report order: those marked ``lead`` that
+    ran (no ``skipped``) first, then the rest, each part in registry order."""
+    ran = registered(summaries)
+    first = [m for m in ran if m.lead and "skipped" not in summaries[m.name]]
+    return first + [m for m in ran if m not in first]
 
 
 def as_result(value, metric: str) -> MetricResult:

@@ -384,6 +384,7 @@ registry.register(Metric("lens", lens, report.fig_lens, report.rows_lens,
 registry.register(Metric("attention", attention_mod.compute, attention_mod.figure, attention_mod.rows,
                          "attention mass on image/question/template and visual sparsity per layer, - original"))
 from gapcache.analyze import soft as _soft  # noqa: E402,F401  (registers soft_truncation and window)
+from gapcache.analyze import patching as _patching  # noqa: E402,F401  (registers patching and swap)
 
 
 # ------------------------------------------------------------------------------------- driver

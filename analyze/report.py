@@ -62,10 +62,18 @@ def mark_cliff(ax, cliff):
         ax.axvline(cliff, color="k", ls="--", lw=1, label=f"cliff L={cliff:g}")
 
 
+def shown_apart(label: str) -> bool:
+    """Whether a condition's own row / bar is left out of the per-condition tables and figures: the truncation
+    and patching groups have curves of their own (truncation, patching metrics) and many entries."""
+    return conditions.label_in_group(label, conditions.TRUNCATION) or conditions.label_in_group(label,
+                                                                                              conditions.PATCHING)
+
+
 def fig_accuracy(s, out, ctx: Context):
     """Bar chart of forced-choice accuracy per condition with its CI -> accuracy.png."""
     m = s["metrics"]
-    acc = m.get("accuracy", {}).get("per_condition", {})
+    acc = {c: v for c, v in m.get("accuracy", {}).get("per_condition", {}).items()
+           if not conditions.label_in_group(c, conditions.PATCHING)}  # patching: its own figure
     if not acc:
         return None
     plt = pyplot()
@@ -176,7 +184,7 @@ def fig_lens(s, out, ctx: Context):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for c, v in ln.items():
-        if not conditions.label_in_group(c, conditions.TRUNCATION):
+        if not shown_apart(c):
             band(ax, v["layers"], v["accuracy"], c)
     mark_cliff(ax, cliff)
     ax.set(xlabel="layer", ylabel="lens accuracy", title="Logit lens at the prediction site")
@@ -219,10 +227,10 @@ def rows_accuracy(s) -> list[tuple[str, str]]:
     m = s["metrics"]
     rows = []
     for c, ci in m.get("accuracy", {}).get("per_condition", {}).items():
-        if not conditions.label_in_group(c, conditions.TRUNCATION):
+        if not shown_apart(c):
             rows.append((f"accuracy {c}", fmt_ci(ci)))
     for c, ci in m.get("accuracy", {}).get("vs_original", {}).items():
-        if not conditions.label_in_group(c, conditions.TRUNCATION):
+        if not shown_apart(c):
             rows.append((f"accuracy {c} - original (paired)", fmt_ci(ci)))
     return rows
 
@@ -291,9 +299,10 @@ def rows_lens(s) -> list[tuple[str, str]]:
 
 
 def key_numbers(s) -> list[tuple[str, str]]:
-    """Every metric's report rows, in registry order (a metric the run skipped: one row with the reason)."""
+    """Every metric's report rows in report order (metrics.report_order: the lead ones that ran first, then
+    registry order; a metric the run skipped: one row with the reason)."""
     rows = []
-    for entry in metrics.registered(s["metrics"]):
+    for entry in metrics.report_order(s["metrics"]):
         m = s["metrics"][entry.name]
         rows += [(entry.name, f"skipped: {m['skipped']}")] if "skipped" in m else entry.rows(s)
     return rows
@@ -312,7 +321,7 @@ def write_report(summary: dict, out, results: dict | None = None) -> Path:
         fig_dir.mkdir(parents=True, exist_ok=True)
         res = (results or {}).get(name)
         ctx = Context(cliff_layer=s.get("cliff_layer"), arrays={} if res is None else res)
-        figs = [entry.figure(s, fig_dir, ctx) for entry in metrics.registered(s["metrics"])]
+        figs = [entry.figure(s, fig_dir, ctx) for entry in metrics.report_order(s["metrics"])]
         model = s["store"].get("model") or {}
         parts.append(f"<h2>{html.escape(name)}: {html.escape(str(model.get('id')))} "
                      f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")

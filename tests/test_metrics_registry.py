@@ -21,9 +21,10 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reg")
-    cfg = write_config(tmp, conditions=["original", "blind_black", "truncated", "window"],
+    cfg = write_config(tmp, conditions=["original", "blind_black", "truncated", "window", "patched"],
                        truncation_layers=[-1, 0, 1, 2, 3], truncation_strategies=["zero", "norm_noise"],
                        truncation_windows=[[0, 1]], window_strategies=["zero"],
+                       patch_layers=[0, 2], patch_strategies=["zero", "swap"],
                        generate={"enabled": True, "max_new_tokens": 2},
                        attention=True)  # every registered metric runs on it (attention: the summaries)
     assert main(["extract", str(cfg), "--out", str(tmp / "run")]) == 0
