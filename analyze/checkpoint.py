@@ -205,7 +205,7 @@ def rows(s) -> list[tuple[str, str]]:
     """One row per checkpoint: its verdict and its criteria's."""
     m = s["metrics"].get("checkpoint", {})
     return [(f"checkpoint {num} ({cp['text']}, L={m.get('cliff_layer')})",
-             f"{cp['verdict']}: " + "; ".join(f"{e['key']} {e['verdict']}" for e in cp["criteria"]))
+             f"{cp['verdict']}: " + "; ".join(f"{e['key']} {e['verdict'].split(' (')[0]}" for e in cp["criteria"]))
             for num, cp in m.get("checkpoints", {}).items()]
 
 
