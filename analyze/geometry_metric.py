@@ -56,23 +56,40 @@ def _blocks(ds, span: str):
     return da.asarray(states.data).rechunk((1, sizes, 1, -1)), starts, bounds, n_per, off, length
 
 
+def _padded(block, rows, center: bool):
+    """Rows of each sample of a group, each centred over its rows if ``center``, zero-padded to one stack
+    (n, max rows, hidden), and the row counts. Zero rows change neither a scatter matrix Vc'Vc (nor any term
+    of cross_modal_cka) nor ICC (zero-norm tokens are left out), so a group is one batched call."""
+    counts = np.array([len(r) for r in rows])
+    out = np.zeros((len(rows), max(1, counts.max(initial=0)), block.shape[-1]))
+    for j, r in enumerate(rows):
+        if len(r):
+            x = block[0, r, 0].astype(np.float64)
+            out[j, : len(r)] = x - x.mean(axis=0) if center else x
+    return out, counts
+
+
 def _group_geometry(vblock, tblock, v_rows, t_rows) -> np.ndarray:
-    """(n, 2) [icc, cka] of each sample of a group: v_rows / t_rows are (start, rows) per sample."""
+    """(n, 2) [icc, cka] of each sample of a group: v_rows / t_rows are block-relative row indices per sample."""
+    V, nv = _padded(vblock, v_rows, center=False)
     out = np.full((len(v_rows), 2), np.nan)
-    for j, ((v0, n), t) in enumerate(zip(v_rows, t_rows)):
-        if n < 1:
-            continue
-        V = vblock[0, v0 : v0 + n, 0]
-        out[j, 0] = icc(V)
-        if t is not None and t.size >= 2 and n >= 2:
-            out[j, 1] = cross_modal_cka(V, tblock[0, t, 0])
+    out[:, 0] = np.where(nv > 0, icc(V), np.nan)
+    if tblock is not None:
+        Vc, _ = _padded(vblock, v_rows, center=True)
+        Tc, nt = _padded(tblock, t_rows, center=True)
+        ok = (nv >= 2) & (nt >= 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, 1] = np.where(ok, cross_modal_cka(Vc, Tc, center=False), np.nan)
     return out
 
 
 def _group_text_er(tblock, t_rows) -> np.ndarray:
+    """Effective rank of each sample's rows (padded, with a validity mask: gapcache.analyze.rank)."""
     from gapcache.analyze.rank import effective_rank
 
-    return np.array([effective_rank(tblock[0, t0 : t0 + n, 0]) if n > 0 else np.nan for t0, n in t_rows])
+    T, n = _padded(tblock, t_rows, center=False)
+    valid = np.arange(T.shape[1])[None, :] < n[:, None]
+    return np.where(n > 0, effective_rank(T, valid=valid), np.nan)
 
 
 def text_rows(ds, group: str) -> list[np.ndarray]:
@@ -98,15 +115,15 @@ def per_sample(ds, cka_text: str = "question"):
     for c, label in enumerate(vconds):
         for g, s in enumerate(starts):
             sl = range(s, s + n_per[g])
-            v_rows = [(int(voff[i] - vb[g]), int(vlen[i])) for i in sl]
-            t_rows = [rows[i] + int(toff[i] - tb[g]) for i in sl] if tok else [None] * len(v_rows)
+            v_rows = [np.arange(vlen[i]) + int(voff[i] - vb[g]) for i in sl]
+            t_rows = [rows[i] + int(toff[i] - tb[g]) for i in sl] if tok else None
             for li in range(layers):
                 tblock = tarr.blocks[tconds.index(label), g, li] if tok else None
                 tasks.append(dask.delayed(_group_geometry)(vis.blocks[c, g, li], tblock, v_rows, t_rows))
     if tok:
         for c in range(len(tconds)):
             for g, s in enumerate(starts):
-                t_rows = [(int(toff[i] - tb[g]), int(tlen[i])) for i in range(s, s + n_per[g])]
+                t_rows = [np.arange(tlen[i]) + int(toff[i] - tb[g]) for i in range(s, s + n_per[g])]
                 er_tasks += [dask.delayed(_group_text_er)(tarr.blocks[c, g, li], t_rows) for li in range(layers)]
     got, er = dask.compute(tasks, er_tasks)
     geo = np.full((len(vconds), len(voff), layers, 2), np.nan)
@@ -134,8 +151,8 @@ def window_change(x: np.ndarray, layers, cliff: float, how: str) -> np.ndarray:
     layers = np.asarray(layers)
     before, after = layers <= cliff, layers > cliff
     if not before.any() or not after.any():
-        raise ConfigError(f"The cliff layer {cliff} must leave recorded layers on both sides "
-                          f"(layers {layers.min()}..{layers.max()}); pass --cliff-layer to choose one.")
+        raise ConfigError(f"undefined: cliff layer {cliff} leaves no stored layer on one side "
+                          f"(layers {layers.min()}..{layers.max()}); pass --cliff-layer to choose one")
     b, a = x[:, before].mean(axis=1), x[:, after].mean(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return a - b if how == "difference" else a / b

@@ -112,10 +112,10 @@ def test_geometry_arrays_are_the_pure_functions_of_each_samples_span_rows(stores
         q = _roles(ds, i) == "question"
         for li in range(ds.sizes["layer"]):
             got = {k: float(res[f"geometry_{k}"].sel(visual_condition="original").values[i, li]) for k in ("icc", "cka")}
-            assert got["icc"] == pytest.approx(float(icc(V[:, li])), rel=1e-12)
+            assert got["icc"] == pytest.approx(float(icc(V[:, li])), rel=1e-9)  # batched: zero-padded
             assert got["cka"] == pytest.approx(float(cross_modal_cka(V[:, li], T[q, li])), rel=1e-9, abs=1e-12)
             er = float(res.geometry_text_er.sel(token_condition="original").values[i, li])
-            assert er == pytest.approx(float(effective_rank(T[:, li])), rel=1e-12)
+            assert er == pytest.approx(float(effective_rank(T[:, li])), rel=1e-9)
 
 
 def test_checkpoint_section_and_estimates_agree_with_the_metrics_they_read(stores, analysed):
