@@ -81,7 +81,7 @@ def cmd_demo(args) -> int:
     from gapcache.config import demo_config, load_config
     from gapcache.extract.runner import Extraction
 
-    d = demo_config(plain=getattr(args, "plain", False))
+    d = demo_config(plain=args.plain)
     if args.n is not None:
         d["data"]["options"]["n"] = args.n
     cfg = load_config(d)
@@ -90,7 +90,9 @@ def cmd_demo(args) -> int:
 
     preflight(cfg, out)
     print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
-          f"{len(cfg.extract.conditions)} conditions -> {out}", file=sys.stderr)
+          f"{len(cfg.extract.conditions)} conditions"
+          + ("" if args.plain else ", with attention summaries and every text token (--plain: without)")
+          + f" -> {out}", file=sys.stderr)
     ex = Extraction(cfg, out).load()
     path = ex.run()
     print(format_info(path))
