@@ -21,6 +21,8 @@ registered by :mod:`gapcache.analyze.pipeline` (importing ``gapcache.analyze`` r
   ``summary["stores"][store]``, ``ctx`` holds the store's cliff and results arrays (empty when the
   report is drawn from summary.json alone); writes ``out_dir/<name>.png`` (and .pdf).
 * ``rows(store_summary) -> [(label, value), ...]``: the metric's key numbers (report table, CLI).
+* ``section(store_summary) -> str`` (optional): an HTML block of its own in report.html, after the key
+  numbers (the checkpoint table).
 
 The registry's order is the pipeline order: a metric reading ``ctx.cliff_layer`` (rank) comes after
 the one that finds it (evd). ``AnalysisParams.metrics``, its validation, the CLI's ``--metrics``,
@@ -90,6 +92,8 @@ class Metric:
     rows: Callable[[dict], list]
     description: str = ""
     lead: bool = False
+    #: optional ``section(store_summary) -> html`` : a block of report.html of its own (e.g. the checkpoint table)
+    section: Callable[[dict], str] | None = None
 
 
 REGISTRY: dict[str, Metric] = {}  # name -> entry; insertion order = pipeline order
@@ -104,6 +108,9 @@ def register(metric: Metric) -> Metric:
                           f"Got {metric.name!r} instead.")
     if metric.name in REGISTRY:
         raise ConfigError(f"The 'name' of a Metric must not be registered already. Got {metric.name!r} instead.")
+    if metric.section is not None and not callable(metric.section):
+        raise ConfigError(f"The 'section' of Metric {metric.name!r} must be callable or None. "
+                          f"Got {metric.section!r} instead.")
     for field in ("compute", "figure", "rows"):
         if not callable(getattr(metric, field)):
             raise ConfigError(f"The '{field}' of Metric {metric.name!r} must be callable. "

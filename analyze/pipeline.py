@@ -63,6 +63,10 @@ class AnalysisParams:
     correction: str = "holm"
     alpha: float = 0.05
     scheduler: str = "threads"
+    #: text sites (besides the store's own) every site-taking metric analyses, derived from the token span by
+    #: name (gapcache.analyze.textsites.DERIVED: question_mean, question_first, ...; --site)
+    sites: tuple = ()
+    cka_text: str = "question"  # text tokens the geometry CKA compares with the visual ones (textsites.GROUPS)
 
     def validate(self):
         """Self, checked: metrics are registered names, cliff_method a known cliff rule."""
@@ -72,6 +76,13 @@ class AnalysisParams:
                               f"Got {bad} instead.")
         if self.tau_rule not in ("adaptive", "seed"):
             raise ConfigError(f"The 'tau_rule' parameter must be one of ['adaptive', 'seed']. Got {self.tau_rule!r} instead.")
+        from gapcache.analyze.textsites import DERIVED, GROUPS
+
+        if self.cka_text not in GROUPS:
+            raise ConfigError(f"The 'cka_text' parameter must be one of {list(GROUPS)}. Got {self.cka_text!r} instead.")
+        if isinstance(self.sites, str):
+            raise ConfigError(f"The 'sites' parameter must be a tuple of site names (e.g. {list(DERIVED)[:2]}). "
+                              f"Got the string {self.sites!r} instead.")
         if self.cliff_method not in ("median_evd", "steepest", "first_crossing"):
             raise ConfigError("The 'cliff_method' parameter must be one of ['median_evd', 'steepest', "
                               f"'first_crossing']. Got {self.cliff_method!r} instead.")
@@ -385,6 +396,15 @@ registry.register(Metric("attention", attention_mod.compute, attention_mod.figur
                          "attention mass on image/question/template and visual sparsity per layer, - original"))
 from gapcache.analyze import soft as _soft  # noqa: E402,F401  (registers soft_truncation and window)
 from gapcache.analyze import patching as _patching  # noqa: E402,F401  (registers patching and swap)
+from gapcache.analyze import checkpoint as _checkpoint  # noqa: E402
+from gapcache.analyze import geometry_metric as _geometry  # noqa: E402
+
+# cross-modal geometry (issue 14, item 6): ICC always, CKA and the text-token ER with the token span
+registry.register(Metric("geometry", _geometry.compute, _geometry.figure, _geometry.rows,
+                         "ICC among visual tokens, CKA visual vs text tokens, text-token ER per layer, change at the cliff"))
+# the seed's checkpoints with CIs and verdicts (reads the arrays of evd, rank and geometry)
+registry.register(Metric("checkpoint", _checkpoint.compute, _checkpoint.figure, _checkpoint.rows,
+                         "the seed's three go/no-go checkpoints: estimate, CI, verdict", section=_checkpoint.section))
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -395,6 +415,10 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
 
     p.validate()
     _check_cliff_layer(ds, p)
+    if p.sites:
+        from gapcache.analyze.textsites import with_sites
+
+        ds = with_sites(ds, p.sites)  # derived text sites appended to the site axis (lazy)
     summary = {"store": {k: ds.attrs.get(k) for k in ("model", "dataset", "provenance", "config_hash")},
                "params": dataclasses.asdict(p), "metrics": {}, "timing_s": {}}
     ctx = Context(cliff_layer=p.cliff_layer)

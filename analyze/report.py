@@ -308,6 +308,12 @@ def key_numbers(s) -> list[tuple[str, str]]:
     return rows
 
 
+def sections(s) -> list[str]:
+    """The HTML blocks of the metrics that have one (``Metric.section``), in registry order."""
+    return [entry.section(s) for entry in metrics.registered(s["metrics"])
+            if entry.section is not None and "skipped" not in s["metrics"][entry.name]]
+
+
 def write_report(summary: dict, out, results: dict | None = None) -> Path:
     """Figures for every store in ``summary`` and one report.html beside them: per store, the key numbers
     and the figures of each metric it ran, in registry order. ``results``: {store: results Dataset}
@@ -327,6 +333,7 @@ def write_report(summary: dict, out, results: dict | None = None) -> Path:
                      f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")
         parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
                                          for k, v in key_numbers(s)) + "</table>")
+        parts += sections(s)
         parts += [f"<img src='{name}/{f}'>" for f in figs if f]
         prov = {"path": s.get("path"), "model": model, "provenance": s["store"].get("provenance"),
                 "config_hash": s["store"].get("config_hash"), "params": s["params"], "timing_s": s["timing_s"]}

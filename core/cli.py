@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
+    an.add_argument("--site", default="", help="comma list of text sites to analyse besides the store's own, derived "
+                    "from the token span (extract.text: all): <group>_<mean|first|last>, group question, template, "
+                    "special or text (e.g. question_mean,question_first)")
+    an.add_argument("--cka-text", default="question", help="text tokens the geometry CKA compares with the visual "
+                    "ones: question (default), template, special or text (every prompt text token)")
     an.set_defaults(func=cmd_analyze)
 
     for register in plugins.load(plugins.COMMANDS).values():  # extract + demo, verify/merge/freeze/migrate, slurm
@@ -142,6 +147,7 @@ def cmd_analyze(args) -> int:
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), tau=args.tau, tau_ratio=args.tau_ratio,
         cliff_method=args.cliff_method, cliff_layer=args.cliff_layer, strategy=args.strategy,
         n_resamples=args.n_resamples, ci_method=args.ci_method, seed=args.seed, scheduler=args.scheduler,
+        sites=tuple(x.strip() for x in args.site.split(",") if x.strip()), cka_text=args.cka_text,
     )
     summary = run_analysis(args.stores, args.out, p)
     from gapcache.analyze.report import key_numbers

@@ -180,6 +180,20 @@ DEMO = {
 }
 
 
+#: what ``gapcache demo`` records beyond DEMO (= configs/demo.yaml, whose hash a test pins): the attention
+#: summaries and every prompt text token, so its report shows attention flow, CKA / ICC and the checkpoints
+#: on a first run; ``gapcache demo --plain`` runs DEMO exactly
+DEMO_RECORDS = {"attention": True, "text": "all"}
+
+
+def demo_config(plain: bool = False) -> dict:
+    """The config dict ``gapcache demo`` runs: DEMO, plus DEMO_RECORDS in its extract section unless ``plain``."""
+    d = copy.deepcopy(DEMO)
+    if not plain:
+        d["extract"].update(DEMO_RECORDS)
+    return d
+
+
 def _build(cls, values, where: str):
     if values is None:
         return cls()

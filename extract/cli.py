@@ -29,6 +29,8 @@ def register(sub) -> None:
     demo = sub.add_parser("demo", help="extract the built-in synthetic data with the built-in model")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
+    demo.add_argument("--plain", action="store_true", help="run configs/demo.yaml exactly: without the attention "
+                      "summaries and the text tokens the demo records by default (gapcache.config.DEMO_RECORDS)")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -74,13 +76,12 @@ def _exit_if_nothing_done(path) -> int:
 
 
 def cmd_demo(args) -> int:
-    import copy
     from pathlib import Path
 
-    from gapcache.config import DEMO, load_config
+    from gapcache.config import demo_config, load_config
     from gapcache.extract.runner import Extraction
 
-    d = copy.deepcopy(DEMO)
+    d = demo_config(plain=args.plain)
     if args.n is not None:
         d["data"]["options"]["n"] = args.n
     cfg = load_config(d)
@@ -89,7 +90,9 @@ def cmd_demo(args) -> int:
 
     preflight(cfg, out)
     print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
-          f"{len(cfg.extract.conditions)} conditions -> {out}", file=sys.stderr)
+          f"{len(cfg.extract.conditions)} conditions"
+          + ("" if args.plain else ", with attention summaries and every text token (--plain: without)")
+          + f" -> {out}", file=sys.stderr)
     ex = Extraction(cfg, out).load()
     path = ex.run()
     print(format_info(path))

@@ -18,6 +18,17 @@ def test_demo_yaml_is_the_embedded_default():
     assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()) == DEMO
 
 
+def test_gapcache_demo_adds_attention_and_every_text_token_unless_plain():
+    from gapcache.config import demo_config
+
+    d = demo_config()
+    assert d["extract"] == {**DEMO["extract"], "attention": True, "text": "all"} and d["data"] == DEMO["data"]
+    assert demo_config(plain=True) == DEMO and "text" not in DEMO["extract"]  # DEMO itself is untouched
+    cfg = load_config(d)
+    assert cfg.extract.attention is True and cfg.extract.text == "all"
+    assert cfg.hash() != load_config(DEMO).hash()
+
+
 @pytest.mark.parametrize("name", ["demo", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-30b-a3b"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")

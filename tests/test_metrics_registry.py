@@ -26,7 +26,8 @@ def store(tmp_path_factory):
                        truncation_windows=[[0, 1]], window_strategies=["zero"],
                        patch_layers=[0, 2], patch_strategies=["zero", "swap"],
                        generate={"enabled": True, "max_new_tokens": 2},
-                       attention=True)  # every registered metric runs on it (attention: the summaries)
+                       attention=True, text="all")  # every registered metric runs on it (attention: the summaries;
+    # geometry and checkpoint: every text token)
     assert main(["extract", str(cfg), "--out", str(tmp / "run")]) == 0
     return tmp / "run" / "store.zarr"
 

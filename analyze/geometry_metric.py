@@ -1,0 +1,280 @@
+"""The ``geometry`` metric: cross-modal geometry per (condition, sample, layer) from the cache (issue 14,
+item 6; formulas in gapcache.analyze.geometry). No torch.
+
+Per condition recording the visual span, per sample and layer:
+
+* ``icc``: mean pairwise cosine among the sample's recorded visual tokens (needs only the visual span);
+* ``cka``: debiased linear CKA between the sample's visual tokens and its text tokens of the roles
+  ``AnalysisParams.cka_text`` (default ``question``: the question's content tokens, the text channel of
+  DESIGN.md; ``text``: every prompt text token; groups of gapcache.analyze.textsites.GROUPS), compared over
+  the hidden units (gapcache.analyze.geometry);
+
+and per condition (every condition records the token span), per sample and layer, ``text_er``: the
+effective rank (gapcache.analyze.rank) of every text token of the sample. CKA and the text ER need the token
+span (``extract.text: all``); without it they are skipped with that reason and ICC is still computed.
+
+Each quantity: the mean over samples per layer with its CI, and with a cliff layer L (``--cliff-layer``
+or the one ``evd`` found) the per-sample change after vs up to L (layers > L against layers <= L, the
+windows of the ER ratio), with its CI over samples: ``icc`` and ``cka`` as a difference (after - before),
+``text_er`` as a ratio (after / before). Pooled or subset visual spans (``extract.visual.mode``) change
+ICC and CKA (the summary records the mode).
+
+Reads one (condition, group of samples, layer) block of each span per task (dask), never a whole span.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gapcache.analyze import stats
+from gapcache.analyze.geometry import cross_modal_cka, icc
+from gapcache.analyze.metrics import Context, MetricResult
+from gapcache.analyze.textsites import DERIVED, GROUPS, has_token_span
+from gapcache.conditions import REFERENCE
+from gapcache.errors import ConfigError
+
+NO_TOKEN_SPAN = "no token span in the store (extract.text: all records every prompt text token)"
+GROUP_SIZE = 32
+
+
+def _strs(da) -> list[str]:
+    return [str(v) for v in np.asarray(da.values, dtype=object).ravel()]
+
+
+def _blocks(ds, span: str):
+    """The span's states rechunked to (1 condition, one group of samples, 1 layer, hidden) blocks, and the
+    groups: (dask array, sample starts, row bounds, samples per group, offsets, lengths)."""
+    import dask.array as da
+
+    from gapcache.analyze.rank import _groups
+
+    states = ds[f"{span}_states"]
+    off, length = np.asarray(ds[f"{span}_offset"].values), np.asarray(ds[f"{span}_length"].values)
+    starts, bounds = _groups(off, length, GROUP_SIZE)
+    sizes = tuple(np.diff(bounds + [states.shape[1]]).tolist())
+    n_per = [min(GROUP_SIZE, len(off) - s) for s in starts]
+    return da.asarray(states.data).rechunk((1, sizes, 1, -1)), starts, bounds, n_per, off, length
+
+
+def _padded(block, rows, center: bool):
+    """Rows of each sample of a group, each centred over its rows if ``center``, zero-padded to one stack
+    (n, max rows, hidden), and the row counts. Zero rows change neither a scatter matrix Vc'Vc (nor any term
+    of cross_modal_cka) nor ICC (zero-norm tokens are left out), so a group is one batched call."""
+    counts = np.array([len(r) for r in rows])
+    out = np.zeros((len(rows), max(1, counts.max(initial=0)), block.shape[-1]))
+    for j, r in enumerate(rows):
+        if len(r):
+            x = block[0, r, 0].astype(np.float64)
+            out[j, : len(r)] = x - x.mean(axis=0) if center else x
+    return out, counts
+
+
+def _group_geometry(vblock, tblock, v_rows, t_rows) -> np.ndarray:
+    """(n, 2) [icc, cka] of each sample of a group: v_rows / t_rows are block-relative row indices per sample."""
+    V, nv = _padded(vblock, v_rows, center=False)
+    out = np.full((len(v_rows), 2), np.nan)
+    out[:, 0] = np.where(nv > 0, icc(V), np.nan)
+    if tblock is not None:
+        Vc, _ = _padded(vblock, v_rows, center=True)
+        Tc, nt = _padded(tblock, t_rows, center=True)
+        ok = (nv >= 2) & (nt >= 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[:, 1] = np.where(ok, cross_modal_cka(Vc, Tc, center=False), np.nan)
+    return out
+
+
+def _group_text_er(tblock, t_rows) -> np.ndarray:
+    """Effective rank of each sample's rows (padded, with a validity mask: gapcache.analyze.rank)."""
+    from gapcache.analyze.rank import effective_rank
+
+    T, n = _padded(tblock, t_rows, center=False)
+    valid = np.arange(T.shape[1])[None, :] < n[:, None]
+    return np.where(n > 0, effective_rank(T, valid=valid), np.nan)
+
+
+def text_rows(ds, group: str) -> list[np.ndarray]:
+    """Per sample: the rows (relative to its token offset) of the roles of ``group`` (textsites.GROUPS)."""
+    from gapcache.analyze.textsites import _rows
+
+    return [r[0] for r in _rows(ds, [DERIVED[f"{group}_mean"]])]
+
+
+def per_sample(ds, cka_text: str = "question"):
+    """(icc, cka, text_er) as numpy arrays: icc and cka (visual_condition, sample, layer), text_er
+    (token_condition, sample, layer); cka and text_er are None without the token span."""
+    import dask
+
+    vis, starts, vb, n_per, voff, vlen = _blocks(ds, "visual")
+    vconds, layers = _strs(ds.visual_condition), len(ds.layer)
+    tok = has_token_span(ds)
+    if tok:
+        tarr, _, tb, _, toff, tlen = _blocks(ds, "token")
+        tconds = _strs(ds.token_condition)
+        rows = text_rows(ds, cka_text)
+    tasks, er_tasks = [], []
+    for c, label in enumerate(vconds):
+        for g, s in enumerate(starts):
+            sl = range(s, s + n_per[g])
+            v_rows = [np.arange(vlen[i]) + int(voff[i] - vb[g]) for i in sl]
+            t_rows = [rows[i] + int(toff[i] - tb[g]) for i in sl] if tok else None
+            for li in range(layers):
+                tblock = tarr.blocks[tconds.index(label), g, li] if tok else None
+                tasks.append(dask.delayed(_group_geometry)(vis.blocks[c, g, li], tblock, v_rows, t_rows))
+    if tok:
+        for c in range(len(tconds)):
+            for g, s in enumerate(starts):
+                t_rows = [np.arange(tlen[i]) + int(toff[i] - tb[g]) for i in range(s, s + n_per[g])]
+                er_tasks += [dask.delayed(_group_text_er)(tarr.blocks[c, g, li], t_rows) for li in range(layers)]
+    got, er = dask.compute(tasks, er_tasks)
+    geo = np.full((len(vconds), len(voff), layers, 2), np.nan)
+    k = 0
+    for c in range(len(vconds)):
+        for g, s in enumerate(starts):
+            for li in range(layers):
+                geo[c, s : s + n_per[g], li] = got[k]
+                k += 1
+    text_er = None
+    if tok:
+        text_er = np.full((len(tconds), len(toff), layers), np.nan)
+        k = 0
+        for c in range(len(tconds)):
+            for g, s in enumerate(starts):
+                for li in range(layers):
+                    text_er[c, s : s + n_per[g], li] = er[k]
+                    k += 1
+    return geo[..., 0], geo[..., 1] if tok else None, text_er
+
+
+def window_change(x: np.ndarray, layers, cliff: float, how: str) -> np.ndarray:
+    """Per sample of ``x`` (sample, layer): mean over layers > cliff against mean over layers <= cliff,
+    as ``how`` = 'difference' (after - before) or 'ratio' (after / before). ConfigError if a side is empty."""
+    layers = np.asarray(layers)
+    before, after = layers <= cliff, layers > cliff
+    if not before.any() or not after.any():
+        raise ConfigError(f"undefined: cliff layer {cliff} leaves no stored layer on one side "
+                          f"(layers {layers.min()}..{layers.max()}); pass --cliff-layer to choose one")
+    b, a = x[:, before].mean(axis=1), x[:, after].mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return a - b if how == "difference" else a / b
+
+
+def _entry(x: np.ndarray, layers, cliff, how: str, p) -> dict | None:
+    """{'layers', 'mean' (CI per layer), 'change' (CI over samples of the window change) or a note}."""
+    ok = np.isfinite(x).all(axis=1)
+    if ok.sum() < 2:
+        return None
+    ci = lambda v: stats.mean_ci(v, level=p.level, method=p.ci_method, n_resamples=p.n_resamples,  # noqa: E731
+                                 seed=p.seed).to_dict()
+    out = {"layers": [int(v) for v in layers], "n": int(ok.sum()), "mean": ci(x[ok])}
+    if cliff is not None and np.isfinite(cliff):
+        L = int(np.floor(cliff))
+        out["cliff_layer"], out["change_kind"] = L, how
+        try:
+            ch = window_change(x[ok], layers, L, how)
+        except ConfigError as err:
+            out["change_note"] = str(err)
+            return out
+        fin = np.isfinite(ch)
+        if fin.sum() >= 2:
+            out["change"] = ci(ch[fin])
+    return out
+
+
+def compute(ds, p, ctx: Context) -> MetricResult | dict:
+    """ICC and CKA per visual condition, text ER per condition: per layer with CIs, change at the cliff."""
+    import xarray as xr
+
+    if "visual_states" not in ds or ds.sizes.get("vtoken", 0) == 0:
+        return {"skipped": "no visual span in the store"}
+    cka_text = getattr(p, "cka_text", "question")
+    if cka_text not in GROUPS:
+        raise ConfigError(f"The 'cka_text' parameter must be one of {list(GROUPS)}. Got {cka_text!r} instead.")
+    icc_v, cka_v, ter = per_sample(ds, cka_text)
+    layers = [int(v) for v in ds.layer.values]
+    vconds, samples = _strs(ds.visual_condition), _strs(ds.sample)
+    status = np.asarray(ds.status.values) == 1  # (condition, sample)
+    conds = _strs(ds.condition)
+    vdone = status[[conds.index(c) for c in vconds]][..., None]
+    icc_v = np.where(vdone, icc_v, np.nan)
+    cliff = ctx.cliff_layer
+    mode = ((ds.attrs.get("config") or {}).get("extract") or {}).get("visual", {}).get("mode", "all")
+    out = {"visual_mode": mode, "cka_text": cka_text, "icc": {}, "cka": {}, "text_er": {}}
+    coords = {"visual_condition": vconds, "sample": samples, "layer": layers}
+    arrays = {"geometry_icc": xr.DataArray(icc_v, dims=tuple(coords), coords=coords)}
+    for k, c in enumerate(vconds):
+        e = _entry(icc_v[k], layers, cliff, "difference", p)
+        if e:
+            out["icc"][c] = e
+    if cka_v is None:
+        out["cka"] = out["text_er"] = {"skipped": NO_TOKEN_SPAN}
+        return MetricResult(out, arrays)
+    cka_v = np.where(vdone, cka_v, np.nan)
+    ter = np.where(status[..., None], ter, np.nan)
+    arrays["geometry_cka"] = xr.DataArray(cka_v, dims=tuple(coords), coords=coords)
+    tcoords = {"token_condition": _strs(ds.token_condition), "sample": samples, "layer": layers}
+    arrays["geometry_text_er"] = xr.DataArray(ter, dims=tuple(tcoords), coords=tcoords)
+    for k, c in enumerate(vconds):
+        e = _entry(cka_v[k], layers, cliff, "difference", p)
+        if e:
+            out["cka"][c] = e
+    for k, c in enumerate(tcoords["token_condition"]):
+        e = _entry(ter[k], layers, cliff, "ratio", p)
+        if e:
+            out["text_er"][c] = e
+    return MetricResult(out, arrays)
+
+
+def figure(s, out, ctx: Context):
+    """ICC, CKA (visual vs text) and the text-token ER per layer, per visual condition -> geometry.png."""
+    from gapcache.analyze.report import band, mark_cliff, pyplot, save_figure
+
+    m = s["metrics"].get("geometry", {})
+    if not m.get("icc"):
+        return None
+    vconds = list(m["icc"])
+    panels = [("icc", "ICC (mean pairwise cosine, visual tokens)"),
+              ("cka", f"CKA visual vs {m.get('cka_text', 'question')} tokens (debiased)"),
+              ("text_er", "effective rank of every text token")]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        per = m.get(key, {})
+        if "skipped" in per:
+            ax.text(0.5, 0.5, f"skipped:\n{per['skipped']}", ha="center", va="center", wrap=True, fontsize=7)
+            ax.set(title=title)
+            continue
+        for c in vconds:
+            if c in per:
+                band(ax, per[c]["layers"], per[c]["mean"], c)
+        mark_cliff(ax, ctx.cliff_layer)
+        ax.set(xlabel="layer (stream entering)", title=title)
+        ax.legend(fontsize=6)
+    return save_figure(fig, out, "geometry")
+
+
+def rows(s) -> list[tuple[str, str]]:
+    """Under original (else the first condition): each quantity at the first and last layer, and its change
+    at the cliff with the CI."""
+    from gapcache.analyze.report import fmt_ci
+
+    m = s["metrics"].get("geometry", {})
+    out = []
+    for key, name in (("icc", "ICC"), ("cka", f"CKA visual vs {m.get('cka_text')} tokens"),
+                      ("text_er", "text-token ER")):
+        per = m.get(key, {})
+        if "skipped" in per:
+            out.append((f"geometry {name}", f"skipped: {per['skipped']}"))
+            continue
+        c = REFERENCE if REFERENCE in per else next(iter(per), None)
+        if c is None:
+            continue
+        e = per[c]
+        est = np.asarray(e["mean"]["estimate"], dtype=float)
+        out.append((f"{name} {c} at layer {e['layers'][0]} -> {e['layers'][-1]}",
+                    f"{est[0]:.3f} -> {est[-1]:.3f} (n={e['n']})"))
+        if "change" in e:
+            what = "after - before" if e["change_kind"] == "difference" else "after / before"
+            out.append((f"{name} {c} change ({what} L={e['cliff_layer']})", fmt_ci(e["change"])))
+        elif "change_note" in e:
+            out.append((f"{name} {c} change at the cliff", e["change_note"]))
+    return out
