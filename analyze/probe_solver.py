@@ -35,7 +35,7 @@ import threading
 
 import numpy as np
 from scipy import optimize
-from scipy.special import expit, log_expit, logsumexp
+from scipy.special import expit, logsumexp
 from threadpoolctl import threadpool_limits
 
 from gapcache.errors import DataError
@@ -44,55 +44,73 @@ LBFGS_OPTIONS = dict(maxls=50, ftol=64 * np.finfo(float).eps)  # sklearn's, besi
 
 
 def fit_predict_layers(X, y, splits, *, C: float = 1.0, tol: float = 1e-4, max_iter: int = 1000,
-                       threads: int | None = 1) -> list:
+                       threads: int | None = 1, decision: bool = False) -> list:
     """Fit the probe on each split's training rows at every layer; predict its test rows.
 
     ``X``: (sample, layer, hidden) or (sample, hidden) array (numpy, or anything whose
     ``X[:, i, :]`` gives a numpy-convertible layer, e.g. dask: one layer is loaded at a time).
-    ``y``: (sample,) integer labels (>= 0) shared by all splits, or (split, sample) one row per
-    split (e.g. permuted labels).  ``splits``: sequence of (train_idx, test_idx) row indices into
-    X; train_idx may repeat rows (a bootstrap resample: a row listed j times has weight j in the
-    scaler and the loss).  Rows in no split are never read.  ``threads``: BLAS threads.
+    ``y``: (sample,) integer labels (>= 0 on the rows the splits use) shared by all splits, or
+    (split, sample) one row per split (e.g. permuted labels).  ``splits``: sequence of
+    (train_idx, test_idx) row indices into X; train_idx may repeat rows (a bootstrap resample: a
+    row listed j times has weight j in the scaler and the loss, as sklearn fitted on X[train_idx]).
+    Rows in no split are never read.  ``threads``: BLAS threads.
 
-    Returns one (layer, len(test_idx)) array of predicted labels per split, in ``splits`` order.
-    Every split's training rows must hold every class present in its labels (else DataError).
+    Returns one array per split, in ``splits`` order: (layer, len(test_idx)) predicted labels, or
+    with ``decision=True`` sklearn's ``decision_function`` values, (layer, len(test_idx)) for two
+    classes, (layer, len(test_idx), K) for K > 2.  Every split's training rows must hold every
+    class present in its labels (else DataError).
     """
     X = X if X.ndim == 3 else X[:, None, :]
-    splits = [(np.asarray(tr, dtype=np.intp), np.asarray(te, dtype=np.intp)) for tr, te in splits]
-    rows = np.unique(np.concatenate([np.concatenate(s) for s in splits]))
-    Y = _split_labels(y, len(splits), X.shape[0])[:, rows]  # (split, m)
-    where = np.full(X.shape[0], -1, dtype=np.intp)
-    where[rows] = np.arange(len(rows))
-    local = [(where[tr], where[te]) for tr, te in splits]
-    classes = np.unique(np.concatenate([Y[t, np.concatenate(s)] for t, s in enumerate(local)]))
-    counts = np.stack([np.bincount(tr, minlength=len(rows)) for tr, _ in local], axis=1).astype(float)  # (m, T)
-    Yk = np.searchsorted(classes, Y).T  # (m, T) class index
-    weights = _balanced_weights(counts, Yk, len(classes), classes)
-    out = [np.empty((X.shape[1], len(te)), dtype=classes.dtype) for _, te in local]
-    all_rows = len(rows) == X.shape[0]
+    task = _Tasks(y, splits, X.shape[0])
+    shape = (lambda te: (X.shape[1], len(te))) if not decision or task.k == 1 else \
+        (lambda te: (X.shape[1], len(te), task.k))
+    out = [np.empty(shape(te), dtype=float if decision else task.classes.dtype) for _, te in task.local]
     with threadpool_limits(limits=threads):
         for layer in range(X.shape[1]):
-            states = np.asarray(X[:, layer, :] if all_rows else X[rows, layer, :])  # (m, d)
-            if states.dtype not in (np.float32, np.float64):  # sklearn's precisions: float32 stays float32
-                states = states.astype(np.float64)
-            problem = _Problem(states, counts, weights, Yk, len(classes), C)
+            problem = _Problem(task.states(X, layer), task.counts, task.weights, task.Yk, len(task.classes), C)
             raw = problem.solve(tol, max_iter)  # (m, T, K')
-            pred = classes[problem.predict(raw)]  # (m, T)
-            for t, (_, te) in enumerate(local):
-                out[t][layer] = pred[te, t]
+            value = (raw[:, :, 0] if task.k == 1 else raw) if decision else task.classes[problem.predict(raw)]
+            for t, (_, te) in enumerate(task.local):
+                out[t][layer] = value[te, t]
     return out
 
 
-def _split_labels(y, n_splits: int, n: int) -> np.ndarray:
+class _Tasks:
+    """The splits on the rows they use: local indices, training counts, labels, class weights."""
+
+    def __init__(self, y, splits, n: int):
+        splits = [(np.asarray(tr, dtype=np.intp), np.asarray(te, dtype=np.intp)) for tr, te in splits]
+        self.rows = np.unique(np.concatenate([np.concatenate(s) for s in splits]))  # (m,)
+        self.n = n
+        Y = _split_labels(y, len(splits), n, self.rows)  # (T, m)
+        where = np.full(n, -1, dtype=np.intp)
+        where[self.rows] = np.arange(len(self.rows))
+        self.local = [(where[tr], where[te]) for tr, te in splits]
+        self.classes = np.unique(np.concatenate([Y[t, np.concatenate(s)] for t, s in enumerate(self.local)]))
+        self.k = 1 if len(self.classes) == 2 else len(self.classes)
+        m = len(self.rows)
+        self.counts = np.stack([np.bincount(tr, minlength=m) for tr, _ in self.local], axis=1).astype(float)  # (m, T)
+        self.Yk = np.searchsorted(self.classes, Y).T  # (m, T) class index
+        self.weights = _balanced_weights(self.counts, self.Yk, len(self.classes), self.classes)
+
+    def states(self, X, layer: int) -> np.ndarray:
+        """(m, d) states of the used rows at one layer, float32 or float64 (sklearn's precisions)."""
+        states = np.asarray(X[:, layer, :] if len(self.rows) == self.n else X[self.rows, layer, :])
+        return states if states.dtype in (np.float32, np.float64) else states.astype(np.float64)
+
+
+def _split_labels(y, n_splits: int, n: int, rows) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 1:
         y = np.broadcast_to(y, (n_splits, len(y)))
     if y.shape != (n_splits, n):
         raise DataError(f"The 'y' parameter of fit_predict_layers must be (sample,) = ({n},) or (split, sample) = "
                         f"({n_splits}, {n}). Got shape {y.shape} instead.")
+    y = y[:, rows]
     if not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
-        raise DataError(f"The 'y' parameter of fit_predict_layers must hold integer labels >= 0 (drop unlabelled "
-                        f"rows from the splits). Got dtype {y.dtype}, min {y.min()} instead.")
+        raise DataError(f"The 'y' parameter of fit_predict_layers must hold integer labels >= 0 on the rows the "
+                        f"splits use (leave unlabelled rows out of the splits). Got dtype {y.dtype}, min {y.min()} "
+                        f"instead.")
     return y
 
 
@@ -112,46 +130,46 @@ class _Problem:
 
     def __init__(self, states, counts, weights, Yk, n_classes: int, C: float):
         xc = states - states.mean(axis=0, dtype=np.float64).astype(states.dtype)  # (m, d) centred once, all rows
-        frac = (counts / counts.sum(axis=0)).astype(states.dtype)  # (m, T)
-        self.delta = (xc.T @ frac).T.astype(np.float64)  # (T, d) = mu_t - mean  (X^T F: OpenBLAS is 5x slower on F^T X)
-        var = (np.square(xc).T @ frac).T - np.square(self.delta)  # (T, d)
+        frac = np.ascontiguousarray((counts / counts.sum(axis=0)).T, dtype=states.dtype)  # (T, m) row weights
+        self.delta = (frac @ xc).astype(np.float64)  # (T, d) = mu_t - mean
+        var = frac @ np.square(xc) - np.square(self.delta)  # (T, d)
         sigma = np.sqrt(np.maximum(var, 0.0))
         self.sigma = np.where(sigma < 10 * np.finfo(float).eps, 1.0, sigma)
         self.xc = xc
-        self.s, self.S = weights, weights.sum(axis=0)  # (m, T), (T,)
-        self.Yk, self.K, self.C = Yk, n_classes, C
+        self.S = weights.sum(axis=0)  # (T,)
+        self.sn = weights / self.S  # (m, T) s_i / S
+        self.K, self.C = n_classes, C
         self.k = 1 if n_classes == 2 else n_classes  # weight vectors per split
+        self.onehot = (Yk == 1).astype(float)[:, :, None] if self.k == 1 else np.eye(n_classes)[Yk]  # (m, T, k)
 
     def _raw(self, P):
-        """P: (T, k, d + 1) -> raw (m, T, k); also A = w / sigma (T, k, d)."""
+        """P: (T, k, d + 1) -> raw scores (m, T, k) = z.w + b with z the split's standardised states."""
         T, k, d = P.shape[0], P.shape[1], P.shape[2] - 1
         if not P.any():  # the start point: every score is 0
             return np.zeros((self.xc.shape[0], T, k))
-        A = P[:, :, :-1] / self.sigma[:, None, :]
+        A = P[:, :, :-1] / self.sigma[:, None, :]  # (T, k, d) weights on the centred states
         offset = P[:, :, -1] - np.einsum("tkd,td->tk", A, self.delta)  # (T, k)
-        raw = (self.xc @ A.reshape(T * k, d).T.astype(self.xc.dtype)).reshape(-1, T, k) + offset
-        return raw
+        raw = self.xc @ np.ascontiguousarray(A.reshape(T * k, d).T, dtype=self.xc.dtype)  # (m, T k)
+        return raw.reshape(-1, T, k) + offset
 
     def loss_grad(self, P):
         """(loss (T,), gradient (T, k, d + 1)) of every split's objective at P (T, k, d + 1)."""
         raw = self._raw(P)  # (m, T, k)
         self.last = (P.copy(), raw)
-        if self.k == 1:
+        if self.k == 1:  # HalfBinomialLoss: log(1 + e^r) - y r, gradient sigmoid(r) - y
             r = raw[:, :, 0]
-            pos = (self.Yk == 1).astype(float)
-            point = -log_expit(r) * pos - log_expit(-r) * (1 - pos)  # log(1 + e^r) - y r, stable
-            R = (self.s * (expit(r) - pos))[:, :, None]  # (m, T, 1)
-        else:
-            onehot = np.eye(self.K)[self.Yk]  # (m, T, K)
-            point = logsumexp(raw, axis=2) - np.take_along_axis(raw, self.Yk[:, :, None], axis=2)[:, :, 0]
-            z = raw - raw.max(axis=2, keepdims=True)
-            prob = np.exp(z) / np.exp(z).sum(axis=2, keepdims=True)
-            R = self.s[:, :, None] * (prob - onehot)
-        R /= self.S[None, :, None]
+            point = np.logaddexp(0.0, r) - self.onehot[:, :, 0] * r
+            R = expit(r)[:, :, None]
+        else:  # HalfMultinomialLoss: logsumexp_k r_k - r_y, gradient softmax(r) - onehot(y)
+            lse = logsumexp(raw, axis=2, keepdims=True)
+            point = lse[:, :, 0] - (raw * self.onehot).sum(axis=2)
+            R = np.exp(raw - lse)
+        R -= self.onehot
+        R *= self.sn[:, :, None]  # s_i / S
         W = P[:, :, :-1]
-        loss = (self.s * point).sum(axis=0) / self.S + 0.5 * np.square(W).sum(axis=(1, 2)) / (self.C * self.S)
+        loss = (self.sn * point).sum(axis=0) + 0.5 * np.square(W).sum(axis=(1, 2)) / (self.C * self.S)
         T, k = R.shape[1], R.shape[2]
-        XtR = (self.xc.T @ R.reshape(-1, T * k).astype(self.xc.dtype)).T.reshape(T, k, -1)  # (T, k, d)
+        XtR = (np.ascontiguousarray(R.reshape(-1, T * k).T, dtype=self.xc.dtype) @ self.xc).reshape(T, k, -1)
         colsum = R.sum(axis=0)  # (T, k)
         grad = np.empty_like(P)
         grad[:, :, :-1] = (XtR - colsum[:, :, None] * self.delta[:, None, :]) / self.sigma[:, None, :]

@@ -406,7 +406,7 @@ def probe_accuracy_ci(result: ProbeResult, *, which: str = "accuracy", level: fl
 
 def refit_bootstrap_ci(X, y, *, n_refit: int = 20, n_splits: int = 5, seed: int = 0, level: float = 0.95,
                        metric: str = "balanced_accuracy", C: float = 1.0, solver: str = "lbfgs",
-                       max_iter: int = 1000, tol: float = 1e-4) -> stats.Interval:
+                       max_iter: int = 1000, tol: float = 1e-4, backend: str = "batched") -> stats.Interval:
     """Slower CI of one layer's probe accuracy that refits the probe on each bootstrap resample.
 
     Procedure: estimate = the cross-validated score on the data (as :func:`probe_layers`).  For
@@ -417,8 +417,12 @@ def refit_bootstrap_ci(X, y, *, n_refit: int = 20, n_splits: int = 5, seed: int 
     (a/2, 1-a/2) percentiles of the n_refit scores (``method='percentile-refit'``).  Cost =
     n_refit * n_splits fits; with n_refit ~ 20 the interval ends are themselves noisy: read it as
     a check that training variability does not dwarf the OOF interval, not as a precise CI.
+    ``backend='batched'`` fits all (n_refit + 1) * n_splits probes in one
+    :func:`~gapcache.analyze.probe_solver.fit_predict_layers` call (a resample's repeated rows are
+    weights); 'sklearn' refits one Pipeline per fold.
     """
     _check_params(n_splits, metric, "refit_bootstrap_ci")
+    _check_backend(backend, solver)
     if not isinstance(n_refit, (int, np.integer)) or n_refit < 2:
         raise ConfigError(
             f"The 'n_refit' parameter of refit_bootstrap_ci must be an int >= 2. Got {n_refit!r} instead."
@@ -427,19 +431,39 @@ def refit_bootstrap_ci(X, y, *, n_refit: int = 20, n_splits: int = 5, seed: int 
     X = np.asarray(X)
     mask, yk, _, _ = clean_labels(y, n_splits, "refit_bootstrap_ci")
     X = X[mask]
-    probe = make_probe(C=C, solver=solver, max_iter=max_iter, tol=tol)
-    estimate = score(yk, oof_predict(X, yk, _folds(yk, n_splits, seed), probe), metric)
     rng = np.random.default_rng(seed)
-    scores = [_refit_once(X, yk, probe, n_splits, seed + b, rng, metric) for b in range(1, n_refit + 1)]
+    resamples = [(np.arange(len(yk)), _folds(yk, n_splits, seed))]
+    resamples += [_resample(yk, n_splits, seed + b, rng) for b in range(1, n_refit + 1)]
+    fit = _batched_oof if backend == "batched" else _sklearn_oof
+    oofs = fit(X, yk, resamples, dict(C=C, solver=solver, max_iter=max_iter, tol=tol))
+    estimate, *scores = [score(yk[idx], oof, metric) for (idx, _), oof in zip(resamples, oofs)]
     low, high = np.quantile(scores, [(1 - level) / 2, (1 + level) / 2])
     return stats.Interval(statistic=f"probe_{metric}_refit", estimate=estimate, low=float(low), high=float(high),
                           n=int(len(yk)), level=level, method="percentile-refit", n_resamples=int(n_refit),
                           seed=seed, paired=False)
 
 
-def _refit_once(X, y, probe, n_splits, fold_seed, rng, metric) -> float:
+def _resample(y, n_splits, fold_seed, rng):
+    """(idx, folds over positions of idx): a stratified bootstrap resample and its group k-fold."""
     idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=int((y == c).sum())) for c in np.unique(y)])
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=fold_seed)
-    folds = list(cv.split(np.zeros(len(idx)), y[idx], groups=idx))
-    return score(y[idx], oof_predict(X[idx], y[idx], folds, probe), metric)
+    return idx, list(cv.split(np.zeros(len(idx)), y[idx], groups=idx))
 
+
+def _sklearn_oof(X, y, resamples, p):
+    probe = make_probe(**p)
+    return [oof_predict(X[idx], y[idx], folds, probe) for idx, folds in resamples]
+
+
+def _batched_oof(X, y, resamples, p):
+    """OOF predictions of every resample's positions, all folds of all resamples fitted together."""
+    splits = [(idx[tr], idx[te]) for idx, folds in resamples for tr, te in folds]
+    preds = fit_predict_layers(X, y, splits, C=p["C"], tol=p["tol"], max_iter=p["max_iter"])
+    out, i = [], 0
+    for idx, folds in resamples:
+        oof = np.empty(len(idx), dtype=y.dtype)
+        for _, te in folds:
+            oof[te] = preds[i][0]
+            i += 1
+        out.append(oof)
+    return out
