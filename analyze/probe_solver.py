@@ -129,7 +129,7 @@ class _Problem:
     """One layer, T splits: the scaler statistics and the batched loss and gradient."""
 
     def __init__(self, states, counts, weights, Yk, n_classes: int, C: float):
-        xc = states - states.mean(axis=0, dtype=np.float64).astype(states.dtype)  # (m, d) centred once, all rows
+        xc = states - states.mean(axis=0)  # (m, d) centred once (any centre near the mean will do: delta absorbs it)
         frac = np.ascontiguousarray((counts / counts.sum(axis=0)).T, dtype=states.dtype)  # (T, m) row weights
         self.delta = (frac @ xc).astype(np.float64)  # (T, d) = mu_t - mean
         var = frac @ np.square(xc) - np.square(self.delta)  # (T, d)
