@@ -35,11 +35,12 @@ import threading
 
 import numpy as np
 from scipy import optimize
-from scipy.special import expit, logsumexp
+from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from gapcache.errors import DataError
 
+BLOCK_BYTES = 4 * 2**20  # layers solved in one lockstep while their float64 states fit (small probes: all)
 LBFGS_OPTIONS = dict(maxls=50, ftol=64 * np.finfo(float).eps)  # sklearn's, beside maxiter and gtol
 
 
@@ -65,13 +66,15 @@ def fit_predict_layers(X, y, splits, *, C: float = 1.0, tol: float = 1e-4, max_i
     shape = (lambda te: (X.shape[1], len(te))) if not decision or task.k == 1 else \
         (lambda te: (X.shape[1], len(te), task.k))
     out = [np.empty(shape(te), dtype=float if decision else task.classes.dtype) for _, te in task.local]
+    T, per = len(task.local), max(1, BLOCK_BYTES // (len(task.rows) * X.shape[2] * 8))
     with threadpool_limits(limits=threads):
-        for layer in range(X.shape[1]):
-            problem = _Problem(task.states(X, layer), task.counts, task.weights, task.Yk, len(task.classes), C)
-            raw = problem.solve(tol, max_iter)  # (m, T, K')
+        for a in range(0, X.shape[1], per):
+            block = task.states(X, slice(a, a + per))  # (L, m, d)
+            problem = _Problem(block, task.counts, task.weights, task.Yk, len(task.classes), C)
+            raw = problem.solve(tol, max_iter)  # (m, L T, K')
             value = (raw[:, :, 0] if task.k == 1 else raw) if decision else task.classes[problem.predict(raw)]
-            for t, (_, te) in enumerate(task.local):
-                out[t][layer] = value[te, t]
+            for j in range(raw.shape[1]):
+                out[j % T][a + j // T] = value[task.local[j % T][1], j]
     return out
 
 
@@ -93,10 +96,11 @@ class _Tasks:
         self.Yk = np.searchsorted(self.classes, Y).T  # (m, T) class index
         self.weights = _balanced_weights(self.counts, self.Yk, len(self.classes), self.classes)
 
-    def states(self, X, layer: int) -> np.ndarray:
-        """(m, d) states of the used rows at one layer, float32 or float64 (sklearn's precisions)."""
-        states = np.asarray(X[:, layer, :] if len(self.rows) == self.n else X[self.rows, layer, :])
-        return states if states.dtype in (np.float32, np.float64) else states.astype(np.float64)
+    def states(self, X, layers: slice) -> np.ndarray:
+        """(L, m, d) states of the used rows at a block of layers, float32 or float64 (sklearn's precisions)."""
+        states = np.asarray(X[:, layers, :] if len(self.rows) == self.n else X[self.rows, layers, :])
+        dtype = states.dtype if states.dtype in (np.float32, np.float64) else np.float64
+        return np.ascontiguousarray(states.transpose(1, 0, 2), dtype=dtype)
 
 
 def _split_labels(y, n_splits: int, n: int, rows) -> np.ndarray:
@@ -126,51 +130,58 @@ def _balanced_weights(counts, Yk, n_classes: int, classes) -> np.ndarray:
 
 
 class _Problem:
-    """One layer, T splits: the scaler statistics and the batched loss and gradient."""
+    """A block of L layers x T splits = L T fits (fit j = layer j // T, split j % T): the scaler
+    statistics and the batched loss and gradient.  Layers of a block share nothing but the rounds;
+    their products are separate BLAS calls of the same shapes as for a block of one."""
 
     def __init__(self, states, counts, weights, Yk, n_classes: int, C: float):
-        xc = states - states.mean(axis=0)  # (m, d) centred once (any centre near the mean will do: delta absorbs it)
+        L, m, d = states.shape
+        xc = states - states.mean(axis=1, keepdims=True)  # (L, m, d) centred once (any centre will do: delta absorbs it)
         frac = np.ascontiguousarray((counts / counts.sum(axis=0)).T, dtype=states.dtype)  # (T, m) row weights
-        self.delta = (frac @ xc).astype(np.float64)  # (T, d) = mu_t - mean
-        var = frac @ np.square(xc) - np.square(self.delta)  # (T, d)
+        self.delta = (frac @ xc).reshape(-1, d).astype(np.float64)  # (L T, d) = mu_j - mean
+        var = (frac @ np.square(xc)).reshape(-1, d) - np.square(self.delta)  # (L T, d)
         sigma = np.sqrt(np.maximum(var, 0.0))
         self.sigma = np.where(sigma < 10 * np.finfo(float).eps, 1.0, sigma)
         self.xc = xc
-        self.S = weights.sum(axis=0)  # (T,)
-        self.sn = weights / self.S  # (m, T) s_i / S
+        self.S = np.tile(weights.sum(axis=0), L)  # (L T,)
+        self.sn = np.tile(weights / weights.sum(axis=0), (1, L))  # (m, L T) s_i / S
         self.K, self.C = n_classes, C
-        self.k = 1 if n_classes == 2 else n_classes  # weight vectors per split
-        self.onehot = (Yk == 1).astype(float)[:, :, None] if self.k == 1 else np.eye(n_classes)[Yk]  # (m, T, k)
+        self.k = 1 if n_classes == 2 else n_classes  # weight vectors per fit
+        onehot = (Yk == 1).astype(float)[:, :, None] if self.k == 1 else np.eye(n_classes)[Yk]  # (m, T, k)
+        self.onehot = np.tile(onehot, (1, L, 1))  # (m, L T, k)
 
     def _raw(self, P):
-        """P: (T, k, d + 1) -> raw scores (m, T, k) = z.w + b with z the split's standardised states."""
-        T, k, d = P.shape[0], P.shape[1], P.shape[2] - 1
+        """P: (L T, k, d + 1) -> raw scores (m, L T, k) = z.w + b with z the fit's standardised states."""
+        (L, m, d), J, k = self.xc.shape, P.shape[0], P.shape[1]
         if not P.any():  # the start point: every score is 0
-            return np.zeros((self.xc.shape[0], T, k))
-        A = P[:, :, :-1] / self.sigma[:, None, :]  # (T, k, d) weights on the centred states
-        offset = P[:, :, -1] - np.einsum("tkd,td->tk", A, self.delta)  # (T, k)
-        raw = self.xc @ np.ascontiguousarray(A.reshape(T * k, d).T, dtype=self.xc.dtype)  # (m, T k)
-        return raw.reshape(-1, T, k) + offset
+            return np.zeros((m, J, k))
+        A = P[:, :, :-1] / self.sigma[:, None, :]  # (L T, k, d) weights on the centred states
+        offset = P[:, :, -1] - np.einsum("jkd,jd->jk", A, self.delta)  # (L T, k)
+        A = np.ascontiguousarray(A.reshape(L, -1, d).transpose(0, 2, 1), dtype=self.xc.dtype)  # (L, d, T k)
+        raw = np.matmul(self.xc, A)  # (L, m, T k)
+        return raw.transpose(1, 0, 2).reshape(m, J, k) + offset
 
     def loss_grad(self, P):
-        """(loss (T,), gradient (T, k, d + 1)) of every split's objective at P (T, k, d + 1)."""
-        raw = self._raw(P)  # (m, T, k)
+        """(loss (L T,), gradient (L T, k, d + 1)) of every fit's objective at P (L T, k, d + 1)."""
+        raw = self._raw(P)  # (m, L T, k)
         self.last = (P.copy(), raw)
         if self.k == 1:  # HalfBinomialLoss: log(1 + e^r) - y r, gradient sigmoid(r) - y
             r = raw[:, :, 0]
             point = np.logaddexp(0.0, r) - self.onehot[:, :, 0] * r
             R = expit(r)[:, :, None]
         else:  # HalfMultinomialLoss: logsumexp_k r_k - r_y, gradient softmax(r) - onehot(y)
-            lse = logsumexp(raw, axis=2, keepdims=True)
+            top = raw.max(axis=2, keepdims=True)  # scipy.special.logsumexp: the same, 10x the overhead here
+            lse = top + np.log(np.exp(raw - top).sum(axis=2, keepdims=True))
             point = lse[:, :, 0] - (raw * self.onehot).sum(axis=2)
             R = np.exp(raw - lse)
         R -= self.onehot
         R *= self.sn[:, :, None]  # s_i / S
         W = P[:, :, :-1]
         loss = (self.sn * point).sum(axis=0) + 0.5 * np.square(W).sum(axis=(1, 2)) / (self.C * self.S)
-        T, k = R.shape[1], R.shape[2]
-        XtR = (np.ascontiguousarray(R.reshape(-1, T * k).T, dtype=self.xc.dtype) @ self.xc).reshape(T, k, -1)
-        colsum = R.sum(axis=0)  # (T, k)
+        (L, m, d), J, k = self.xc.shape, R.shape[1], R.shape[2]
+        Rt = np.ascontiguousarray(R.reshape(m, L, -1).transpose(1, 2, 0), dtype=self.xc.dtype)  # (L, T k, m)
+        XtR = np.matmul(Rt, self.xc).reshape(J, k, d)  # (L T, k, d)
+        colsum = R.sum(axis=0)  # (L T, k)
         grad = np.empty_like(P)
         grad[:, :, :-1] = (XtR - colsum[:, :, None] * self.delta[:, None, :]) / self.sigma[:, None, :]
         grad[:, :, :-1] += W / (self.C * self.S)[:, None, None]

@@ -317,3 +317,16 @@ def test_batched_errors_name_the_problem():
     with pytest.raises(ConfigError, match="pass backend='sklearn'"):
         probes.probe_layers(X, y, solver="newton-cg")
     assert probes.probe_layers(X, y, solver="newton-cg", backend="sklearn").params["solver"] == "newton-cg"
+
+
+def test_layers_solved_in_one_block_equal_layers_solved_one_by_one(monkeypatch):
+    """Small layers share the lockstep rounds (BLOCK_BYTES); a fit's numbers do not depend on its block."""
+    from gapcache.analyze import probe_solver
+
+    X, y = planted(n=90, layers=5, hidden=8)
+    splits = probes._folds(y, 3, 0)
+    together = probe_solver.fit_predict_layers(X, y, splits, decision=True)
+    monkeypatch.setattr(probe_solver, "BLOCK_BYTES", 1)
+    alone = probe_solver.fit_predict_layers(X, y, splits, decision=True)
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a, b)
