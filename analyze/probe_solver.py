@@ -36,7 +36,7 @@ import threading
 import numpy as np
 from scipy import optimize
 from scipy.special import expit
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from gapcache.errors import DataError
 
@@ -66,8 +66,8 @@ def fit_predict_layers(X, y, splits, *, C: float = 1.0, tol: float = 1e-4, max_i
     shape = (lambda te: (X.shape[1], len(te))) if not decision or task.k == 1 else \
         (lambda te: (X.shape[1], len(te), task.k))
     out = [np.empty(shape(te), dtype=float if decision else task.classes.dtype) for _, te in task.local]
-    T, per = len(task.local), max(1, BLOCK_BYTES // (len(task.rows) * X.shape[2] * 8))
-    with threadpool_limits(limits=threads):
+    T, per = len(task.local), layers_per_block(len(task.rows), X.shape[2])
+    with _limits(threads):
         for a in range(0, X.shape[1], per):
             block = task.states(X, slice(a, a + per))  # (L, m, d)
             problem = _Problem(block, task.counts, task.weights, task.Yk, len(task.classes), C)
@@ -76,6 +76,22 @@ def fit_predict_layers(X, y, splits, *, C: float = 1.0, tol: float = 1e-4, max_i
             for j in range(raw.shape[1]):
                 out[j % T][a + j // T] = value[task.local[j % T][1], j]
     return out
+
+
+def layers_per_block(n_rows: int, hidden: int) -> int:
+    """How many layers one lockstep solves together: as many as fit BLOCK_BYTES as float64 (at least 1)."""
+    return max(1, BLOCK_BYTES // (n_rows * hidden * 8))
+
+
+_CONTROLLER: list = []
+
+
+def _limits(threads):
+    """threadpoolctl's limit context, the library scan done once (threadpool_limits rescans every call:
+    20 ms, more than a small probe's fit)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=threads)
 
 
 class _Tasks:
@@ -223,6 +239,7 @@ def _reverse_lbfgsb() -> bool:
 
 FORCE_THREADS = False  # tests set it to run the fallback driver
 SETULB_SIGNATURE = "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
+FACTR = LBFGS_OPTIONS["ftol"] / np.finfo(float).eps  # as scipy converts ftol
 MAXCOR = 10  # scipy's default history length, as sklearn uses it
 
 
@@ -243,9 +260,8 @@ class _Lbfgsb:
 
     def step(self) -> bool:
         """Advance until the routine asks for f and g at ``self.x`` (True) or stops (False)."""
-        factr = LBFGS_OPTIONS["ftol"] / np.finfo(float).eps
         while True:
-            self.setulb(MAXCOR, self.x, *self.bounds[:2], self.bounds[2], self.f, self.g, factr, self.tol, self.wa,
+            self.setulb(MAXCOR, self.x, *self.bounds[:2], self.bounds[2], self.f, self.g, FACTR, self.tol, self.wa,
                         self.iwa, self.task, self.lsave, self.isave, self.dsave, LBFGS_OPTIONS["maxls"], self.ln_task)
             if self.task[0] == 3:
                 return True

@@ -49,7 +49,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from gapcache.analyze import stats
-from gapcache.analyze.probe_solver import fit_predict_layers
+from gapcache.analyze.probe_solver import fit_predict_layers, layers_per_block
 from gapcache.errors import ConfigError, DataError
 
 METRICS = ("balanced_accuracy", "accuracy")
@@ -66,7 +66,8 @@ class ProbeResult:
 
     ``accuracy``/``control``/``selectivity``: (layer,); ``oof``/``oof_control``: (layer, sample) predicted
     labels; ``y``/``y_control``: (sample,) true and permuted labels of the kept samples (``sample``
-    their ids); ``params``: solver settings; ``seconds``: wall time per layer.
+    their ids); ``params``: solver settings; ``seconds``: wall time per layer (layers fitted as one block
+    share its time equally).
     """
 
     layers: list
@@ -181,7 +182,7 @@ def _folds(y, n_splits: int, seed: int):
 
 
 def _layer_source(X, sample_dim: str, layer_dim: str, feature_dim: str):
-    """(n_samples, layer labels, sample ids or None, get(i) -> (sample, hidden) ndarray)."""
+    """(n_samples, layer labels, sample ids or None, get(slice of layers) -> (sample, layer, hidden) ndarray)."""
     if stats.is_dataarray(X):
         missing = [d for d in (sample_dim, layer_dim, feature_dim) if d not in X.dims]
         if missing or X.ndim != 3:
@@ -194,7 +195,7 @@ def _layer_source(X, sample_dim: str, layer_dim: str, feature_dim: str):
         ids = X[sample_dim].values if sample_dim in X.coords else None
         if X.nbytes <= LOAD_WHOLE_BYTES:
             X = X.load()  # one read of each store chunk, not one per layer (a chunk often holds several layers)
-        return X.sizes[sample_dim], layers, ids, lambda i: np.asarray(X.isel({layer_dim: i}).values)
+        return X.sizes[sample_dim], layers, ids, lambda sl: np.asarray(X.isel({layer_dim: sl}).values)
     X = np.asarray(X) if not hasattr(X, "compute") or X.nbytes <= LOAD_WHOLE_BYTES else X
     if X.ndim == 2:
         X = X[:, None, :]
@@ -203,7 +204,7 @@ def _layer_source(X, sample_dim: str, layer_dim: str, feature_dim: str):
             f"The 'X' parameter of probe_layers must be (sample, hidden) or (sample, layer, hidden). "
             f"Got shape {X.shape} instead."
         )
-    return X.shape[0], list(range(X.shape[1])), None, lambda i: np.asarray(X[:, i, :])
+    return X.shape[0], list(range(X.shape[1])), None, lambda sl: np.asarray(X[:, sl, :])
 
 
 def _labels_for(y, ids, n: int, sample_dim: str):
@@ -271,15 +272,17 @@ def probe_layers(X, y, *, n_splits: int = 5, seed: int = 0, control: bool = True
     fit = _batched_arms if backend == "batched" else _sklearn_arms
     probe = dict(C=C, solver=solver, max_iter=max_iter, tol=tol, n_jobs=n_jobs, threads=threads)
     oof, oof_c, secs = [], [], []
-    for i in range(len(layers)):
+    step = layers_per_block(int(mask.sum()), _hidden_size(X, feature_dim)) if backend == "batched" else 1
+    for a in range(0, len(layers), step):
         t0 = time.perf_counter()
-        Xi = get(i)[mask]
-        _check_finite(Xi, layers[i])
-        one, ctrl = fit(Xi, yk, folds, y_ctrl, folds_ctrl, probe)
-        oof.append(one)
+        Xi = get(slice(a, a + step))[mask]  # (sample, L, hidden)
+        for j in range(Xi.shape[1]):
+            _check_finite(Xi[:, j], layers[a + j])
+        one, ctrl = fit(Xi, yk, folds, y_ctrl, folds_ctrl, probe)  # (L, sample) each
+        oof.extend(one)
         if control:
-            oof_c.append(ctrl)
-        secs.append(time.perf_counter() - t0)
+            oof_c.extend(ctrl)
+        secs.extend([(time.perf_counter() - t0) / Xi.shape[1]] * Xi.shape[1])
     params = dict(C=C, solver=solver, max_iter=max_iter, tol=tol, class_weight="balanced", scaler="standard",
                   backend=backend)
     return _result(layers, ids, mask, yk, y_ctrl, oof, oof_c, metric, n_splits, seed, excluded, counts, params, secs)
@@ -298,15 +301,18 @@ def _check_backend(backend, solver):
 
 
 def _sklearn_arms(Xi, yk, folds, y_ctrl, folds_ctrl, p):
-    """(OOF predictions, control OOF or None) of one layer: one sklearn Pipeline per fold."""
+    """(OOF predictions, control OOF or None), each (1, sample), of a block of one layer: one sklearn
+    Pipeline per fold."""
     probe = make_probe(C=p["C"], solver=p["solver"], max_iter=p["max_iter"], tol=p["tol"])
+    Xi = Xi[:, 0]
     one = oof_predict(Xi, yk, folds, probe, p["n_jobs"], p["threads"])
     ctrl = oof_predict(Xi, y_ctrl, folds_ctrl, probe, p["n_jobs"], p["threads"]) if y_ctrl is not None else None
-    return one, ctrl
+    return one[None], (None if ctrl is None else ctrl[None])
 
 
 def _batched_arms(Xi, yk, folds, y_ctrl, folds_ctrl, p):
-    """(OOF predictions, control OOF or None) of one layer: all folds of both arms in one batched fit."""
+    """(OOF predictions, control OOF or None), each (layer, sample), of a block of layers: all folds of
+    both arms of every layer of the block in one batched fit."""
     arms = [(yk, folds)] + ([(y_ctrl, folds_ctrl)] if y_ctrl is not None else [])
     splits = [s for _, fs in arms for s in fs]
     labels = np.stack([y for y, fs in arms for _ in fs])  # (split, sample)
@@ -314,11 +320,15 @@ def _batched_arms(Xi, yk, folds, y_ctrl, folds_ctrl, p):
                                threads=p["threads"])
     out = []
     for a, (y, fs) in enumerate(arms):
-        oof = np.empty(len(y), dtype=y.dtype)
+        oof = np.empty((Xi.shape[1], len(y)), dtype=y.dtype)
         for f, (_, test) in enumerate(fs):
-            oof[test] = preds[a * len(fs) + f][0]
+            oof[:, test] = preds[a * len(fs) + f]
         out.append(oof)
     return out[0], (out[1] if len(out) > 1 else None)
+
+
+def _hidden_size(X, feature_dim: str) -> int:
+    return int(X.sizes[feature_dim]) if stats.is_dataarray(X) else int(np.shape(X)[-1])
 
 
 def _check_finite(Xi, layer):
