@@ -81,3 +81,8 @@ class SlurmError(GapcacheError):
 
 class PluginError(GapcacheError):
     """A registry entry (gapcache.plugins) cannot be loaded: a broken plugin, or an entry naming a missing object."""
+
+
+class StopForward(Exception):
+    """Control flow, not an error: raised by a forward pre-hook once it holds the states it needs, so the rest of
+    the model is not run (swap's partial donor forward, ``Extraction.donor_states``); caught by its caller."""

@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 import sys
+import time
 
 from gapcache.cli import format_info, load_cli_config
 
@@ -93,18 +94,24 @@ def cmd_demo(args) -> int:
           f"{len(cfg.extract.conditions)} conditions"
           + ("" if args.plain else ", with attention summaries and every text token (--plain: without)")
           + f" -> {out}", file=sys.stderr)
+    t0 = time.perf_counter()
     ex = Extraction(cfg, out).load()
     path = ex.run()
+    t_extract = time.perf_counter() - t0
     print(format_info(path))
     from gapcache.analyze.pipeline import AnalysisParams, run_analysis
     from gapcache.analyze.report import key_numbers
 
     print("analysing (CPU tier) ...", file=sys.stderr)
+    t0 = time.perf_counter()
     summary = run_analysis([path], out / "analysis", AnalysisParams())
+    t_analyse = time.perf_counter() - t0
     print("\nkey numbers:")
     for k, v in key_numbers(summary["stores"]["store"]):
         print(f"  {k:<48} {v}")
-    print(f"\nreport:   {out / 'analysis' / 'report.html'}")
+    print(f"\ntiming:   extraction {t_extract:.1f} s (model load + run), analysis {t_analyse:.1f} s "
+          f"(analysis / extraction = {t_analyse / t_extract:.2f})")
+    print(f"report:   {out / 'analysis' / 'report.html'}")
     print(f"summary:  {out / 'analysis' / 'summary.json'}")
     print(f"\nopen it:  python -c \"import gapcache.store as s; print(s.open_store('{path}'))\"")
     print(f"or plain: python -c \"import xarray as xr; print(xr.open_zarr('{path}'))\"")

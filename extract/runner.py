@@ -32,7 +32,7 @@ from gapcache.conditions import CLEAN, KINDS, NEEDS_DONOR, NEEDS_MEAN_RGB, Condi
     expand_config, fitted_layers, kinds_in_group
 from gapcache.conditions import strategy as strategy_entry
 from gapcache.conditions import kind as condition_kind
-from gapcache.errors import IncompatibleStoreError, SampleError, StoreError, StoreLockedError
+from gapcache.errors import IncompatibleStoreError, SampleError, StopForward, StoreError, StoreLockedError
 from gapcache.extract import data as data_mod
 from gapcache.extract import interventions
 from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
@@ -804,13 +804,13 @@ class Extraction:
             h = hidden_of(args, kwargs)
             rows, pos = where.index
             got["h"] = h[rows.to(h.device), pos.to(h.device)].detach()  # (n_vis over rows, hidden)
-            raise _StopForward
+            raise StopForward
 
         handle = self.adapter.decoder_layers(self.model)[layer].register_forward_pre_hook(stop, with_kwargs=True)
         try:
             self.model(**{k: v.to(self.model.device) if torch.is_tensor(v) else v for k, v in inputs.items()},
                        use_cache=False, logits_to_keep=1)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             handle.remove()
@@ -861,10 +861,6 @@ class Extraction:
             out = self.model.generate(**model_inputs, do_sample=False, pad_token_id=tok.pad_token_id,
                                       max_new_tokens=self.cfg.extract.generate.max_new_tokens)
         return out[:, seq:].cpu()
-
-
-class _StopForward(Exception):
-    """Raised by the donor forward's hook once it has the states it needs (the rest of the model is not run)."""
 
 
 class FitSums:

@@ -191,3 +191,142 @@ def test_refit_bootstrap_ci():
     assert ci.estimate > 0.9 and ci.low <= ci.high and ci.high > 0.9
     again = probes.refit_bootstrap_ci(X[:, 5], y, n_refit=6, seed=0)
     assert (again.low, again.high) == (ci.low, ci.high)
+
+
+# --------------------------------------------------------------------------- batched backend vs sklearn
+
+
+def test_batched_fit_matches_sklearn_pipeline_binary_imbalanced():
+    """Same estimator, same L-BFGS-B iterates: decision values agree to float rounding, labels exactly."""
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    X, y = planted(n=150, layers=3, hidden=16, k=1, signal=0.8)
+    y[:40] = 0  # imbalanced (about 2:1), so the balanced class weights matter
+    splits = probes._folds(y, 5, 0)
+    got = fit_predict_layers(X, y, splits, decision=True)
+    labels = fit_predict_layers(X, y, splits)
+    for t, (tr, te) in enumerate(splits):
+        for layer in range(3):
+            ref = probes.make_probe().fit(X[tr, layer], y[tr])
+            np.testing.assert_allclose(got[t][layer], ref.decision_function(X[te, layer]), rtol=1e-7, atol=1e-9)
+            np.testing.assert_array_equal(labels[t][layer], ref.predict(X[te, layer]))
+
+
+def test_batched_fit_matches_sklearn_multinomial_four_imbalanced_classes():
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    rng = np.random.default_rng(5)
+    y = rng.choice(4, size=160, p=[0.5, 0.25, 0.15, 0.1])
+    X = rng.normal(size=(160, 2, 12)) + (np.eye(12)[y] * 1.2)[:, None, :]
+    splits = probes._folds(y, 4, 1)
+    got = fit_predict_layers(X, y, splits, decision=True)
+    labels = fit_predict_layers(X, y, splits)
+    for t, (tr, te) in enumerate(splits):
+        assert got[t].shape == (2, len(te), 4)
+        for layer in range(2):
+            ref = probes.make_probe().fit(X[tr, layer], y[tr])
+            np.testing.assert_allclose(got[t][layer], ref.decision_function(X[te, layer]), rtol=1e-7, atol=1e-9)
+            np.testing.assert_array_equal(labels[t][layer], ref.predict(X[te, layer]))
+
+
+def test_batched_fit_repeated_training_rows_are_weights_like_sklearn_on_the_resample():
+    """A bootstrap resample: sklearn fitted on X[train_idx] with its repeats equals the weighted batched fit."""
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    X, y = planted(n=80, layers=1, hidden=10, k=0, signal=0.7)
+    rng = np.random.default_rng(2)
+    train = rng.choice(60, size=60)  # repeats, rows 60..79 held out
+    test = np.arange(60, 80)
+    got = fit_predict_layers(X, y, [(train, test)], decision=True)[0][0]
+    ref = probes.make_probe().fit(X[train, 0], y[train]).decision_function(X[test, 0])
+    np.testing.assert_allclose(got, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_batched_fit_per_split_labels_and_rows_outside_the_splits():
+    """(split, sample) labels (a permuted arm); rows in no split (e.g. unlabelled, NaN states) never read."""
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    X, y = planted(n=100, layers=2, hidden=8)
+    perm = np.random.default_rng(0).permutation(y)
+    Y = np.stack([y, perm])
+    X[0] = np.nan
+    y_missing = Y.copy()
+    y_missing[:, 0] = -1
+    splits = [(np.arange(1, 70), np.arange(70, 100)), (np.arange(31, 100), np.arange(1, 31))]
+    got = fit_predict_layers(X, y_missing, splits)
+    for t, (tr, te) in enumerate(splits):
+        for layer in range(2):
+            ref = probes.make_probe().fit(X[tr, layer], Y[t, tr]).predict(X[te, layer])
+            np.testing.assert_array_equal(got[t][layer], ref)
+
+
+def test_batched_fit_float32_states_match_sklearn_on_float32():
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    X, y = planted(n=120, layers=1, hidden=32, k=0, signal=0.6)
+    X = X.astype(np.float32)
+    splits = probes._folds(y, 3, 0)
+    got = fit_predict_layers(X, y, splits, decision=True)
+    for t, (tr, te) in enumerate(splits):
+        ref = probes.make_probe().fit(X[tr, 0], y[tr]).decision_function(X[te, 0])
+        np.testing.assert_allclose(got[t][0], ref, rtol=1e-4, atol=1e-5)  # float32 products
+
+
+def test_probe_layers_batched_equals_sklearn_backend_with_control_and_excluded_labels():
+    X, y = planted(n=150, layers=6)
+    y = y.copy()
+    y[::13] = -1
+    fast = probes.probe_layers(X, y, seed=3)
+    slow = probes.probe_layers(X, y, seed=3, backend="sklearn")
+    assert fast.params["backend"] == "batched" and slow.params["backend"] == "sklearn"
+    assert fast.n_excluded == slow.n_excluded == 12
+    for name in ("oof", "oof_control", "accuracy", "control", "y_control"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+
+
+def test_thread_lockstep_fallback_gives_the_same_fits(monkeypatch):
+    """Where scipy's compiled step has another signature, the public-minimize thread driver runs instead."""
+    from gapcache.analyze import probe_solver
+
+    X, y = planted(n=90, layers=2, hidden=8)
+    splits = probes._folds(y, 3, 0)
+    direct = probe_solver.fit_predict_layers(X, y, splits, decision=True)
+    assert probe_solver._reverse_lbfgsb()  # scipy >= 1.15 in this environment
+    monkeypatch.setattr(probe_solver, "FORCE_THREADS", True)
+    threaded = probe_solver.fit_predict_layers(X, y, splits, decision=True)
+    for a, b in zip(direct, threaded):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_refit_bootstrap_ci_batched_equals_sklearn_group_kfold_path():
+    X, y = planted(n=120, layers=6)
+    fast = probes.refit_bootstrap_ci(X[:, 5], y, n_refit=4, seed=1)
+    slow = probes.refit_bootstrap_ci(X[:, 5], y, n_refit=4, seed=1, backend="sklearn")
+    assert (fast.estimate, fast.low, fast.high) == (slow.estimate, slow.low, slow.high)
+
+
+def test_batched_errors_name_the_problem():
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    X, y = planted(n=40, layers=1)
+    only0 = np.flatnonzero(y == 0)
+    with pytest.raises(DataError, match=r"Split 0 of fit_predict_layers must have every class in its training rows"):
+        fit_predict_layers(X, y, [(only0, np.flatnonzero(y == 1))])
+    with pytest.raises(ConfigError, match=r"'backend' parameter of probe_layers must be one of \['batched', 'sklearn'\]"):
+        probes.probe_layers(X, y, backend="torch")
+    with pytest.raises(ConfigError, match="pass backend='sklearn'"):
+        probes.probe_layers(X, y, solver="newton-cg")
+    assert probes.probe_layers(X, y, solver="newton-cg", backend="sklearn").params["solver"] == "newton-cg"
+
+
+def test_layers_solved_in_one_block_equal_layers_solved_one_by_one(monkeypatch):
+    """Small layers share the lockstep rounds (BLOCK_BYTES); a fit's numbers do not depend on its block."""
+    from gapcache.analyze import probe_solver
+
+    X, y = planted(n=90, layers=5, hidden=8)
+    splits = probes._folds(y, 3, 0)
+    together = probe_solver.fit_predict_layers(X, y, splits, decision=True)
+    monkeypatch.setattr(probe_solver, "BLOCK_BYTES", 1)
+    alone = probe_solver.fit_predict_layers(X, y, splits, decision=True)
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a, b)
