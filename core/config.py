@@ -99,6 +99,9 @@ class ExtractConfig:
     attention: bool = field(default=False, metadata=ADDED)  # attention summaries at the query sites (attn_mass, attn_visual)
     # MoE families: record router top-k at the text sites and expert-load histograms
     routing: bool = field(default=False, metadata=ADDED)
+    # hidden-state compression (gapcache.store.codec.parse_compression): "zstd:1", "none",
+    # "blosc:lz4:9:bitshuffle:32768", ...; null: compression_level decides (0 = none, n = zstd n)
+    compression: str | None = field(default=None, metadata=ADDED)
 
 
 @dataclass
@@ -214,6 +217,16 @@ def load_config(source) -> Config:
     return cfg
 
 
+def _is_compression(value) -> bool:
+    """Whether ``value`` is a compression setting string (gapcache.store.codec.parse_compression)."""
+    from gapcache.store.codec import parse_compression
+
+    try:
+        return isinstance(value, str) and bool(parse_compression(value))
+    except ValueError:
+        return False
+
+
 def _check(ok: bool, name: str, expected: str, got):
     if not ok:
         raise ConfigError(f"The '{name}' parameter must be {expected}. Got {got!r} instead.")
@@ -251,6 +264,10 @@ def validate(cfg: Config) -> None:
         _check(_is_int(value) and value > 0, f"extract.{name}", "a positive int", value)
     _check(_is_int(e.compression_level) and 0 <= e.compression_level <= 22, "extract.compression_level",
            "an int in [0, 22] (0 = no compression)", e.compression_level)
+    from gapcache.store.codec import COMPRESSION_FORMS
+
+    _check(e.compression is None or _is_compression(e.compression), "extract.compression",
+           f"null or one of {list(COMPRESSION_FORMS)}", e.compression)
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
     _check(isinstance(e.attention, bool), "extract.attention", "true or false", e.attention)

@@ -122,6 +122,7 @@ class Extraction:
             layers=tuple(self.record), hidden=self.adapter.hidden_size(self.model), model_dtype=self.cfg.model.dtype,
             candidates=self.candidates, visual_lengths=lengths, samples_per_shard=e.samples_per_shard,
             visual_chunk_tokens=e.visual_chunk_tokens, compression_level=e.compression_level,
+            compression=e.compression,
             span_lengths=(("token", tuple(len(self.token_positions(p)) for p in self.planned)),)
             if self.text_tokens else (),
             routing=tuple(self.adapter.routing_shape(self.model.config)) if e.routing else (),
