@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 MB = 1e6
-DEFAULT_VARIANTS = "default,zstd:1,zstd:1+buffered,blosc:lz4:9:bitshuffle:32768,none"
+DEFAULT_VARIANTS = "default,zstd:1+buffered,blosc:lz4:9:bitshuffle:32768,blosc:zstd:1:shuffle:262144,none"
 
 
 def _sync_tree(path: Path):
