@@ -19,27 +19,13 @@ Usage::
    process CPU seconds. A breakdown of (b) (store creation, processor, model forward, the rest of
    ``forward``, waits on the writer) comes from wrappers installed by this script, not the library.
 
-2. **I/O-bound** (target ``writer MB/s / raw MB/s >= 0.9`` and ``<= 2`` bytes on disk per bf16 value):
-   no model. Shard payloads shaped like Qwen3-VL-30B-A3B with a visual budget (hidden 2048, 49
-   recorded layers, 64 visual tokens per sample, 32 samples per shard: ~424 MB a shard) of bf16
-   bits (``codec.encode_bf16`` of float32 normal * 2) go through ``StoreWriter``; timed from the
-   first ``submit`` to ``close()`` plus ``os.sync()``. Compared with a raw sequential write of the
-   same bytes (64 MB ``os.write`` blocks, ``fsync``, ``os.sync``) in the same directory, run before
-   every variant (the median is the reference). Variants: ``zstd1`` (the library's default),
-   ``none`` (compression disabled: the benchmark swaps ``codec.state_codecs`` for one returning no
-   compressor while it creates the store) and, with ``+wec``, the same with zarr's
-   ``array.write_empty_chunks=True`` set around the writer (the proposed fix: skips zarr's
-   "is this chunk all fill value" scan).
-
-Payload data: one pool of 2**25 random bf16 values; each shard is the pool rotated by a
-shard-specific offset and tiled, so no two 256 KB zarr chunks are identical and zstd sees
-realistic bf16 entropy (about 1.57 bytes a value at level 1).
+2. **I/O-bound** (target ``writer MB/s / raw MB/s >= 0.9``, ``<= 1.7`` bytes on disk per bf16 value): in
+   ``benchmarks/bench_writer.py`` (this script runs it with the same ``--io-*`` options).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -50,29 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 MB = 1e6
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _sync_tree(path: Path):
-    """fsync every file under path (and the directories), then os.sync()."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.sync()
 
 
 def _tree_bytes(path: Path) -> tuple[int, int]:
@@ -278,139 +246,11 @@ def bench_compute(args, work: Path) -> dict:
 # --------------------------------------------------------------------------- 2. I/O-bound
 
 
-def _payloads(args):
-    from gapcache.store import ShardPayload, codec
-
-    spc, nl, h, v = args.io_samples_per_shard, args.io_layers, args.io_hidden, args.io_vtokens
-    shard_values = spc * (2 * nl * h + v * nl * h)
-    n_shards = max(1, round(args.io_mb * MB / (2 * shard_values)))
-    rng = np.random.default_rng(args.seed)
-    pool = codec.encode_bf16(rng.standard_normal(1 << 25, dtype=np.float32) * 2.0)
-
-    def take(shape, offset):
-        return np.resize(np.roll(pool, -(offset % pool.size)), int(np.prod(shape))).reshape(shape)
-
-    k = 2
-    pays = []
-    for s in range(n_shards):
-        pays.append(ShardPayload(0, s, dict(
-            text_states=take((spc, 2, nl, h), 7919 * s + 1),
-            visual_states=take((spc * v, nl, h), 1_000_003 * s + 13),
-            gold_logprob=rng.standard_normal(spc).astype(np.float32),
-            candidate_logprob=rng.standard_normal((spc, k)).astype(np.float32),
-            status=np.ones(spc, np.uint8), error=np.array([""] * spc, dtype=object),
-        )))
-    return pays, n_shards
-
-
-def _raw_write(pays, directory: Path, block: int) -> float:
-    path = directory / "raw.bin"
-    os.sync()
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for p in pays:
-            for a in (p.text_states, p.visual_states):
-                mv = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-                for i in range(0, len(mv), block):
-                    chunk = mv[i: i + block]
-                    while len(chunk):
-                        chunk = chunk[os.write(fd, chunk):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(directory, os.O_RDONLY)
-    os.fsync(dfd)
-    os.close(dfd)
-    os.sync()
-    dt = time.perf_counter() - t0
-    path.unlink()
-    os.sync()
-    return dt
-
-
-def _store_write(pays, n_shards, args, directory: Path, variant: str) -> dict:
-    import zarr
-
-    from gapcache.conditions import Condition
-    from gapcache.store import Layout, StoreWriter, create
-    from gapcache.store import writer as writer_mod
-
-    level_name, _, extra = variant.partition("+")
-    spc = args.io_samples_per_shard
-    n = n_shards * spc
-    layout = Layout(
-        sample_ids=tuple(f"s{i:06d}" for i in range(n)), conditions=(Condition("original"),),
-        layers=tuple(range(args.io_layers)), hidden=args.io_hidden, model_dtype="bfloat16",
-        candidates=("yes", "no"), visual_lengths=(args.io_vtokens,) * n, samples_per_shard=spc,
-        visual_chunk_tokens=64, compression_level=1 if level_name == "none" else int(level_name.removeprefix("zstd")),
-    )
-    path = directory / "store.zarr"
-    orig = writer_mod.codec.state_codecs
-    if level_name == "none":
-        writer_mod.codec.state_codecs = lambda level=1: None
-    try:
-        create(path, layout, {"bench": True}, {"label": np.zeros(n, np.int32)})
-    finally:
-        writer_mod.codec.state_codecs = orig
-    os.sync()
-    meta_bytes = _tree_bytes(path)[0]
-    wec = extra == "wec"
-    ctx = zarr.config.set({"array.write_empty_chunks": True}) if wec else contextlib.nullcontext()
-    with ctx:
-        writer = StoreWriter(path)
-        t0 = time.perf_counter()
-        submit_s = 0.0
-        for p in pays:
-            t = time.perf_counter()
-            writer.submit(p)
-            submit_s += time.perf_counter() - t
-        writer.close()
-        t_close = time.perf_counter()
-        _sync_tree(path)
-        dt = time.perf_counter() - t0
-    apparent, allocated = _tree_bytes(path)
-    values = sum(p.text_states.size + p.visual_states.size for p in pays)
-    comp = zarr.open_group(str(path), mode="r")["visual_states"].compressors
-    shutil.rmtree(path)
-    os.sync()
-    return {"seconds": dt, "write_s": t_close - t0, "sync_s": dt - (t_close - t0),
-            "store_bytes": apparent, "store_bytes_allocated": allocated, "metadata_bytes": meta_bytes,
-            "values": values, "bytes_per_value": apparent / values, "compressors": repr(comp)}
-
-
 def bench_io(args, work: Path) -> dict:
-    directory = work / "io"
-    directory.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    pays, n_shards = _payloads(args)
-    gen_s = time.perf_counter() - t0
-    nbytes = sum(p.text_states.nbytes + p.visual_states.nbytes for p in pays)
-    block = int(args.block_mb * (1 << 20))
-    raws, variants = [], {}
-    for rep in range(args.io_repeats):
-        for variant in args.io_variants.split(","):
-            raws.append(_raw_write(pays, directory, block))
-            r = _store_write(pays, n_shards, args, directory, variant)
-            variants.setdefault(variant, []).append(r)
-    raws.append(_raw_write(pays, directory, block))
-    raw_mb_s = [nbytes / s / MB for s in raws]
-    raw_ref = statistics.median(raw_mb_s)
-    out = {}
-    for variant, runs in variants.items():
-        best = min(runs, key=lambda r: r["seconds"])
-        mb_s = [nbytes / r["seconds"] / MB for r in runs]
-        out[variant] = {**best, "mb_s": statistics.median(mb_s), "mb_s_all": [round(x, 1) for x in mb_s],
-                        "ratio": statistics.median(mb_s) / raw_ref}
-    return {
-        "config": {"hidden": args.io_hidden, "layers": args.io_layers, "visual_tokens_per_sample": args.io_vtokens,
-                   "samples_per_shard": args.io_samples_per_shard, "shards": n_shards,
-                   "payload_bytes": nbytes, "raw_block_bytes": block, "repeats": args.io_repeats,
-                   "directory": str(directory)},
-        "payload_gen_s": gen_s,
-        "raw_mb_s": statistics.median(raw_mb_s), "raw_mb_s_all": [round(x, 1) for x in raw_mb_s],
-        "variants": out, "target_ratio": 0.9, "target_bytes_per_value": 2.0,
-    }
+    """The I/O-bound part: benchmarks/bench_writer.py (store settings against raw fsync'd writes)."""
+    import bench_writer
+
+    return bench_writer.bench_io(args, work)
 
 
 # --------------------------------------------------------------------------- main
@@ -447,21 +287,11 @@ def _print(res: dict):
             out.append(f"    {k:<66s} {v:8.2f} s")
         out.append(f"  store {c['store_bytes'] / MB:.1f} MB, {c['samples_done']} samples done; "
                    f"load {c['load_s']:.1f} s, plan {c['plan_s']:.1f} s (not timed)")
-    io = res.get("io")
-    if io:
-        ic = io["config"]
-        out.append(f"\n== I/O-bound: hidden {ic['hidden']}, {ic['layers']} layers, {ic['visual_tokens_per_sample']} vis "
-                   f"tokens/sample, {ic['samples_per_shard']} samples/shard, {ic['shards']} shards = "
-                   f"{ic['payload_bytes'] / MB:.0f} MB of bf16, in {ic['directory']}")
-        out.append(f"  raw sequential write (os.write {ic['raw_block_bytes'] >> 20} MiB + fsync): "
-                   f"{io['raw_mb_s']:.0f} MB/s median of {io['raw_mb_s_all']}")
-        out.append(f"  {'variant':<12s} {'MB/s':>8s} {'ratio':>7s} {'B/value':>8s} {'write s':>8s} {'sync s':>7s}  all MB/s")
-        for name, v in io["variants"].items():
-            ok = "PASS" if v["ratio"] >= io["target_ratio"] else "MISS"
-            bok = "PASS" if v["bytes_per_value"] <= io["target_bytes_per_value"] * 1.01 else "MISS"  # 1%: shard index + metadata
-            out.append(f"  {name:<12s} {v['mb_s']:8.0f} {v['ratio']:7.3f} {v['bytes_per_value']:8.4f} "
-                       f"{v['write_s']:8.2f} {v['sync_s']:7.2f}  {v['mb_s_all']}  ratio {ok}, bytes {bok}")
     print("\n".join(out))
+    if res.get("io"):
+        import bench_writer
+
+        bench_writer.print_io(res["io"])
 
 
 def main(argv=None):
@@ -487,16 +317,9 @@ def main(argv=None):
     g.add_argument("--repeats", type=int, default=2, help="run() repeats; bare loops before and after each")
     g.add_argument("--no-diagnose", dest="diagnose", action="store_false",
                    help="skip (c), the Extraction.forward loop without a store")
-    g = ap.add_argument_group("I/O-bound")
-    g.add_argument("--io-mb", type=float, default=1536, help="payload size to push through the writer (MB)")
-    g.add_argument("--io-hidden", type=int, default=2048)
-    g.add_argument("--io-layers", type=int, default=49)
-    g.add_argument("--io-vtokens", type=int, default=64)
-    g.add_argument("--io-samples-per-shard", type=int, default=32)
-    g.add_argument("--io-variants", default="zstd1,none,zstd1+wec,none+wec",
-                   help="comma list of zstdN | none, each optionally +wec (write_empty_chunks=True)")
-    g.add_argument("--io-repeats", type=int, default=1)
-    g.add_argument("--block-mb", type=float, default=64, help="raw write block (MiB)")
+    import bench_writer
+
+    bench_writer.add_arguments(ap)
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

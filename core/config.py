@@ -58,6 +58,8 @@ class GenerateConfig:
 #: field metadata of options added after the first release: left out of the config hash while at their
 #: default, so configs (and the stores made from them) that do not use the option keep their hash
 ADDED = {"hash": "unless_default"}
+#: a field that only says how a run writes, never what it records: out of the config hash whatever its value
+RUN_ONLY = {"hash": "never"}
 
 
 def _hashed(obj) -> dict:
@@ -65,6 +67,8 @@ def _hashed(obj) -> dict:
     out = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
+        if f.metadata.get("hash") == "never":  # how a run writes, not what it records (resume never refused)
+            continue
         if f.metadata.get("hash") == "unless_default":
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if value == default:
@@ -107,6 +111,12 @@ class ExtractConfig:
     routing: bool = field(default=False, metadata=ADDED)
     # surface variants pooled into each candidate's score by logsumexp (gapcache.variants.RULES: case, space)
     candidate_variants: list = field(default_factory=list, metadata=ADDED)
+    # hidden-state compression (gapcache.store.codec.parse_compression): "zstd:1", "none",
+    # "blosc:lz4:9:bitshuffle:32768", ...; null: compression_level decides (0 = none, n = zstd n)
+    compression: str | None = field(default=None, metadata=ADDED)
+    # shard files written past the page cache (O_DIRECT) where the filesystem allows; false: buffered writes
+    # (try it on a network filesystem where synchronous direct writes are slow). Never in the config hash.
+    direct_io: bool = field(default=True, metadata=RUN_ONLY)
 
 
 @dataclass
@@ -236,6 +246,16 @@ def load_config(source) -> Config:
     return cfg
 
 
+def _is_compression(value) -> bool:
+    """Whether ``value`` is a compression setting string (gapcache.store.codec.parse_compression)."""
+    from gapcache.store.codec import parse_compression
+
+    try:
+        return isinstance(value, str) and bool(parse_compression(value))
+    except ValueError:
+        return False
+
+
 def _check(ok: bool, name: str, expected: str, got):
     if not ok:
         raise ConfigError(f"The '{name}' parameter must be {expected}. Got {got!r} instead.")
@@ -273,12 +293,17 @@ def validate(cfg: Config) -> None:
         _check(_is_int(value) and value > 0, f"extract.{name}", "a positive int", value)
     _check(_is_int(e.compression_level) and 0 <= e.compression_level <= 22, "extract.compression_level",
            "an int in [0, 22] (0 = no compression)", e.compression_level)
+    from gapcache.store.codec import COMPRESSION_FORMS
+
+    _check(e.compression is None or _is_compression(e.compression), "extract.compression",
+           f"null or one of {list(COMPRESSION_FORMS)}", e.compression)
     _check(_is_int(e.generate.max_new_tokens) and e.generate.max_new_tokens > 0,
            "extract.generate.max_new_tokens", "a positive int", e.generate.max_new_tokens)
     _check(isinstance(e.attention, bool), "extract.attention", "true or false", e.attention)
     _check(_is_int(e.soft_seed) and e.soft_seed >= 0, "extract.soft_seed", "a non-negative int", e.soft_seed)
     _check(_is_int(e.soft_pca_k) and e.soft_pca_k > 0, "extract.soft_pca_k", "a positive int", e.soft_pca_k)
     _check(isinstance(e.routing, bool), "extract.routing", "true or false", e.routing)
+    _check(isinstance(e.direct_io, bool), "extract.direct_io", "true or false", e.direct_io)
     variants.check_rules(e.candidate_variants)
     _check(isinstance(e.disk_bandwidth_mb_s, (int, float)) and e.disk_bandwidth_mb_s > 0,
            "extract.disk_bandwidth_mb_s", "a positive number", e.disk_bandwidth_mb_s)

@@ -124,6 +124,7 @@ class Extraction:
             layers=tuple(self.record), hidden=self.adapter.hidden_size(self.model), model_dtype=self.cfg.model.dtype,
             candidates=self.candidates, visual_lengths=lengths, samples_per_shard=e.samples_per_shard,
             visual_chunk_tokens=e.visual_chunk_tokens, compression_level=e.compression_level,
+            compression=e.compression,
             span_lengths=(("token", tuple(len(self.token_positions(p)) for p in self.planned)),)
             if self.text_tokens else (),
             routing=tuple(self.adapter.routing_shape(self.model.config)) if e.routing else (),
@@ -342,7 +343,7 @@ class Extraction:
         mine = self.units(layout, task_index, n_tasks)
         clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
         # the writer closes (flushing every shard) before the locks are released
-        with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path) as writer:
+        with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path, direct_io=self.cfg.extract.direct_io) as writer:
             writer.heal_flag_records()
             self.store_arrays = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
             pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in mine}}

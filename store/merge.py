@@ -193,7 +193,7 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
         visual_lengths=_span_lengths("visual", home, sample_ids),
         span_lengths=tuple((n, _span_lengths(n, home, sample_ids)) for n, sp in arrays.SPANS.items()
                            if n != "visual" and sp.offset in first.g),
-        samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression_level=_zstd_level(first.g["text_states"]),
+        samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression=_compression(first.g["text_states"]),
         routing=_routing_shape(first.g),
     )
     values, array_attrs = _creation_values(sources, home, sample_ids, layout)
@@ -280,12 +280,11 @@ def _same_sample(a, b, sample_id) -> None:
                 )
 
 
-def _zstd_level(arr) -> int:
-    cfg = arr.metadata.to_dict()["codecs"][0].get("configuration", {})
-    for c in cfg.get("codecs", []):
-        if isinstance(c, dict) and c.get("name") == "zstd":
-            return int(c.get("configuration", {}).get("level", 1))
-    return 0
+def _compression(arr) -> str:
+    """The compression setting of a state array (its inner codecs), so the merged store keeps it."""
+    from gapcache.store.codec import compression_of
+
+    return compression_of(arr.metadata.to_dict()["codecs"][0].get("configuration", {}).get("codecs"))
 
 
 def _merged_attrs(sources, layout, donor) -> dict:

@@ -60,7 +60,9 @@ class Layout:
     visual_lengths: tuple[int, ...]  # recorded visual tokens per sample (0 if failed at plan time)
     samples_per_shard: int = 32
     visual_chunk_tokens: int = 64  # inner chunk rows of every span's states
-    compression_level: int = 1
+    compression_level: int = 1  # the old zstd level (0 = none); used when ``compression`` is None
+    # hidden-state compression (gapcache.store.codec.parse_compression); None: from compression_level
+    compression: str | None = None
     span_lengths: tuple = ()  # ((span name, per-sample lengths), ...) of spans other than "visual"
     routing: tuple = ()  # MoE routing recorded: (router layers, experts, top-k); () = none (no route_* arrays)
     visual_offsets: tuple[int, ...] = field(init=False)
@@ -78,6 +80,12 @@ class Layout:
             raise ConfigError("The 'samples_per_shard' and 'visual_chunk_tokens' parameters must be >= 1.")
         if len(set(self.sample_ids)) != n:
             raise ConfigError("Sample ids must be unique within a store.")
+        from gapcache.store.codec import parse_compression
+
+        try:
+            parse_compression(self.compression_level if self.compression is None else self.compression)
+        except ValueError as err:
+            raise ConfigError(f"The compression of a Layout: {err}") from None
         from gapcache.store.arrays import SPANS
 
         given = {"visual": self.visual_lengths, **dict(self.span_lengths)}
@@ -95,6 +103,11 @@ class Layout:
         object.__setattr__(self, "visual_offsets", spans["visual"].offsets)
         object.__setattr__(self, "visual_shard_tokens", spans["visual"].shard_tokens)
         object.__setattr__(self, "n_vtokens", spans["visual"].n_tokens)
+
+    @property
+    def state_compression(self):
+        """The hidden-state compression setting: ``compression``, else the old ``compression_level``."""
+        return self.compression_level if self.compression is None else self.compression
 
     @property
     def n_samples(self) -> int:

@@ -18,7 +18,9 @@ then (``index_location = "end"``) the index: for every inner chunk in C order an
 ``(offset, nbytes)`` pair of uint64 (``2**64 - 1`` twice for a missing chunk) encoded with the
 index codecs (``bytes`` little endian, then ``crc32c`` appending the little-endian CRC-32C of
 the index bytes). Inner chunks are encoded with the inner codecs: ``bytes`` (endian), then any
-of ``zstd`` (numcodecs' Zstd, the same standard zstd frames zarr-python writes) and ``crc32c``.
+of ``zstd`` (numcodecs' Zstd, the same standard zstd frames zarr-python writes), ``blosc``
+(numcodecs' Blosc with the array's typesize, cname, clevel, shuffle and blocksize: the same
+frames zarr-python's BloscCodec writes) and ``crc32c``.
 
 A write replaces the whole shard: elements of the shard outside ``block`` are fill value
 afterwards (inner chunks it does not touch are missing; an inner chunk it covers in part is
@@ -30,12 +32,26 @@ Atomic and durable: the shard goes to a hidden temporary file in the shard's dir
 is fsynced, then renamed over the shard key (``os.replace``), then the directory is fsynced. A
 process killed at any point leaves either the old shard or the new one, never a torn one (at
 worst a stray ``.<name>.<pid>@<host>.<hex>.tmp`` file, which no Zarr reader looks at).
+
+At disk speed: where the filesystem allows it (Linux ``O_DIRECT``; ``ShardArray.direct_io``),
+the shard file is written past the page cache: the encoded chunks are gathered into one
+page-aligned 8 MB buffer the device reads directly, in whole 4 KiB-aligned blocks (the last one
+zero-padded, then the file truncated to its size). This spares the kernel's copy into the page
+cache and its later writeback, which on a small node cost more CPU than the disk takes time.
+Otherwise (EINVAL from the filesystem: tmpfs, some network filesystems) the file is written
+buffered, and the disk is started on it while the shard is still being encoded (Linux
+``sync_file_range(SYNC_FILE_RANGE_WRITE)`` after every ~8 MB: asynchronous writeback, no
+durability promise). Either way the fsync before the rename stays, and the CRC-32C of the whole
+shard file (``StagedShard.crc``: its checksum record) is computed over the bytes as they are
+written, not by reading the file back.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from pathlib import Path
@@ -43,11 +59,14 @@ from pathlib import Path
 import numpy as np
 
 from gapcache.errors import StoreError, UnsupportedShardFormat
+from gapcache.store.checksums import crc32c_update
 from gapcache.store.locks import tmp_name
 
 MISSING = 2**64 - 1
 #: bytes->bytes codecs this module can apply to an inner chunk
-SUPPORTED_BYTES_CODECS = ("zstd", "crc32c")
+SUPPORTED_BYTES_CODECS = ("zstd", "blosc", "crc32c")
+#: the blosc codec's shuffle names (Zarr v3) -> numcodecs' constants
+BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 #: numeric Zarr v3 core data types (their names are numpy's)
 SUPPORTED_DTYPES = (
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -69,8 +88,6 @@ _WRITE_BATCH_BYTES = 8 << 20
 
 def crc32c(data) -> int:
     """CRC-32C (Castagnoli) of a bytes-like object, as the Zarr v3 ``crc32c`` codec computes it."""
-    from gapcache.store.checksums import crc32c_update
-
     return crc32c_update(bytes(memoryview(data).cast("B")))
 
 
@@ -161,6 +178,8 @@ class ShardArray:
 
                 self.bytes_codecs.append((name, Zstd(level=int(ccfg.get("level", 0)),
                                                      checksum=bool(ccfg.get("checksum", False)))))
+            elif name == "blosc":
+                self.bytes_codecs.append((name, _blosc(ccfg, base, where)))
             elif name == "crc32c":
                 self.bytes_codecs.append((name, None))
             else:
@@ -179,6 +198,7 @@ class ShardArray:
         self.index_nbytes = 16 * int(np.prod(self.chunks_per_shard)) + 4 * self.index_crc
         self.chunk_nbytes = self.dtype.itemsize * int(np.prod(self.chunk_shape))
         self._present_cache: dict = {}
+        self.direct_io = True  # O_DIRECT shard files where the platform and filesystem allow (see stage)
 
         enc_name, enc_cfg = _named(meta.get("chunk_key_encoding") or {"name": "default"})
         if enc_name == "default":
@@ -285,18 +305,21 @@ class ShardArray:
     def _encode_chunk(self, block, sl, partial):
         buf = self._chunk_array(block, sl, partial)
         for name, impl in self.bytes_codecs:
-            if name == "zstd":
+            if impl is not None:  # zstd, blosc
                 buf = impl.encode(buf)
             else:  # crc32c
                 raw = memoryview(buf).cast("B")
                 buf = bytes(raw) + np.array([crc32c(raw)], dtype="<u4").tobytes()
         return buf
 
-    def _encoded(self, block, present, executor: Executor | None) -> Iterator[tuple[list[int], list]]:
+    def _encoded(self, block, present, executor: Executor | None, gather: bool = False
+                 ) -> Iterator[tuple[list[int], list]]:
         """The encoded inner chunks of ``present``, in order, in groups of about 8 MB.
 
         Each group is (encoded size of each of its chunks, buffers holding their bytes back to back).
         A group's buffers may be reused once the next group is asked for: write each group first.
+        Uncompressed, a group is views of the block's contiguous runs unless ``gather`` (or the block is not
+        in storage dtype and C order): then one buffer the chunks are copied into.
         """
         if self.compressed:
             if executor is None:
@@ -316,7 +339,7 @@ class ShardArray:
                 yield sizes, bufs
             return
         per = max(1, _WRITE_BATCH_BYTES // self.chunk_nbytes)
-        if block.dtype == self.dtype and block.flags.c_contiguous:
+        if block.dtype == self.dtype and block.flags.c_contiguous and not gather:
             yield from self._runs(block, present)
             return
         # another dtype or byte order, or a strided block: gather into one reused buffer
@@ -370,7 +393,9 @@ class ShardArray:
         """Encode and write the shard to a temporary file; :meth:`StagedShard.commit` makes it the shard.
 
         ``block`` is placed at the origin of the shard at shard-grid ``coords`` and replaces the whole
-        shard. Inner chunks are encoded on ``executor`` when given (numcodecs' zstd releases the GIL).
+        shard. Inner chunks are encoded on ``executor`` when given (numcodecs' zstd and blosc release the GIL).
+        With ``direct_io`` (and the index at the end) the file is written with ``O_DIRECT``, past the page
+        cache; a filesystem that refuses it turns ``direct_io`` off and the shard is written buffered.
         """
         coords = self._check(coords, block)
         present = self._present(block.shape)
@@ -378,32 +403,56 @@ class ShardArray:
         if not present:
             return StagedShard(path, None, None, 0, [])
         created = _makedirs(path.parent)
+        if self.direct_io and self.index_location == "end" and _O_DIRECT:
+            try:
+                return self._stage(path, block, present, executor, created, direct=True)
+            except _DirectIORefused:
+                self.direct_io = False  # this filesystem (tmpfs, some network filesystems): buffered from now on
+        return self._stage(path, block, present, executor, created, direct=False)
+
+    def _stage(self, path: Path, block, present, executor, created, direct: bool) -> StagedShard:
         tmp = path.parent / tmp_name(path.name)  # carries its owner: a resume removes it if that owner died
         oal = np.full((int(np.prod(self.chunks_per_shard)), 2), MISSING, dtype=np.uint64)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | (_O_DIRECT if direct else 0)
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except OSError as err:
+            if direct and err.errno == errno.EINVAL:
+                raise _DirectIORefused from err
+            raise
+        made: list = []  # the sink, once made
         try:
             start = self.index_nbytes if self.index_location == "start" else 0
             if start:
                 os.lseek(fd, start, os.SEEK_SET)
+            sink = _DirectSink(fd) if direct else _BufferedSink(fd, start)
+            made.append(sink)
             pos, k = start, 0
-            for sizes, bufs in self._encoded(block, present, executor):
+            for sizes, bufs in self._encoded(block, present, executor, gather=direct):
                 first = pos
                 for size in sizes:
                     oal[present[k][0]] = (pos, size)
                     pos += size
                     k += 1
-                _writev(fd, bufs, pos - first)
+                sink.write(bufs, pos - first)
             index = self.index_bytes(oal.reshape(self.chunks_per_shard + (2,)))
             if self.index_location == "start":
                 _pwrite(fd, index, 0)
+                crc = None  # the file does not start with the chunks: checksummed from the file
             else:
-                _writev(fd, [memoryview(index)])
+                sink.write([memoryview(index)], len(index))
                 pos += len(index)
-        except BaseException:
+                crc = sink.close()
+        except BaseException as err:
+            for sink in made:
+                if isinstance(sink, _DirectSink):
+                    sink.release()
             os.close(fd)
             tmp.unlink(missing_ok=True)
+            if direct and isinstance(err, OSError) and err.errno == errno.EINVAL:
+                raise _DirectIORefused from err
             raise
-        return StagedShard(path, tmp, fd, pos, created)
+        return StagedShard(path, tmp, fd, pos, created, None if crc is None else (crc, pos))
 
     def write(self, coords, block: np.ndarray, executor: Executor | None = None) -> int:
         """:meth:`stage` then commit: the shard is in place and durable on return. Returns its size in bytes."""
@@ -411,10 +460,14 @@ class ShardArray:
 
 
 class StagedShard:
-    """A shard written to its temporary file, not yet in place (``tmp`` None: the shard is to be removed)."""
+    """A shard written to its temporary file, not yet in place (``tmp`` None: the shard is to be removed).
 
-    def __init__(self, path: Path, tmp: Path | None, fd: int | None, nbytes: int, created: list[Path]):
+    ``crc``: (CRC-32C, size) of the whole file as written, or None where it was not computed while writing."""
+
+    def __init__(self, path: Path, tmp: Path | None, fd: int | None, nbytes: int, created: list[Path],
+                 crc: tuple[int, int] | None = None):
         self.path, self.tmp, self.fd, self.nbytes, self.created = path, tmp, fd, nbytes, created
+        self.crc = crc
 
     def commit(self) -> int:
         """fsync the temporary file, rename it over the shard key, fsync the directory. Returns the size."""
@@ -449,6 +502,82 @@ class StagedShard:
             self.tmp.unlink(missing_ok=True)
 
 
+class _DirectIORefused(Exception):
+    """The filesystem refused O_DIRECT (EINVAL): write the shard buffered."""
+
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_ALIGN = 4096  # O_DIRECT offsets, sizes and buffer addresses: a multiple of every usual logical block size
+
+
+class _BufferedSink:
+    """Shard bytes through the page cache: written as they come, writeback started at once, CRC-32C taken."""
+
+    def __init__(self, fd: int, start: int = 0):
+        self.fd, self.pos, self.crc = fd, start, 0
+
+    def write(self, bufs: list, nbytes: int) -> None:
+        for b in bufs:  # before the write: _writev may edit the list
+            self.crc = crc32c_update(b, self.crc)
+        _writev(self.fd, bufs, nbytes)
+        start_writeback(self.fd, self.pos, nbytes)
+        self.pos += nbytes
+
+    def close(self) -> int:
+        return self.crc
+
+
+class _DirectSink:
+    """Shard bytes past the page cache (O_DIRECT): gathered into one page-aligned buffer, written in whole
+    aligned blocks; the last block is zero-padded and the file truncated back to its size. No page-cache
+    copy, no writeback to wait for: the device reads the buffer. CRC-32C taken over the data bytes."""
+
+    def __init__(self, fd: int, size: int = _WRITE_BATCH_BYTES):
+        import mmap
+
+        self.fd, self.pos, self.crc, self.fill = fd, 0, 0, 0
+        self._map = mmap.mmap(-1, size)  # anonymous: page-aligned
+        self.view = memoryview(self._map)
+
+    def write(self, bufs: list, nbytes: int) -> None:
+        view, size = self.view, len(self.view)
+        for b in bufs:
+            mv = memoryview(b)
+            if mv.format != "B":
+                mv = mv.cast("B")
+            while mv.nbytes:
+                n = min(mv.nbytes, size - self.fill)
+                view[self.fill : self.fill + n] = mv[:n]
+                self.fill += n
+                mv = mv[n:]
+                if self.fill == size:
+                    self._flush()
+        self.pos += nbytes
+
+    def _flush(self) -> None:
+        self.crc = crc32c_update(self.view[: self.fill], self.crc)
+        padded = -(-self.fill // _ALIGN) * _ALIGN
+        self.view[self.fill : padded] = bytes(padded - self.fill)
+        data = self.view[:padded]
+        while data.nbytes:
+            data = data[os.write(self.fd, data):]
+        self.fill = 0
+
+    def close(self) -> int:
+        try:
+            if self.fill:
+                self._flush()
+                os.ftruncate(self.fd, self.pos)  # drop the padding of the last block
+        finally:
+            self.release()
+        return self.crc
+
+    def release(self) -> None:
+        if not self._map.closed:
+            self.view.release()
+            self._map.close()
+
+
 def _writev(fd: int, bufs: list, total: int | None = None) -> None:
     """Write every buffer, in order; os.writev may write less than asked (``bufs`` is then edited).
 
@@ -465,6 +594,45 @@ def _writev(fd: int, bufs: list, total: int | None = None) -> None:
             i += 1
         if n:
             bufs[i] = bufs[i][n:]
+
+
+def _sync_file_range():
+    """libc's ``sync_file_range`` (Linux), or None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` from ``offset`` of ``fd`` to disk now, without waiting
+    (Linux; elsewhere a no-op). Durability still comes from the fsync of :meth:`StagedShard.commit`: this
+    only keeps the disk busy while the rest of the shard is encoded, instead of idle until the fsync."""
+    if _SYNC_FILE_RANGE is not None and nbytes > 0:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a failure only loses the head start
+
+
+def _blosc(config: dict, dtype: np.dtype, where: str):
+    """numcodecs' Blosc for a Zarr v3 ``blosc`` codec configuration (as zarr-python builds it)."""
+    from numcodecs import Blosc
+
+    shuffle = config.get("shuffle", "noshuffle")
+    if shuffle not in BLOSC_SHUFFLE:
+        raise UnsupportedShardFormat(f"{where}: blosc shuffle {shuffle!r} is not one of {list(BLOSC_SHUFFLE)}.")
+    return Blosc(cname=str(config.get("cname", "zstd")), clevel=int(config.get("clevel", 5)),
+                 shuffle=BLOSC_SHUFFLE[shuffle], blocksize=int(config.get("blocksize", 0)),
+                 typesize=int(config.get("typesize", dtype.itemsize)))
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:

@@ -52,8 +52,8 @@ def _create_array(group, spec: ArraySpec, shape, layout: Layout):
     kw = dict(shape=shape, dtype=STR if dtype == object else dtype, chunks=chunks, dimension_names=spec.dims,
               fill_value=spec.fill_value(layout.model_dtype))
     if spec.is_state:
-        _, encoding = codec.storage_for(layout.model_dtype)
-        kw.update(shards=shards, compressors=codec.state_codecs(layout.compression_level),
+        storage, encoding = codec.storage_for(layout.model_dtype)
+        kw.update(shards=shards, compressors=codec.state_codecs(layout.state_compression, storage.itemsize),
                   attributes={codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype})
     else:
         kw.update(checked_codecs(spec))
@@ -223,9 +223,11 @@ class StoreWriter:
     threads) when the store is a local directory whose state arrays use codecs shardio
     implements; otherwise, or with ``direct=False``, through zarr-python. ``direct`` maps each
     state array to its direct writer and ``fallback`` to the reason it goes through zarr.
+    ``direct_io=False`` writes the shard files through the page cache even where O_DIRECT works.
     """
 
-    def __init__(self, path, max_pending: int = 2, *, direct: bool = True, threads: int | None = None):
+    def __init__(self, path, max_pending: int = 2, *, direct: bool = True, threads: int | None = None,
+                 direct_io: bool = True):
         import zarr
 
         self.path = str(path)
@@ -247,6 +249,7 @@ class StoreWriter:
                 continue
             try:
                 self.direct[name] = _direct_writer(self.arrays[name], self._shard_len(spec))
+                self.direct[name].direct_io = direct_io
             except StoreError as err:
                 self.fallback[name] = str(err)
                 log.info("Writing %s through zarr-python: %s", name, err)
@@ -428,8 +431,10 @@ class StoreWriter:
         coords = (lead, shard) + (0,) * (arr.ndim - 2)
         if sa is not None:
             staged = sa.stage(coords, rows[None], self._pool)
-            # checksum of the staged file (page cache, off the commit thread); recorded once it is in place
-            found = None if staged.tmp is None or self._root is None else checksums.file_crc32c(staged.tmp)
+            # checksum of the staged file (of its bytes as written, else read back off the commit thread);
+            # recorded once it is in place
+            found = None if staged.tmp is None or self._root is None else \
+                staged.crc or checksums.file_crc32c(staged.tmp)
             staged.gapcache_record = (name, sa.shard_key(coords), found)
             return staged
         arr[lead, start : start + rows.shape[0]] = rows

@@ -84,7 +84,7 @@ def test_direct_shards_read_back_like_zarr_writes(tmp_path, dtype):
 def test_byte_identical_to_zarr_on_one_dimensional_chunk_grids(tmp_path, monkeypatch, compressed):
     """With one layer every shard's inner chunk grid is 1-d, where zarr's Morton order is C order."""
     if not compressed:
-        monkeypatch.setattr(writer_mod.codec, "state_codecs", lambda level=1: None)
+        monkeypatch.setattr(writer_mod.codec, "state_codecs", lambda *a: None)
     base = small_layout("bfloat16")
     layout = type(base)(
         sample_ids=base.sample_ids, conditions=base.conditions, layers=(0,), hidden=4, model_dtype="bfloat16",
@@ -107,7 +107,7 @@ def test_byte_identical_to_zarr_on_one_dimensional_chunk_grids(tmp_path, monkeyp
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_uncompressed_multi_dimensional_grids(tmp_path, monkeypatch, dtype):
     """No compressor: chunks written from views of the payload (or gathered when it is strided)."""
-    monkeypatch.setattr(writer_mod.codec, "state_codecs", lambda level=1: None)
+    monkeypatch.setattr(writer_mod.codec, "state_codecs", lambda *a: None)
     layout = small_layout(dtype)
     payloads = random_payloads(layout, seed=3)
     for p in payloads[::2]:  # strided blocks take the gather path
@@ -228,7 +228,7 @@ def test_unsupported_layouts_refused_and_writer_falls_back(tmp_path, monkeypatch
     with pytest.raises(UnsupportedShardFormat, match="local filesystem store"):
         ShardArray.open(mem)
 
-    monkeypatch.setattr(writer_mod.codec, "state_codecs", lambda level=1: [GzipCodec(level=1)])
+    monkeypatch.setattr(writer_mod.codec, "state_codecs", lambda *a: [GzipCodec(level=1)])
     layout = small_layout("bfloat16")
     payloads = random_payloads(layout)
     path = tmp_path / "s.zarr"

@@ -38,3 +38,16 @@ def test_the_option_at_its_default_leaves_the_config_hash_alone():
     assert cfg.hash() != before
     cfg.extract.candidate_variants = []
     assert cfg.hash() == before
+
+
+def test_direct_io_is_a_run_option_outside_the_config_hash():
+    """extract.direct_io says how shard files are written, not what is stored: a resume with it flipped is allowed."""
+    cfg = Config()
+    before = cfg.hash()
+    cfg.extract.direct_io = False
+    assert cfg.hash() == before
+    cfg.model.id, cfg.data.dataset = "some/model", "synthetic"
+    validate(cfg)
+    cfg.extract.direct_io = "no"
+    with pytest.raises(ConfigError, match=r"'extract.direct_io' parameter must be true or false"):
+        validate(cfg)
