@@ -50,6 +50,7 @@ def centroid_fit_predict(X, y, splits, **_) -> list:
 
     Vectorized over splits: training rows enter as counts (a row listed twice weighs twice), so the
     means are count-weighted: mu = W X / sum W, class means = (W * [y = k]) X / sum(W * [y = k]).
+    A class absent from a split's training rows is never predicted.
     """
     X = X if X.ndim == 3 else X[:, None, :]
     n = X.shape[0]
@@ -65,10 +66,14 @@ def centroid_fit_predict(X, y, splits, **_) -> list:
         sd = np.sqrt(np.maximum(W @ x**2 / total - mu**2, 0.0))
         sd = np.where(sd > 1e-12, sd, 1.0)
         Wk = W[:, :, None] * onehot  # (T, n, K)
-        cent = (np.einsum("tnk,nh->tkh", Wk, x) / Wk.sum(axis=1)[:, :, None] - mu[:, None]) / sd[:, None]  # (T, K, h)
+        present = Wk.sum(axis=1) > 0  # (T, K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cent = (np.einsum("tnk,nh->tkh", Wk, x) / Wk.sum(axis=1)[:, :, None] - mu[:, None]) / sd[:, None]
         for t, (_, te) in enumerate(splits):
             z = (x[te] - mu[t]) / sd[t]  # (n_test, hidden)
-            dist = (z**2).sum(axis=1)[:, None] - 2 * z @ cent[t].T + (cent[t] ** 2).sum(axis=1)[None]  # (n_test, K)
+            c = np.where(present[t][:, None], cent[t], 0.0)  # (K, hidden)
+            dist = (z**2).sum(axis=1)[:, None] - 2 * z @ c.T + (c**2).sum(axis=1)[None]  # (n_test, K)
+            dist[:, ~present[t]] = np.inf
             out[t][layer] = classes[dist.argmin(axis=1)]
     return out
 

@@ -83,7 +83,9 @@ def sklearn_fit_predict(X, y, splits, *, C: float = 1.0, solver: str = "lbfgs", 
     per layer); ``y``: (sample,) labels shared by every split, or (split, sample) one row per split;
     ``splits``: (train_idx, test_idx) row indices into X (repeats allowed: a bootstrap resample).
     Returns one (layer, len(test_idx)) array of predicted labels per split.  The signature of a
-    batched solver (``fit_predict_layers``) that can replace this one.
+    batched solver (``fit_predict_layers``) that can replace this one.  A training part with a single
+    class (a small class of the shuffled control labels can miss a half's training fold) predicts
+    that class (the constant a fit would give; sklearn refuses to fit one class).
     """
     X = X if X.ndim == 3 else X[:, None, :]
     Y = np.broadcast_to(np.asarray(y), (len(splits), X.shape[0])) if np.ndim(y) == 1 else np.asarray(y)
@@ -94,7 +96,10 @@ def sklearn_fit_predict(X, y, splits, *, C: float = 1.0, solver: str = "lbfgs", 
         for layer in range(X.shape[1]):
             Xl = np.asarray(X[:, layer, :])  # (sample, hidden)
             for t, (tr, te) in enumerate(splits):
-                out[t][layer] = probe.fit(Xl[tr], Y[t, tr]).predict(Xl[te])
+                if len(np.unique(Y[t, tr])) < 2:
+                    out[t][layer] = Y[t, tr[0]]
+                else:
+                    out[t][layer] = probe.fit(Xl[tr], Y[t, tr]).predict(Xl[te])
     return out
 
 
@@ -183,13 +188,16 @@ def _resample(y, rng) -> np.ndarray:
 
 
 def _grouped_folds(y, idx, n_splits, rng) -> list:
-    """(train, test) positions within the resample ``idx``: distinct samples per class dealt to folds."""
-    fold_of = {}
+    """(train, test) positions within ``idx``: each class's distinct samples shuffled and dealt to the
+    folds in turn, the count running on from one class to the next (so small classes do not all
+    start at fold 0); a fold left without a test sample is dropped."""
+    fold_of, start = {}, 0
     for c in np.unique(y[idx]):
         distinct = rng.permutation(np.unique(idx[y[idx] == c]))
-        fold_of.update(zip(distinct.tolist(), (np.arange(len(distinct)) % n_splits).tolist()))
+        fold_of.update(zip(distinct.tolist(), ((start + np.arange(len(distinct))) % n_splits).tolist()))
+        start += len(distinct)
     fold = np.array([fold_of[i] for i in idx.tolist()])
-    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_splits)]
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_splits) if (fold == f).any()]
 
 
 def refit_scores(X, design: RefitDesign, *, metric: str = "balanced_accuracy", fit_predict=sklearn_fit_predict,

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--tau", type=float, help="fixed EVD threshold (default: adaptive)")
     an.add_argument("--tau-ratio", type=float, default=0.1, help="adaptive tau = ratio x max of the mean Delta curve")
     an.add_argument("--n-resamples", type=int, default=1999, help="bootstrap resamples per interval")
+    an.add_argument("--probe-refits", type=int, default=10,
+                    help="probe statistics: random half-splits whose refitted cross-validations give the probe SEs")
     an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
@@ -142,6 +144,7 @@ def cmd_analyze(args) -> int:
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()), tau=args.tau, tau_ratio=args.tau_ratio,
         cliff_method=args.cliff_method, cliff_layer=args.cliff_layer, strategy=args.strategy,
         n_resamples=args.n_resamples, ci_method=args.ci_method, seed=args.seed, scheduler=args.scheduler,
+        n_refits=args.probe_refits,
     )
     summary = run_analysis(args.stores, args.out, p)
     from gapcache.analyze.report import key_numbers

@@ -51,6 +51,9 @@ def test_design_is_stratified_and_never_puts_a_sample_on_both_sides(scheme):
                 for c in np.unique(labels[idx]):
                     k = len(np.unique(idx[labels[idx] == c]))
                     assert len(np.unique(idx[te][labels[idx[te]] == c])) in (k // 4, -(-k // 4))
+    one = ps.make_design(np.repeat([0, 1, 2, 3], 8), n_refits=2, n_splits=5, seed=0)  # halves of 4 per class
+    for folds in one.folds:  # 16 samples over 5 folds: every fold gets test samples (3 or 4)
+        assert len(folds) == 5 and sorted(len(te) for _, te in folds) == [3, 3, 3, 3, 4]
     if scheme == "halves":
         for r in range(6):
             assert not set(d.index[2 * r]) & set(d.index[2 * r + 1])  # disjoint halves
@@ -154,3 +157,80 @@ def test_probe_stats_pairs_conditions_through_one_design_and_checks_it():
         ps.probe_stats(X, y, design=other)
     with pytest.raises(ConfigError, match="n_refits"):
         ps.make_design(y, n_refits=1)
+
+
+# --------------------------------------------------------------------------- simulated coverage (slow)
+# The fast nearest-centroid learner (probe_sim.centroid_fit_predict) stands in for the logistic probe:
+# the resampling scheme, not the learner, is under test, and its OOF predictions depend on each other
+# across folds in the same way.  benchmarks/bench_probe_coverage.py runs more replications, the old
+# intervals beside the new, and the logistic probe.
+
+REPS = 60
+
+
+def binomial_band(p, n, z=3.29):
+    """p +- z sqrt(p (1-p) / n) (z = 3.29: two-sided 99.9%)."""
+    half = z * np.sqrt(p * (1 - p) / n)
+    return p - half, p + half
+
+
+@pytest.fixture(scope="module")
+def coverage_runs():
+    runs = {}
+    for n in (48, 100, 200):
+        for k in (2, 4):
+            for signal in (0.0, 1.0):
+                runs[(n, k, signal)] = sim.coverage(n, k, signal, REPS, fit_predict=sim.centroid_fit_predict,
+                                                    seed=1000 * n + 10 * k + int(signal), old=False)
+    return runs
+
+
+@pytest.mark.slow
+def test_two_class_intervals_cover_95_percent_at_chance_and_with_a_signal(coverage_runs):
+    pooled = []
+    for (n, k, signal), r in coverage_runs.items():
+        if k != 2:
+            continue
+        for which in ("accuracy", "selectivity"):
+            c = r[f"new_{which}"]
+            low, high = binomial_band(0.95, len(c))
+            assert low <= c.mean() <= high, (n, signal, which, c.mean())
+            pooled.append(c)
+    pooled = np.concatenate(pooled)  # 2 x 6 x REPS intervals
+    assert abs(pooled.mean() - 0.95) <= 0.02, pooled.mean()
+
+
+@pytest.mark.slow
+def test_four_imbalanced_classes_cover_95_percent_at_n200_and_a_little_less_below(coverage_runs):
+    """4 classes 0.4/0.25/0.2/0.15: at n = 200 the halves give the SE; at n = 48 and 100 a half holds
+    3-7 samples of the smallest class and its CV varies less than Var(T_n) x 2, so the SE is 5-15% small
+    and coverage falls to ~0.89-0.93 (measured with 200 replications; bench_probe_coverage.py)."""
+    for signal in (0.0, 1.0):
+        for which in ("accuracy", "selectivity"):
+            c = coverage_runs[(200, 4, signal)][f"new_{which}"]
+            low, high = binomial_band(0.95, len(c))
+            assert low <= c.mean() <= high, (signal, which, c.mean())
+    small = np.concatenate([coverage_runs[(n, 4, s)][f"new_{w}"] for n in (48, 100) for s in (0.0, 1.0)
+                            for w in ("accuracy", "selectivity")])
+    low, high = binomial_band(0.92, len(small))
+    assert low <= small.mean() <= high, small.mean()
+
+
+@pytest.mark.slow
+def test_condition_comparisons_and_from_layer_claims_keep_the_familywise_error_under_the_global_null():
+    """25 layers, an original and 3 other conditions whose states all come from one distribution (chance):
+    a false 'condition - original' layer or a false 'from layer X' anywhere is one family-wise error."""
+    reps, hits_cmp, hits_from = 40, 0, 0
+    for r in range(reps):
+        rng = np.random.default_rng(5000 + r)
+        y = rng.permutation(np.repeat([0, 1], 24))
+        Xs = {c: rng.standard_normal((48, 25, 8)) for c in ("original", "a", "b", "c")}
+        res = ps.cross_validate(Xs["original"], y, seed=r, fit_predict=sim.centroid_fit_predict)
+        design = ps.make_design(res.y, res.y_control, seed=r)
+        st = {c: ps.probe_stats(X, y, seed=r, design=design, fit_predict=sim.centroid_fit_predict)
+              for c, X in Xs.items()}
+        cmp = ps.compare_conditions({c: (s, st["original"]) for c, s in st.items() if c != "original"})
+        hits_cmp += any(v["survivors"] for v in cmp.values())
+        hits_from += any(v is not None for v in ps.decodes_from(st).values())
+    # FWER <= 0.05: with 40 replications, 5 or more errors has probability 0.048 at FWER = 0.05
+    assert hits_cmp <= 4 and hits_from <= 4, (hits_cmp, hits_from)
