@@ -35,7 +35,26 @@ as w_i w_j with E[w_i^2 w_j^2] = 4 -- so its SE comes out 1.15-1.3x too large (m
 probe, n = 100: 0.078 vs a true sd 0.063 at chance, 0.069 vs 0.060 with a signal) and 95% intervals
 cover 0.98-0.99.  Disjoint halves have no shared sample, so that term is estimated at its size:
 measured 0.0633 vs 0.0633 at chance and 0.0567 vs 0.0564 with a signal (centroid learner, n = 100,
-150 replications; ``benchmarks/bench_probe_coverage.py`` has the full table).
+150 replications).
+
+Measured coverage of the 95% intervals (``benchmarks/bench_probe_coverage.py coverage``, centroid
+learner, 200 replications per cell, binomial SE ~0.015; old = OOF sample bootstrap):
+
+=============================  ===========  ===========  ============  ============
+n, classes                     old acc      old sel      new acc       new sel
+=============================  ===========  ===========  ============  ============
+48/100/200, 2, chance          0.88-0.91    0.875-0.90   0.94-0.965    0.95-0.98
+48/100/200, 2, signal          0.895-0.935  0.87-0.88    0.95-0.975    0.935-0.98
+200, 4 imbalanced, both        0.875-0.92   0.87-0.89    0.945-0.95    0.94-0.955
+48/100, 4 imbalanced, both     0.805-0.91   0.85-0.875   0.885-0.945   0.91-0.95
+=============================  ===========  ===========  ============  ============
+
+Known shortfall: with 4 imbalanced classes (0.4/0.25/0.2/0.15) at n = 48 and 100, a half holds 3-7
+samples of the smallest class; its CV score varies less than 2 Var(T_n), so the SE is 5-15% small and
+coverage is 0.885-0.93 at chance (0.945-0.95 with a signal).  Family-wise error under the global
+null (n = 100, 2 classes, 25 layers, original + 3 conditions, 150 replications, ``fwer``): condition -
+original 0.053 +- 0.018 (old sign-flip + Holm per condition: 0.53), "from layer X" 0.027 +- 0.013
+(old: 0.27).
 
 Tests (family-wise error control):
 
@@ -49,7 +68,10 @@ Tests (family-wise error control):
   reached.  The claim "from layer X" is then wrong anywhere with probability <= alpha.
 
 Cost: 2R x k x 2 probe fits (each on n/2 samples) per layer and condition on top of the 2k of the
-estimate (R = 10 by default: ``DEFAULT_REFITS``), i.e. ~20x the fits of probe_layers at half the size.  Every fit goes through one ``fit_predict(X, y, splits)`` callable
+estimate (R = 10 by default: ``DEFAULT_REFITS``), i.e. ~20x the fits of probe_layers at half the
+size (demo store: the probes stage took 1302 s at load ~19 on 2 cores, against 59 s before at load
+~6; the fits are tiny, so sklearn's per-fit overhead dominates).  Every fit goes through one
+``fit_predict(X, y, splits)`` callable
 (:func:`sklearn_fit_predict`, the same estimator as :func:`gapcache.analyze.probes.make_probe`), so a
 faster batched solver with that signature drops in.
 """
