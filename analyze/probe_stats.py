@@ -54,7 +54,8 @@ samples of the smallest class; its CV score varies less than 2 Var(T_n), so the 
 coverage is 0.885-0.93 at chance (0.945-0.95 with a signal).  Family-wise error under the global
 null (n = 100, 2 classes, 25 layers, original + 3 conditions, 150 replications, ``fwer``): condition -
 original 0.053 +- 0.018 (old sign-flip + Holm per condition: 0.53), "from layer X" 0.027 +- 0.013
-(old: 0.27).
+(old: 0.27); at n = 48 (halves of 24) it is above nominal: 0.15 and 0.10 in 40 replications
+(``tests/test_probe_stats.py``), the t_R tail being too light at Holm's alpha / 75.
 
 Tests (family-wise error control):
 
