@@ -8,7 +8,8 @@
   every sample and per category (hard / easy). The report leads with it (``lead=True``), the cliff a
   secondary row.
 * ``swap``: per patched layer, the fraction of answers that follow the donor (predicted candidate = the
-  donor's gold) under visual ``swap``, with CIs, against chance and against the clean answers
+  model's answer to the sample's question on the donor's image, i.e. under the donor-image blind condition when
+  the store has it; else the donor's gold) under visual ``swap``, with CIs, against chance and against the clean answers
   (:func:`gapcache.analyze.transfer.donor_following`).
 
 The conditions are found by the registry's analysis group ``PATCHING`` and read by
@@ -168,6 +169,23 @@ def swap_donor(ds) -> np.ndarray | None:
     return np.asarray(ds.donor.values, np.int64) if "donor" in ds else None
 
 
+def donor_answer(ds, lp, mask, conds, gold, donor) -> tuple[np.ndarray, str]:
+    """What following the donor means per sample, and where it comes from: the model's answer to *this* sample's
+    question on the donor's image, i.e. its forced choice under the blind condition that feeds the same donors
+    (the registry's donor-image kind, recorded with the same derangement); else the donor's gold
+    (:func:`transfer.donor_gold`, right only where the donor asks the same question of its own image)."""
+    store_donor = np.asarray(ds.donor.values, np.int64) if "donor" in ds else None
+    for k, label in enumerate(conds):
+        try:
+            c = conditions.parse_label(label)
+        except Exception:  # a label of no registered kind: not a donor-image condition
+            continue
+        if c.image_kind in conditions.NEEDS_DONOR and store_donor is not None and np.array_equal(store_donor, donor):
+            return transfer.forced_choice(lp[k], mask), (
+                f"the model's answer to the sample's own question on the donor's image (forced choice under {label})")
+    return transfer.donor_gold(gold, donor), "the donor's gold (transfer.donor_gold)"
+
+
 def swap(ds, p, ctx: Context) -> MetricResult:
     """Per visual-swap layer: the fraction of answers following the donor, vs chance and vs clean."""
     from gapcache.analyze.pipeline import strs
@@ -185,8 +203,8 @@ def swap(ds, p, ctx: Context) -> MetricResult:
     pred = transfer.forced_choice(lp[[rows[L] for L in layers]], mask)  # (layer, sample)
     clean = transfer.forced_choice(lp[conds.index(REFERENCE)], mask)
     gold = gold_candidate_index(ds.answer.values, ds.candidate.values)
-    answer = transfer.donor_gold(gold, donor)
-    out = {"layers": layers, "donor_answer": "the donor's gold (transfer.donor_gold)",
+    answer, source = donor_answer(ds, lp, mask, conds, gold, donor)
+    out = {"layers": layers, "donor_answer": source,
            **transfer.donor_following(pred, clean, gold, answer, mask, **_kw(p)), "per_category": {}}
     cats = strs(ds.category)
     for cat in sorted(set(cats.tolist()) - {""}):

@@ -60,6 +60,7 @@ class AnalysisParams:
     n_resamples: int = 1999
     seed: int = 0
     n_splits: int = 5
+    n_refits: int = 10  # probe statistics: refits of the whole cross-validation (gapcache.analyze.probe_stats)
     correction: str = "holm"
     alpha: float = 0.05
     scheduler: str = "threads"
@@ -311,49 +312,46 @@ def probe_groups(ds, min_per_class: int):
 
 def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     """Linear probes per task (probe_groups), condition (original, blind) and site: accuracy and
-    selectivity per layer with CIs, and each condition - original, paired, Holm/BH across layers."""
-    from gapcache.analyze.probes import probe_accuracy_ci, probe_layers
+    selectivity per layer with refit intervals, "selectivity > 0 from layer X" and each condition -
+    original, with family-wise error control over the conditions (and layers) reported together
+    (gapcache.analyze.probe_stats: rules in its docstring and in each task's 'statistics')."""
+    from gapcache.analyze import probe_stats as ps
 
     groups = probe_groups(ds, p.n_splits)
     if not groups:
         return {"skipped": f"no candidate set with >= 2 classes and >= {p.n_splits} samples per class"}
     conds = [c for c in ds.condition.values.tolist() if c == REFERENCE or c in BLIND]
+    sites = ds.site.values.tolist()
     out = {}
     for task, (idx, y) in groups.items():
-        out[task] = {}
-        oof_correct = {}
-        for c in _progress(conds, f"probes {task}"):
-            ok = done_mask(ds, c)[idx]
-            for site in ds.site.values.tolist():
-                X = ds.text_states.sel(condition=c, site=site).isel(sample=idx[ok])  # (sample, layer, hidden), lazy
-                res = probe_layers(X, y[ok], n_splits=p.n_splits, seed=p.seed)
-                ci = probe_accuracy_ci(res, level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
-                sel = probe_accuracy_ci(res, which="selectivity", level=p.level, method=p.ci_method,
-                                        n_resamples=p.n_resamples, seed=p.seed)
-                out[task].setdefault(c, {})[site] = {**res.to_dict(), "accuracy_ci": ci.to_dict(),
-                                                     "selectivity_ci": sel.to_dict()}
-                oof_correct[(c, site)] = _correct_by_id(res, ds.sample.values[idx[ok]])
-        out[task]["vs_original"] = _probe_differences(oof_correct, p)
-    return MetricResult(out)
-
-
-def _correct_by_id(res, ids):
-    import xarray as xr
-
-    return xr.DataArray((res.oof == res.y).T.astype(float), dims=("sample", "layer"),
-                        coords={"sample": np.array([str(i) for i in ids]), "layer": list(res.layers)})
-
-
-def _probe_differences(oof_correct: dict, p: AnalysisParams) -> dict:
-    """condition - original probe correctness per layer, paired by sample id, Holm/BH across layers."""
-    out = {}
-    for (c, site), corr in oof_correct.items():
-        if c == REFERENCE or (REFERENCE, site) not in oof_correct:
+        ok = np.logical_and.reduce([done_mask(ds, c)[idx] for c in conds])  # paired: done in every condition
+        if len(np.unique(y[ok])) < 2 or np.bincount(y[ok]).max() < p.n_splits:
+            out[task] = {"skipped": "too few samples done in every probed condition"}
             continue
-        cmp = stats.compare_paired(corr, oof_correct[(REFERENCE, site)], correction=p.correction, alpha=p.alpha,
-                                   level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
-        out.setdefault(c, {})[site] = cmp.to_dict()
-    return out
+        design = ps.make_design(y[ok], np.random.default_rng(p.seed).permutation(y[ok]), n_refits=p.n_refits,
+                                n_splits=p.n_splits, seed=p.seed)
+        out[task], fitted = {}, {}
+        for c in _progress(conds, f"probes {task}"):
+            for site in sites:
+                X = ds.text_states.sel(condition=c, site=site).isel(sample=idx[ok])  # (sample, layer, hidden), lazy
+                st = ps.probe_stats(X, y[ok], n_splits=p.n_splits, seed=p.seed, level=p.level, design=design)
+                fitted[(c, site)] = st
+                out[task].setdefault(c, {})[site] = {**st.result.to_dict(), "accuracy_ci": st.ci("accuracy").to_dict(),
+                                                     "selectivity_ci": st.ci("selectivity").to_dict()}
+        for site in sites:
+            found = ps.decodes_from({c: fitted[(c, site)] for c in conds}, alpha=p.alpha)
+            for c, layer in found.items():
+                out[task][c][site]["decodes_from"] = layer
+        pairs = {(c, site): (fitted[(c, site)], fitted[(REFERENCE, site)])
+                 for c in conds if c != REFERENCE for site in sites}
+        cmp = ps.compare_conditions(pairs, alpha=p.alpha, level=p.level, correction=p.correction)
+        out[task]["vs_original"] = {}
+        for (c, site), v in cmp.items():
+            out[task]["vs_original"].setdefault(c, {})[site] = v
+        out[task]["statistics"] = {"rule": ps.rule(p.alpha, len(conds), design.n_refits, p.n_splits, design.scheme),
+                                   "n_refits": design.n_refits, "scheme": design.scheme,
+                                   "n_excluded_not_done": int((~ok).sum())}
+    return MetricResult(out)
 
 
 def lens(ds, p: AnalysisParams, ctx: Context) -> MetricResult:

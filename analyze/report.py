@@ -158,7 +158,7 @@ def fig_probes(s, out, ctx: Context):
     fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3 * len(tasks)), squeeze=False)
     for r, t in enumerate(tasks):
         for c, sites in pr[t].items():
-            if c == "vs_original":
+            if c in ("vs_original", "statistics"):
                 continue
             for site, v in sites.items():
                 band(axes[r, 0], v["layers"], v["accuracy_ci"], f"{c}/{site}")
@@ -202,7 +202,11 @@ def fmt_ci(ci):
 
 
 def decodes_from(entry: dict):
-    """The first probe layer from which the selectivity CI lies above 0 at every later layer (None: never)."""
+    """The first probe layer from which selectivity > 0 at every later layer (None: never): the pipeline's
+    FWER-controlled answer (``entry['decodes_from']``, gapcache.analyze.probe_stats.decodes_from) when
+    present, else from the selectivity CI's lower bounds."""
+    if "decodes_from" in entry:
+        return entry["decodes_from"]
     low = np.asarray(entry["selectivity_ci"]["low"], dtype=float)
     above_from = np.logical_and.accumulate((low > 0)[::-1])[::-1]  # True where this and every later layer is > 0
     return entry["layers"][int(np.argmax(above_from))] if above_from.any() else None
@@ -215,9 +219,12 @@ def probe_rows(probes: dict, site: str = "prediction") -> list[tuple[str, str]]:
     for task, per_cond in sorted(probes.items(), key=lambda kv: (not kv[0].endswith("[hard]"), kv[0])):
         if not isinstance(per_cond, dict):
             continue
-        found = {c: decodes_from(v[site]) for c, v in per_cond.items() if c != "vs_original" and site in v}
+        found = {c: decodes_from(v[site]) for c, v in per_cond.items()
+                 if c not in ("vs_original", "statistics") and isinstance(v, dict) and site in v}
         if found:
-            rows.append((f"probe {task} at {site}: selectivity CI > 0 from layer",
+            what = "selectivity > 0 (FWER-controlled) from layer" if "statistics" in per_cond else \
+                "selectivity CI > 0 from layer"
+            rows.append((f"probe {task} at {site}: {what}",
                          ", ".join(f"{c} {'never' if L is None else L}" for c, L in found.items())))
     return rows
 
@@ -267,8 +274,11 @@ def rows_evd(s) -> list[tuple[str, str]]:
 
 
 def rows_probes(s) -> list[tuple[str, str]]:
-    """Per probe task, where the answer becomes decodable at the prediction site (probe_rows)."""
-    return probe_rows(s["metrics"].get("probes", {}))
+    """Per probe task, where the answer becomes decodable at the prediction site (probe_rows), and the
+    statistical rule behind the probe intervals and claims (once)."""
+    pr = s["metrics"].get("probes", {})
+    rules = [v["statistics"]["rule"] for v in pr.values() if isinstance(v, dict) and "statistics" in v]
+    return probe_rows(pr) + ([("probe statistics", rules[0])] if rules else [])
 
 
 def rows_rank(s) -> list[tuple[str, str]]:

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--tau", type=float, help="fixed EVD threshold (default: adaptive)")
     an.add_argument("--tau-ratio", type=float, default=0.1, help="adaptive tau = ratio x max of the mean Delta curve")
     an.add_argument("--n-resamples", type=int, default=1999, help="bootstrap resamples per interval")
+    an.add_argument("--probe-refits", type=int, default=10,
+                    help="probe statistics: random half-splits whose refitted cross-validations give the probe SEs")
     an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
@@ -148,6 +150,7 @@ def cmd_analyze(args) -> int:
         cliff_method=args.cliff_method, cliff_layer=args.cliff_layer, strategy=args.strategy,
         n_resamples=args.n_resamples, ci_method=args.ci_method, seed=args.seed, scheduler=args.scheduler,
         sites=tuple(x.strip() for x in args.site.split(",") if x.strip()), cka_text=args.cka_text,
+        n_refits=args.probe_refits,
     )
     summary = run_analysis(args.stores, args.out, p)
     from gapcache.analyze.report import key_numbers

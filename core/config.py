@@ -194,13 +194,26 @@ DEMO = {
 #: summaries and every prompt text token, so its report shows attention flow, CKA / ICC and the checkpoints
 #: on a first run; ``gapcache demo --plain`` runs DEMO exactly
 DEMO_RECORDS = {"attention": True, "text": "all"}
+#: and a slice of the seed's intervention suite on the tiny model's 4 layers (issue 13): two windows and
+#: single-layer patching of both channels (zero; swap on the visual channel), so its report leads with the
+#: transfer window. Every strategy on this grid (soft truncation, gaussian / norm_noise / mean patching) is 5x
+#: the conditions; the tests run them all, `gapcache extract` with these options runs them on any model.
+DEMO_SUITE = {
+    "conditions": DEMO["extract"]["conditions"] + ["window", "patched"],
+    "truncation_windows": [[0, 1], [2, 3]],
+    "window_strategies": ["zero"],
+    "patch_layers": [0, 1, 2, 3],
+    "patch_channels": ["visual", "text"],
+    "patch_strategies": ["zero", "swap"],
+}
 
 
 def demo_config(plain: bool = False) -> dict:
-    """The config dict ``gapcache demo`` runs: DEMO, plus DEMO_RECORDS in its extract section unless ``plain``."""
+    """The config dict ``gapcache demo`` runs: DEMO, plus DEMO_RECORDS and DEMO_SUITE in its extract section
+    unless ``plain``."""
     d = copy.deepcopy(DEMO)
     if not plain:
-        d["extract"].update(DEMO_RECORDS)
+        d["extract"].update(copy.deepcopy({**DEMO_RECORDS, **DEMO_SUITE}))
     return d
 
 

@@ -31,7 +31,8 @@ def register(sub) -> None:
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--n", type=int, help="number of synthetic samples (default from the demo config)")
     demo.add_argument("--plain", action="store_true", help="run configs/demo.yaml exactly: without the attention "
-                      "summaries and the text tokens the demo records by default (gapcache.config.DEMO_RECORDS)")
+                      "summaries, the text tokens and the intervention suite the demo adds by default "
+                      "(gapcache.config.DEMO_RECORDS, DEMO_SUITE)")
     demo.set_defaults(func=cmd_demo)
 
 
@@ -92,7 +93,7 @@ def cmd_demo(args) -> int:
     preflight(cfg, out)
     print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
           f"{len(cfg.extract.conditions)} conditions"
-          + ("" if args.plain else ", with attention summaries and every text token (--plain: without)")
+          + ("" if args.plain else ", with attention summaries, every text token and the intervention suite (--plain: without)")
           + f" -> {out}", file=sys.stderr)
     t0 = time.perf_counter()
     ex = Extraction(cfg, out).load()

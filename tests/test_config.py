@@ -22,7 +22,11 @@ def test_gapcache_demo_adds_attention_and_every_text_token_unless_plain():
     from gapcache.config import demo_config
 
     d = demo_config()
-    assert d["extract"] == {**DEMO["extract"], "attention": True, "text": "all"} and d["data"] == DEMO["data"]
+    from gapcache.config import DEMO_SUITE
+
+    assert d["extract"] == {**DEMO["extract"], "attention": True, "text": "all", **DEMO_SUITE}
+    assert d["data"] == DEMO["data"]
+    assert {"window", "patched"} <= set(d["extract"]["conditions"])
     assert demo_config(plain=True) == DEMO and "text" not in DEMO["extract"]  # DEMO itself is untouched
     cfg = load_config(d)
     assert cfg.extract.attention is True and cfg.extract.text == "all"

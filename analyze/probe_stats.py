@@ -1,0 +1,537 @@
+"""Honest probe statistics: intervals and tests that refit the whole cross-validation.
+
+Why the sample bootstrap of out-of-fold (OOF) correctness is not enough: the OOF predictions of a
+k-fold cross-validation are dependent (every test sample of a fold shares one fitted model, and
+sample i trains the model that predicts sample j while j trains the one that predicts i), so the
+variance of a cross-validated accuracy is larger than a bootstrap of the n correctness indicators
+assumes (measured 1.45-1.9x, issue 11; ``benchmarks/bench_probe_coverage.py`` measures it again),
+and there is no unbiased estimator of that variance from one cross-validation run (Bengio &
+Grandvalet 2004, "No unbiased estimator of the variance of K-fold cross-validation", JMLR 5).
+Nominal 95% intervals then cover 0.82-0.91, and per-layer tests reject a true null too often.
+
+Method (**refits of the whole cross-validation on random disjoint halves**, paired): the target is
+the expected score of the probing *procedure* at this sample size (the expected accuracy of a probe
+fitted on n (k-1)/k samples, which k-fold CV estimates; Bates, Hastie & Tibshirani 2023,
+"Cross-validation: what does it estimate and how well does it do it?", JASA).
+
+1. R times (``numpy.random.default_rng(seed)``; R = ``DEFAULT_REFITS``): split the samples into two
+   disjoint halves A_r, B_r, stratified (floor(n_k / 2) of each class in each); the same halves for
+   every layer, condition and the control arm (paired);
+2. rerun the whole k-fold cross-validation inside each half (stratified folds, the probe refitted on
+   each training part at every layer), score its OOF predictions -> T_rA,l, T_rB,l; the control arm
+   (the shuffled labels carried with their samples) the same way; selectivity and any difference of
+   two conditions are formed half by half;
+3. SE_l^2 = mean_r (T_rA,l - T_rB,l)^2 / 4.  The two halves are independent samples of n/2 from the
+   population, so E (T_A - T_B)^2 / 2 = Var(T_{n/2}) exactly, and Var(T_n) = Var(T_{n/2}) / 2 when the
+   variance scales as 1/n (the classical half-sample variance, e.g. McCarthy 1969; the same halving
+   as Dietterich's 5x2cv test, 1998, Neural Computation 10);
+4. interval = estimate_l +- t_{R, (1+level)/2} SE_l around the estimate of the full cross-validation
+   (R degrees of freedom: SE^2 is a mean of R squared differences).
+
+Why not the bootstrap of the cross-validation (``scheme='bootstrap'``, kept for comparison): a
+resample with duplicated samples (or a subsample of the same data) inflates the pairwise terms of
+the CV accuracy (sample i training the model that predicts j and back) -- a weight w_i enters them
+as w_i w_j with E[w_i^2 w_j^2] = 4 -- so its SE comes out 1.15-1.3x too large (measured: logistic
+probe, n = 100: 0.078 vs a true sd 0.063 at chance, 0.069 vs 0.060 with a signal) and 95% intervals
+cover 0.98-0.99.  Disjoint halves have no shared sample, so that term is estimated at its size:
+measured 0.0633 vs 0.0633 at chance and 0.0567 vs 0.0564 with a signal (centroid learner, n = 100,
+150 replications).
+
+Measured coverage of the 95% intervals (``benchmarks/bench_probe_coverage.py coverage``, centroid
+learner, 200 replications per cell, binomial SE ~0.015; old = OOF sample bootstrap):
+
+=============================  ===========  ===========  ============  ============
+n, classes                     old acc      old sel      new acc       new sel
+=============================  ===========  ===========  ============  ============
+48/100/200, 2, chance          0.88-0.91    0.875-0.90   0.94-0.965    0.95-0.98
+48/100/200, 2, signal          0.895-0.935  0.87-0.88    0.95-0.975    0.935-0.98
+200, 4 imbalanced, both        0.875-0.92   0.87-0.89    0.945-0.95    0.94-0.955
+48/100, 4 imbalanced, both     0.805-0.91   0.85-0.875   0.885-0.945   0.91-0.95
+=============================  ===========  ===========  ============  ============
+
+Known shortfall: with 4 imbalanced classes (0.4/0.25/0.2/0.15) at n = 48 and 100, a half holds 3-7
+samples of the smallest class; its CV score varies less than 2 Var(T_n), so the SE is 5-15% small and
+coverage is 0.885-0.93 at chance (0.945-0.95 with a signal).  Family-wise error under the global
+null (n = 100, 2 classes, 25 layers, original + 3 conditions, 150 replications, ``fwer``): condition -
+original 0.053 +- 0.018 (old sign-flip + Holm per condition: 0.53), "from layer X" 0.027 +- 0.013
+(old: 0.27); at n = 48 (halves of 24) it is above nominal: 0.15 and 0.10 in 40 replications
+(``tests/test_probe_stats.py``), the t_R tail being too light at Holm's alpha / 75.
+
+Tests (family-wise error control):
+
+- **condition - reference at every layer** (:func:`compare_conditions`): t_l = D_l / SE_l, two-sided
+  p_l = 2 P(T_R > |t_l|); Holm's step-down over *all* (condition, layer) pairs reported together
+  (Holm 1979: FWER <= alpha under any dependence, given valid p-values);
+- **"selectivity > 0 from layer X"** (:func:`decodes_from`): one-sided tests of S_l > 0 at level
+  alpha / m (Bonferroni over the m conditions reported together), taken in a fixed sequence from
+  the deepest layer down, stopping at the first layer that fails (fixed-sequence testing: Maurer,
+  Hothorn & Lehmacher 1995; FWER <= alpha over layers with no further split); X = the last layer
+  reached.  The claim "from layer X" is then wrong anywhere with probability <= alpha.
+
+Cost: 2R x k x 2 probe fits (each on n/2 samples) per layer and condition on top of the 2k of the
+estimate (R = 10 by default: ``DEFAULT_REFITS``), i.e. ~20x the fits of probe_layers at half the
+size (demo store: the probes stage took 1302 s at load ~19 on 2 cores, against 59 s before at load
+~6; the fits are tiny, so sklearn's per-fit overhead dominates).  Every fit goes through one
+``fit_predict(X, y, splits)`` callable
+(:func:`sklearn_fit_predict`, the same estimator as :func:`gapcache.analyze.probes.make_probe`), so a
+faster batched solver with that signature drops in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+
+from gapcache.analyze import probes, stats
+from gapcache.errors import ConfigError, DataError
+
+DEFAULT_REFITS = 10
+DEFAULT_SCHEME = "halves"
+SCHEMES = ("halves", "bootstrap")
+ARMS = ("accuracy", "control", "selectivity")
+
+
+# --------------------------------------------------------------------------- the fit interface
+
+
+def sklearn_fit_predict(X, y, splits, *, C: float = 1.0, solver: str = "lbfgs", max_iter: int = 1000,
+                        tol: float = 1e-4, threads: int | None = 1) -> list:
+    """Fit :func:`probes.make_probe` on each split's training rows at every layer; predict its test rows.
+
+    ``X``: (sample, layer, hidden) array (or anything whose ``X[:, i, :]`` is one layer: loaded once
+    per layer); ``y``: (sample,) labels shared by every split, or (split, sample) one row per split;
+    ``splits``: (train_idx, test_idx) row indices into X (repeats allowed: a bootstrap resample).
+    Returns one (layer, len(test_idx)) array of predicted labels per split.  The signature of a
+    batched solver (``fit_predict_layers``) that can replace this one.  A training part with a single
+    class (a small class of the shuffled control labels can miss a half's training fold) predicts
+    that class (the constant a fit would give; sklearn refuses to fit one class).
+    """
+    X = X if X.ndim == 3 else X[:, None, :]
+    Y = np.broadcast_to(np.asarray(y), (len(splits), X.shape[0])) if np.ndim(y) == 1 else np.asarray(y)
+    probe = probes.make_probe(C=C, solver=solver, max_iter=max_iter, tol=tol)
+    out = [np.empty((X.shape[1], len(te)), dtype=Y.dtype) for _, te in splits]
+    with warnings.catch_warnings(), threadpool_limits(limits=threads):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for layer in range(X.shape[1]):
+            Xl = np.asarray(X[:, layer, :])  # (sample, hidden)
+            for t, (tr, te) in enumerate(splits):
+                if len(np.unique(Y[t, tr])) < 2:
+                    out[t][layer] = Y[t, tr[0]]
+                else:
+                    out[t][layer] = probe.fit(Xl[tr], Y[t, tr]).predict(Xl[te])
+    return out
+
+
+def batched_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                        threads: int | None = 1) -> list:
+    """:func:`sklearn_fit_predict`'s results from the batched solver
+    (:func:`gapcache.analyze.probe_solver.fit_predict_layers`: every split of a layer in one call, the same
+    L-BFGS iterations as sklearn's).  Splits whose training part lacks a class of the split (a small class of a
+    half's shuffled control labels can miss a fold's training rows) go to :func:`sklearn_fit_predict`, which
+    fits the classes present (or predicts the only one)."""
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    Y = np.broadcast_to(np.asarray(y), (len(splits), np.shape(X)[0])) if np.ndim(y) == 1 else np.asarray(y)
+    full = [len(np.unique(Y[t, tr])) >= 2 and set(np.unique(Y[t, tr])) >= set(np.unique(Y[t, te]))
+            for t, (tr, te) in enumerate(splits)]
+    out = [None] * len(splits)
+    for batched, fit in ((True, fit_predict_layers), (False, sklearn_fit_predict)):
+        idx = [t for t, ok in enumerate(full) if ok == batched]
+        if not idx:
+            continue
+        kw = dict(C=C, max_iter=max_iter, tol=tol, threads=threads)
+        for t, pred in zip(idx, fit(X, Y[idx], [splits[t] for t in idx], **kw)):
+            out[t] = pred
+    return out
+
+
+# --------------------------------------------------------------------------- the resampling design
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RefitDesign:
+    """The refit data sets and, on each, the stratified folds of both arms.
+
+    ``scheme`` 'halves': ``index`` (2R, m) holds R random stratified splits of the samples into two
+    disjoint halves (rows 2r and 2r + 1); 'bootstrap': ``index`` (B, n) holds B stratified bootstrap
+    resamples.  ``folds``/``folds_control``: per row of ``index``, the list of (train, test)
+    positions *within* it; ``y``/``y_control``: (n,) true and shuffled labels.
+    """
+
+    y: np.ndarray
+    y_control: np.ndarray | None
+    index: np.ndarray
+    folds: list
+    folds_control: list | None
+    n_splits: int
+    seed: int
+    scheme: str = "halves"
+
+    @property
+    def n_refits(self) -> int:
+        """R half-splits ('halves') or B resamples ('bootstrap')."""
+        return int(self.index.shape[0] // 2 if self.scheme == "halves" else self.index.shape[0])
+
+    def splits(self, control: bool = False) -> list:
+        """(train, test) row indices of every (refit set, fold), set-major, as fit_predict takes them."""
+        folds = self.folds_control if control else self.folds
+        return [(idx[tr], idx[te]) for idx, fs in zip(self.index, folds) for tr, te in fs]
+
+
+def make_design(y, y_control=None, *, n_refits: int = DEFAULT_REFITS, n_splits: int = 5, seed: int = 0,
+                scheme: str = DEFAULT_SCHEME) -> RefitDesign:
+    """The refit data sets of :func:`refit_scores` (``numpy.random.default_rng(seed)``).
+
+    'halves': R = n_refits times, each class's samples shuffled and cut into two halves of
+    floor(n_k / 2) (an odd one out sits in neither).  'bootstrap': B = n_refits times, within each
+    class n_k rows drawn with replacement (a class drawn as copies of fewer than 2 distinct samples
+    is drawn again).  Folds on each set: the distinct samples of each class (of the arm's labels)
+    shuffled and dealt to the k folds in turn, every copy following its sample (stratified k-fold;
+    for the bootstrap a stratified *group* k-fold with groups = sample, so no sample sits on both
+    sides; sklearn's StratifiedGroupKFold gives the same guarantee at ~0.1 s per split, n = 200).
+    """
+    stats._check_choice(scheme, "scheme", SCHEMES, "make_design")
+    if not isinstance(n_refits, (int, np.integer)) or isinstance(n_refits, bool) or n_refits < 2:
+        raise ConfigError(f"The 'n_refits' parameter of make_design must be an int >= 2. Got {n_refits!r} instead.")
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    if scheme == "halves":
+        index = np.concatenate([_halves(y, rng) for _ in range(n_refits)])  # (2R, m)
+    else:
+        index = np.stack([_resample(y, rng) for _ in range(n_refits)])  # (B, n)
+    folds = [_grouped_folds(y, idx, n_splits, rng) for idx in index]
+    folds_c = None
+    if y_control is not None:
+        y_control = np.asarray(y_control)
+        folds_c = [_grouped_folds(y_control, idx, n_splits, rng) for idx in index]
+    return RefitDesign(y=y, y_control=y_control, index=index, folds=folds, folds_control=folds_c,
+                       n_splits=int(n_splits), seed=int(seed), scheme=scheme)
+
+
+def _halves(y, rng) -> np.ndarray:
+    """(2, m): two disjoint stratified halves, floor(n_k / 2) rows of each class in each."""
+    parts = []
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        h = len(rows) // 2
+        parts.append((rows[:h], rows[h:2 * h]))
+    return np.stack([np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])])
+
+
+def _resample(y, rng) -> np.ndarray:
+    parts = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        draw = rng.choice(rows, size=len(rows))
+        while len(rows) > 1 and len(np.unique(draw)) < 2:
+            draw = rng.choice(rows, size=len(rows))
+        parts.append(draw)
+    return np.concatenate(parts)
+
+
+def _grouped_folds(y, idx, n_splits, rng) -> list:
+    """(train, test) positions within ``idx``: each class's distinct samples shuffled and dealt to the
+    folds in turn, the count running on from one class to the next (so small classes do not all
+    start at fold 0); a fold left without a test sample is dropped."""
+    fold_of, start = {}, 0
+    for c in np.unique(y[idx]):
+        distinct = rng.permutation(np.unique(idx[y[idx] == c]))
+        fold_of.update(zip(distinct.tolist(), ((start + np.arange(len(distinct))) % n_splits).tolist()))
+        start += len(distinct)
+    fold = np.array([fold_of[i] for i in idx.tolist()])
+    return [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(n_splits) if (fold == f).any()]
+
+
+def refit_scores(X, design: RefitDesign, *, metric: str = "balanced_accuracy", fit_predict=batched_fit_predict,
+                 control: bool = True) -> dict:
+    """{'accuracy': (B, layer)[, 'control': (B, layer)]}: the cross-validated score of every resample.
+
+    ``X``: (sample, layer, hidden) with rows in the order of ``design.y``.  Each resample's OOF
+    predictions are scored against its own labels (``probes.score``).
+    """
+    out = {"accuracy": _scores(X, design, design.y, False, metric, fit_predict)}
+    if control and design.y_control is not None:
+        out["control"] = _scores(X, design, design.y_control, True, metric, fit_predict)
+    return out
+
+
+def _scores(X, design, y, control, metric, fit_predict):
+    splits = design.splits(control)
+    preds = iter(fit_predict(X, y, splits))  # one (layer, n_test) per split, resample-major
+    folds = design.folds_control if control else design.folds
+    scores = []
+    for idx, fs in zip(design.index, folds):
+        oof = None
+        for _, te in fs:
+            p = next(preds)  # (layer, n_test)
+            oof = np.empty((p.shape[0], len(idx)), dtype=p.dtype) if oof is None else oof
+            oof[:, te] = p
+        scores.append(score_layers(y[idx], oof, metric))
+    return np.asarray(scores, dtype=float)  # (B, layer)
+
+
+def score_layers(y, pred, metric: str = "balanced_accuracy") -> np.ndarray:
+    """:func:`probes.score` of every layer at once: pred (layer, sample) -> (layer,).
+
+    balanced accuracy = (1/K) sum_k mean_{i: y_i = k} [pred_li = k] over the K classes of y; accuracy =
+    mean_i [pred_li = y_i].  Written out (equal to sklearn's ``balanced_accuracy_score``, a test checks)
+    because sklearn's input validation costs ~1 ms per call and the refits score B x layers of them.
+    """
+    hit = np.asarray(pred) == np.asarray(y)[None, :]  # (layer, sample)
+    if metric != "balanced_accuracy":
+        return hit.mean(axis=1)
+    return np.mean([hit[:, y == k].mean(axis=1) for k in np.unique(y)], axis=0)
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def standard_error(replicates, scheme: str = DEFAULT_SCHEME) -> tuple:
+    """(SE per layer, degrees of freedom) from the refit scores (module docstring, step 3).
+
+    'halves': replicates (2R, layer), rows 2r and 2r + 1 the two halves of split r:
+    SE^2 = mean_r (T_r,A - T_r,B)^2 / 4, df = R.  'bootstrap': SE = sd_b (ddof 1), df = B - 1.
+    """
+    rep = np.asarray(replicates, dtype=float)
+    if scheme == "halves":
+        d = rep[0::2] - rep[1::2]  # (R, layer)
+        return np.sqrt(np.mean(d**2, axis=0) / 4), int(d.shape[0])
+    return rep.std(axis=0, ddof=1), int(rep.shape[0] - 1)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile p of Student's t with df degrees of freedom (``scipy.stats.t.ppf``)."""
+    import scipy.stats
+
+    return float(scipy.stats.t.ppf(p, df))
+
+
+def interval(estimate, replicates, *, scheme: str = DEFAULT_SCHEME, level: float = 0.95, name: str = "probe",
+             layers=None, seed=None) -> stats.Interval:
+    """estimate_l +- t_{df, (1+level)/2} SE_l (:func:`standard_error`): the refit interval.
+
+    ``estimate``: (layer,); ``replicates``: the refit scores (or paired differences) of ``scheme``.
+    Zero SE (every refit scored the same, e.g. perfect separation) is flagged ``degenerate``.
+    """
+    level = stats.check_level(level, "probe_stats.interval")
+    est = np.asarray(estimate, dtype=float)
+    se, df = standard_error(replicates, scheme)
+    half = t_quantile((1 + level) / 2, df) * se
+    layers = list(range(est.shape[-1])) if layers is None else list(layers)
+    return stats.Interval(statistic=name, estimate=est.tolist(), low=(est - half).tolist(),
+                          high=(est + half).tolist(), n=0, level=level, method=f"refit-{scheme}-t",
+                          n_resamples=int(np.shape(replicates)[0]), seed=seed, paired=True, dims=("layer",),
+                          coords={"layer": layers}, **stats.degeneracy(est - half, est + half))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProbeStats:
+    """Refit-based statistics of one probe (condition, site): estimates, refit scores, intervals."""
+
+    result: probes.ProbeResult
+    replicates: dict  # arm -> refit scores (rows of the design's index, layer)
+    level: float
+    seed: int
+    scheme: str = DEFAULT_SCHEME
+
+    def estimate(self, which: str = "accuracy") -> np.ndarray:
+        _check_arm(which, self.replicates)
+        return np.asarray(getattr(self.result, which), dtype=float)
+
+    def rep(self, which: str = "accuracy") -> np.ndarray:
+        """Refit scores of an arm; selectivity = accuracy - control, refit by refit."""
+        _check_arm(which, self.replicates)
+        if which == "selectivity":
+            return self.replicates["accuracy"] - self.replicates["control"]
+        return self.replicates[which]
+
+    def se(self, which: str = "accuracy") -> np.ndarray:
+        return standard_error(self.rep(which), self.scheme)[0]
+
+    @property
+    def df(self) -> int:
+        return standard_error(self.replicates["accuracy"][:, :1], self.scheme)[1]
+
+    def ci(self, which: str = "accuracy", level: float | None = None) -> stats.Interval:
+        iv = interval(self.estimate(which), self.rep(which), scheme=self.scheme,
+                      level=self.level if level is None else level, name=f"probe_{which}",
+                      layers=self.result.layers, seed=self.seed)
+        return dataclasses.replace(iv, n=int(len(self.result.y)))
+
+    def lower_bound(self, which: str = "selectivity", alpha: float = 0.05) -> np.ndarray:
+        """One-sided (1 - alpha) lower bound estimate_l - t_{df, 1-alpha} SE_l, per layer."""
+        return self.estimate(which) - t_quantile(1 - alpha, self.df) * self.se(which)
+
+
+def _check_arm(which, replicates):
+    if which not in ARMS:
+        raise ConfigError(f"The 'which' parameter of ProbeStats must be one of {list(ARMS)}. Got {which!r} instead.")
+    if which != "accuracy" and "control" not in replicates:
+        raise ConfigError(f"ProbeStats({which!r}) needs the control arm (control=True).")
+
+
+def cross_validate(X, y, *, n_splits: int = 5, seed: int = 0, control: bool = True,
+                   metric: str = "balanced_accuracy", fit_predict=batched_fit_predict) -> probes.ProbeResult:
+    """:func:`probes.probe_layers`'s procedure (same folds, same control permutation, same scores) with
+    every fit done by ``fit_predict``: with :func:`sklearn_fit_predict` the result equals probe_layers'.
+
+    ``X``: (sample, layer, hidden) or (sample, hidden) numpy, or a DataArray (sample, layer, hidden);
+    ``y``: (sample,) integer labels, -1 = none (excluded, as in probe_layers).
+    """
+    import time
+
+    probes._check_params(n_splits, metric, "cross_validate")
+    n_all, layers, ids, _ = probes._layer_source(X, "sample", "layer", "hidden")
+    mask, yk, excluded, counts = probes.clean_labels(probes._labels_for(y, ids, n_all, "sample"), n_splits,
+                                                     "cross_validate")
+    Xs = _states(X)
+    rows = np.flatnonzero(mask)
+    t0 = time.perf_counter()
+    oof = _oof(Xs, yk, rows, probes._folds(yk, n_splits, seed), fit_predict)
+    y_ctrl = np.random.default_rng(seed).permutation(yk) if control else None
+    oof_c = _oof(Xs, y_ctrl, rows, probes._folds(y_ctrl, n_splits, seed), fit_predict) if control else []
+    secs = np.full(len(layers), (time.perf_counter() - t0) / len(layers))
+    params = dict(fit_predict=getattr(fit_predict, "__name__", str(fit_predict)), class_weight="balanced",
+                  scaler="standard")
+    return probes._result(layers, ids, mask, yk, y_ctrl, list(oof), list(oof_c), metric, n_splits, seed, excluded,
+                          counts, params, secs)
+
+
+def _oof(X, y, rows, folds, fit_predict) -> np.ndarray:
+    """(layer, n) out-of-fold predictions; ``rows`` maps the labelled samples to rows of X."""
+    full = np.zeros(int(rows.max()) + 1, dtype=y.dtype)
+    full[rows] = y
+    preds = fit_predict(X, full, [(rows[tr], rows[te]) for tr, te in folds])
+    oof = np.empty((preds[0].shape[0], len(y)), dtype=y.dtype)
+    for (_, te), p in zip(folds, preds):
+        oof[:, te] = p
+    return oof
+
+
+def probe_stats(X, y, *, n_refits: int = DEFAULT_REFITS, n_splits: int = 5, seed: int = 0, level: float = 0.95,
+                scheme: str = DEFAULT_SCHEME,
+                metric: str = "balanced_accuracy", control: bool = True, design: RefitDesign | None = None,
+                fit_predict=batched_fit_predict) -> ProbeStats:
+    """:func:`cross_validate` (the estimate: probe_layers' numbers) plus the refit replicates of its score.
+
+    ``X``: (sample, layer, hidden) numpy or DataArray; ``y``: (sample,) labels without -1 (the design
+    indexes rows).  ``design``: a shared :class:`RefitDesign` (pass the same one to every condition
+    of a comparison: that is the pairing); default ``make_design(y, result.y_control, ...)``.
+    """
+    res = cross_validate(X, y, n_splits=n_splits, seed=seed, control=control, metric=metric, fit_predict=fit_predict)
+    if res.n_excluded:
+        raise DataError(f"The 'y' parameter of probe_stats must have no unlabelled (-1) sample. Got "
+                        f"{res.n_excluded} instead; select the labelled samples first.")
+    if design is None:
+        design = make_design(res.y, res.y_control, n_refits=n_refits, n_splits=n_splits, seed=seed, scheme=scheme)
+    _check_design(design, res)
+    reps = refit_scores(_states(X), design, metric=metric, fit_predict=fit_predict, control=control)
+    return ProbeStats(result=res, replicates=reps, level=stats.check_level(level, "probe_stats"), seed=int(seed),
+                      scheme=design.scheme)
+
+
+def _states(X):
+    """(sample, layer, hidden) array-like whose X[:, i, :] loads one layer."""
+    if stats.is_dataarray(X):
+        return X.transpose("sample", "layer", "hidden").data
+    X = np.asarray(X) if not hasattr(X, "compute") else X
+    return X[:, None, :] if X.ndim == 2 else X
+
+
+def _check_design(design: RefitDesign, res: probes.ProbeResult):
+    same = np.array_equal(design.y, res.y) and (
+        res.y_control is None or (design.y_control is not None and np.array_equal(design.y_control, res.y_control)))
+    if not same:
+        raise DataError("The 'design' parameter of probe_stats must be made for these labels (and the control "
+                        "permutation of probe_layers with the same seed). Got a design for other labels instead.")
+
+
+# --------------------------------------------------------------------------- tests with FWER control
+
+
+def t_pvalue(t, df: int):
+    """Two-sided p = 2 P(T_df > |t|) (``scipy.stats.t.sf``); t = +-inf (zero SE, nonzero difference) -> 0,
+    t = NaN (zero SE, zero difference) -> 1."""
+    import scipy.stats
+
+    t = np.asarray(t, dtype=float)
+    return np.where(np.isnan(t), 1.0, 2 * scipy.stats.t.sf(np.abs(np.nan_to_num(t, nan=0.0)), df))
+
+
+def compare_conditions(pairs: dict, *, alpha: float = 0.05, level: float = 0.95, correction: str = "holm") -> dict:
+    """Condition - reference probe accuracy at every layer, for every pair, Holm over all (pair, layer).
+
+    ``pairs``: {label: (ProbeStats of the condition, ProbeStats of the reference)}, each pair made on one
+    :class:`RefitDesign` (same samples in the same order, same resamples).  D_l = A_l(cond) - A_l(ref),
+    SE_l = sd_b(A*_bl(cond) - A*_bl(ref)), t_l = D_l / SE_l, p_l two-sided from t_{B-1}
+    (:func:`t_pvalue`); the p-values of every pair and layer adjusted as one family
+    (``stats.adjust_pvalues``, Holm by default); reject = p_adj <= alpha.
+    Returns {label: dict in the shape of ``stats.Comparison.to_dict()``, plus 'family'}.
+    """
+    if not pairs:
+        return {}
+    diffs, reps = {}, {}
+    for label, (cond, ref) in pairs.items():
+        _check_paired(cond, ref, label)
+        diffs[label] = cond.estimate() - ref.estimate()
+        reps[label] = cond.replicates["accuracy"] - ref.replicates["accuracy"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        se = {k: standard_error(reps[k], pairs[k][1].scheme) for k in pairs}
+        p = {k: t_pvalue(diffs[k] / se[k][0], se[k][1]) for k in pairs}
+    flat = np.concatenate([p[k] for k in pairs])
+    adj_flat = stats.adjust_pvalues(flat, correction)
+    family = f"{len(pairs)} comparisons x layers = {flat.size} tests"
+    out, start = {}, 0
+    for label, (cond, ref) in pairs.items():
+        adj = adj_flat[start:start + len(p[label])]
+        start += len(p[label])
+        iv = dataclasses.replace(interval(diffs[label], reps[label], scheme=ref.scheme, level=level,
+                                          name="probe_accuracy_difference", layers=ref.result.layers, seed=ref.seed),
+                                 n=int(len(ref.result.y)))
+        reject = adj <= alpha
+        out[label] = stats.jsonable({
+            "interval": iv.to_dict(), "pvalue": p[label], "p_adjusted": adj, "reject": reject, "alpha": float(alpha),
+            "test": f"refit-{ref.scheme}-t", "correction": correction, "n_tests": int(flat.size), "family": family,
+            "survivors": [ref.result.layers[i] for i in np.flatnonzero(reject)]})
+    return out
+
+
+def _check_paired(a: ProbeStats, b: ProbeStats, label):
+    if (a.replicates["accuracy"].shape != b.replicates["accuracy"].shape or a.scheme != b.scheme
+            or not np.array_equal(a.result.y, b.result.y)):
+        raise DataError(f"The 'pairs' parameter of compare_conditions must pair ProbeStats made on the same samples "
+                        f"with one RefitDesign. Got different labels or refit counts for {label!r} instead.")
+
+
+def decodes_from(by_condition: dict, *, alpha: float = 0.05) -> dict:
+    """{condition: first layer X from which selectivity > 0 at every later layer, or None}, FWER <= alpha.
+
+    Per condition: one-sided lower bounds S_l - t_{B-1, 1 - alpha/m} SE_l (m = len(by_condition),
+    Bonferroni over the conditions reported together); layers tested from the deepest one down
+    while the bound is > 0 (fixed sequence); X = the last layer that passed (None if the deepest fails).
+    """
+    m = len(by_condition)
+    return {c: first_of_run(s.lower_bound("selectivity", alpha / m) > 0, s.result.layers)
+            for c, s in by_condition.items()}
+
+
+def first_of_run(passed, layers):
+    """The first layer of the run of True that ends at the deepest layer (None if the deepest is False)."""
+    passed = np.asarray(passed, dtype=bool)
+    from_here = np.logical_and.accumulate(passed[::-1])[::-1]
+    return layers[int(np.argmax(from_here))] if from_here.any() else None
+
+
+def rule(alpha: float, n_conditions: int, n_refits: int, n_splits: int, scheme: str = DEFAULT_SCHEME) -> str:
+    """The report's sentence for the rules used."""
+    how = (f"{n_refits} random splits into two disjoint stratified halves, SE^2 = mean (T_A - T_B)^2 / 4"
+           if scheme == "halves" else f"{n_refits} stratified bootstrap resamples, SE = their sd")
+    df = n_refits if scheme == "halves" else n_refits - 1
+    return (f"probe intervals: the whole {n_splits}-fold cross-validation refitted on {how}; estimate +- t_{df} x SE; "
+            f"'from layer X': one-sided selectivity > 0 at alpha/{n_conditions} (Bonferroni over the conditions of a "
+            f"row), fixed sequence from the deepest layer; condition - original: refit t-test, Holm over every "
+            f"condition x site x layer of a task (FWER <= {alpha})")
