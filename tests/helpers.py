@@ -152,3 +152,18 @@ def allowed_keys(mask, q_len, attn_2d):
         return causal[None] & attn_2d.bool()[:, None, :]
     keep = mask if mask.dtype == torch.bool else mask == 0
     return keep[:, 0] if keep.dim() == 4 else keep
+
+
+#: summary keys that hold wall times or where the analysis ran, not results
+WALL_CLOCK_KEYS = ("timing_s", "seconds")
+
+
+def comparable_summary(summary):
+    """``summary`` (a summary.json dict) without its wall times (``timing_s``, the probes' per-layer ``seconds``)
+    and the ``scheduler`` parameter: what two runs of one analysis on different schedulers must share exactly."""
+    if isinstance(summary, dict):
+        return {k: ("" if k == "scheduler" else comparable_summary(v)) for k, v in summary.items()
+                if k not in WALL_CLOCK_KEYS}
+    if isinstance(summary, list):
+        return [comparable_summary(v) for v in summary]
+    return summary
