@@ -158,12 +158,19 @@ def allowed_keys(mask, q_len, attn_2d):
 WALL_CLOCK_KEYS = ("timing_s", "seconds")
 
 
-def comparable_summary(summary):
-    """``summary`` (a summary.json dict) without its wall times (``timing_s``, the probes' per-layer ``seconds``)
-    and the ``scheduler`` parameter: what two runs of one analysis on different schedulers must share exactly."""
-    if isinstance(summary, dict):
-        return {k: ("" if k == "scheduler" else comparable_summary(v)) for k, v in summary.items()
-                if k not in WALL_CLOCK_KEYS}
-    if isinstance(summary, list):
-        return [comparable_summary(v) for v in summary]
-    return summary
+def comparable_summary(summary) -> str:
+    """``summary`` (a summary dict) as canonical JSON (sorted keys, NaN written as NaN so that two NaNs compare
+    equal), without its wall times (``timing_s``, the probes' per-layer ``seconds``) and the ``scheduler``
+    parameter: what two runs of one analysis on different schedulers must share exactly."""
+    import json
+
+    from gapcache.analyze.stats import jsonable
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: ("" if k == "scheduler" else strip(x)) for k, x in v.items() if k not in WALL_CLOCK_KEYS}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return json.dumps(strip(jsonable(summary)), sort_keys=True, allow_nan=True, indent=1)
