@@ -202,19 +202,33 @@ def _groups(offsets, lengths, group_size: int):
     return starts, bounds
 
 
-def visual_effective_rank(ds, *, method: str = "auto", rtol: float | None = None, group_size: int = 32):
+def block_samples(ds) -> int:
+    """Samples per visual-ER task, from the store's chunking: its shard group (``samples_per_shard``: the rows
+    of one shard, which :func:`gapcache.store.reader.state_chunks` reads as one block per layer), else the
+    sample chunk of a dask-backed ``visual_offset`` (a store opened without its attributes), else every
+    sample (an in-memory dataset)."""
+    spc = ds.attrs.get("samples_per_shard")
+    if spc:
+        return int(spc)
+    off = ds["visual_offset"].data
+    return int(off.chunks[0][0]) if hasattr(off, "chunks") and off.chunks and off.chunks[0] else max(1, len(off))
+
+
+def visual_effective_rank(ds, *, method: str = "auto", rtol: float | None = None, group_size: int | None = None):
     """ER per (visual_condition, sample, layer) of each sample's visual span, lazily (dask).
 
     ``ds`` is the Dataset of ``gapcache.store.open_store`` (``visual_states`` (visual_condition,
     vtoken, layer, hidden); ``visual_offset``/``visual_length`` (sample,)). Each task reads the
-    vtoken rows of ``group_size`` consecutive samples and one layer. Samples with no visual tokens
-    (failed) get NaN.
+    vtoken rows of ``group_size`` consecutive samples and one layer; by default (None) the store's
+    shard group (:func:`block_samples`), so a task reads one layer of one shard and memory per task
+    is that block, whatever the store's size. Samples with no visual tokens (failed) get NaN.
     """
     import dask.array as da
     import xarray as xr
 
     vs = ds["visual_states"]
     offsets, lengths = np.asarray(ds["visual_offset"].values), np.asarray(ds["visual_length"].values)
+    group_size = block_samples(ds) if group_size is None else int(group_size)
     starts, bounds = _groups(offsets, lengths, group_size)
     sizes = tuple(np.diff(bounds + [vs.sizes["vtoken"]]).tolist())
     arr = da.asarray(vs.data).rechunk((1, sizes, 1, -1))

@@ -95,39 +95,63 @@ def open_store(path, decode: bool = True, storage_options: dict | None = None):
         group = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
         raise damage_error(path, group, err) from None
     group = zarr.open_group(zarr_store(path, storage_options), mode="r", zarr_format=3)
-    ds = _guard(ds, group, path)
+    ds = _guard(ds, group, path, decode)
     ds.attrs = attrs
     if decode:
         for spec in arrays.specs(state=True):
-            if spec.name not in ds:
+            if spec.name not in ds or ds[spec.name].attrs.get(codec.ENCODING_ATTR) == "decoded":
                 continue
-            var = ds[spec.name]
+            var = ds[spec.name]  # not guarded (not a plain view of its zarr array): decode lazily on top
             enc = var.attrs.get(codec.ENCODING_ATTR, "none")
             ds[spec.name] = var.copy(data=codec.decode(var.data, enc))
             ds[spec.name].attrs = {**var.attrs, codec.ENCODING_ATTR: "decoded"}
     return ds
 
 
-class _Guarded:
-    """A zarr array for ``dask.array.from_array`` whose decode errors name the array and its chunk keys."""
+#: decoded (float32) bytes one dask block of a hidden-state array may hold before it is split below its shard
+STATE_BLOCK_BYTES = 128 * 2**20
 
-    def __init__(self, arr, path):
-        self.arr, self.path = arr, path
-        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+def state_chunks(arr, max_bytes: int = STATE_BLOCK_BYTES) -> tuple[int, ...]:
+    """Dask block shape of a hidden-state zarr array ``arr``, from its chunking: one inner chunk along every
+    axis (one condition, one site, one layer, all of hidden) but the rows (axis 1: samples or span tokens),
+    along which a block spans the whole shard (a shard group of samples: one read of one layer of one shard
+    file), or, where that block would exceed ``max_bytes`` decoded, the largest whole number of inner chunks
+    that divides the shard and stays under it. The block count grows with the shards, not with the inner
+    chunks (a 64-token inner chunk per block made an 8 GB store a graph of ~100k tasks)."""
+    inner, outer = tuple(arr.chunks), tuple(arr.shards or arr.chunks)
+    per_row = 4 * int(np.prod([c for i, c in enumerate(inner) if i != 1], dtype=np.int64))
+    n_inner = max(1, outer[1] // inner[1])
+    k = max([d for d in range(1, n_inner + 1) if n_inner % d == 0 and d * inner[1] * per_row <= max_bytes] or [1])
+    return (inner[0], min(k * inner[1], arr.shape[1]) or 1, *inner[2:])
+
+
+class _Guarded:
+    """A zarr array for ``dask.array.from_array`` whose decode errors name the array and its chunk keys;
+    with ``encoding`` (a hidden-state array's ``gapcache_encoding``) what it reads comes back decoded, so
+    that dask fuses a slice of a block into the read (only the inner chunks asked for are read)."""
+
+    def __init__(self, arr, path, encoding: str | None = None):
+        self.arr, self.path, self.encoding = arr, path, encoding
+        self.shape, self.ndim = arr.shape, arr.ndim
+        self.dtype = np.dtype(np.float32) if encoding == "bfloat16" else arr.dtype
 
     def __getitem__(self, key):
         try:
-            return self.arr[key]
+            raw = self.arr[key]
         except DECODE_ERRORS as err:
             raise DamagedChunkError(_damage_message(self.path, self.arr, _chunk_keys(self.arr, key), err)) from None
+        return raw if self.encoding is None else codec.decode(raw, self.encoding)
 
 
-def _guard(ds, group, path):
-    """Every lazily read (dask) variable of ``ds`` re-built over a guarded zarr array, same chunks and dtype."""
+def _guard(ds, group, path, decode: bool = False):
+    """Every lazily read (dask) variable of ``ds`` re-built over a guarded zarr array, same chunks and dtype;
+    hidden-state arrays in :func:`state_chunks` blocks, decoded as read when ``decode``."""
     import uuid
 
     import dask.array as da
 
+    states = {s.name for s in arrays.specs(state=True)}
     for name in [*ds.data_vars, *[c for c in ds.coords if c not in ds.dims]]:
         var = ds[name]
         if not hasattr(var.data, "dask") or name not in group:
@@ -135,10 +159,18 @@ def _guard(ds, group, path):
         arr = group[name]
         if arr.dtype != var.dtype or tuple(arr.shape) != var.shape:
             continue  # not a plain view of the zarr array: leave xarray's reader
-        data = da.from_array(_Guarded(arr, path), chunks=var.data.chunks, asarray=False, meta=var.data._meta,
+        chunks, meta, attrs = var.data.chunks, var.data._meta, var.attrs
+        enc = None
+        if name in states:
+            chunks = state_chunks(arr)
+            if decode:
+                enc = var.attrs.get(codec.ENCODING_ATTR, "none")
+                meta, attrs = np.empty((0,) * arr.ndim, _Guarded(arr, path, enc).dtype), {**attrs, codec.ENCODING_ATTR: "decoded"}
+        data = da.from_array(_Guarded(arr, path, enc), chunks=chunks, asarray=False, meta=meta,
                              name=f"gapcache-{name}-{uuid.uuid4().hex}")
         if name in ds.data_vars:
             ds[name] = var.copy(data=data)
+            ds[name].attrs = attrs
         else:
             ds = ds.assign_coords({name: var.copy(data=data)})
     return ds

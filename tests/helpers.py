@@ -152,3 +152,25 @@ def allowed_keys(mask, q_len, attn_2d):
         return causal[None] & attn_2d.bool()[:, None, :]
     keep = mask if mask.dtype == torch.bool else mask == 0
     return keep[:, 0] if keep.dim() == 4 else keep
+
+
+#: summary keys that hold wall times or where the analysis ran, not results
+WALL_CLOCK_KEYS = ("timing_s", "seconds")
+
+
+def comparable_summary(summary) -> str:
+    """``summary`` (a summary dict) as canonical JSON (sorted keys, NaN written as NaN so that two NaNs compare
+    equal), without its wall times (``timing_s``, the probes' per-layer ``seconds``) and the ``scheduler``
+    parameter: what two runs of one analysis on different schedulers must share exactly."""
+    import json
+
+    from gapcache.analyze.stats import jsonable
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: ("" if k == "scheduler" else strip(x)) for k, x in v.items() if k not in WALL_CLOCK_KEYS}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return json.dumps(strip(jsonable(summary)), sort_keys=True, allow_nan=True, indent=1)

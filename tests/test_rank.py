@@ -186,3 +186,24 @@ def test_visual_effective_rank_on_a_real_store(tmp_path):
             continue
         span = visual_span(ds, i).values.transpose(0, 2, 1, 3)  # (visual_condition, layer, vtoken, hidden)
         np.testing.assert_allclose(er.values[:, i], effective_rank(span), atol=1e-12)
+
+
+def test_visual_effective_rank_blocks_follow_the_store_shards_and_change_no_value(tmp_path):
+    """The default block is the store's shard group (samples_per_shard), one task per (condition, shard, layer);
+    every ER equals, bit for bit, the one-sample-a-task result and the per-sample effective_rank."""
+    from helpers import random_payloads, roundtrip, small_layout
+
+    from gapcache.analyze.rank import block_samples
+    from gapcache.store.reader import visual_span
+
+    layout = small_layout(dtype="bfloat16", lengths=(3, 4, 0, 2, 5, 6, 1), spc=3)
+    ds = roundtrip(tmp_path / "s.zarr", layout, random_payloads(layout))
+    assert block_samples(ds) == 3
+    lazy = visual_effective_rank(ds)
+    assert lazy.data.numblocks == (2, layout.n_shards, 3)
+    er = lazy.compute().values
+    np.testing.assert_array_equal(er, visual_effective_rank(ds, group_size=1).compute().values)
+    for i, n in enumerate(layout.visual_lengths):
+        if n:
+            span = visual_span(ds, i).values.transpose(0, 2, 1, 3)  # (visual_condition, layer, vtoken, hidden)
+            np.testing.assert_array_equal(er[:, i], effective_rank(span))

@@ -268,3 +268,38 @@ def test_real_slurm_usr1_requeues_the_task_and_it_resumes(slurm_cluster, tmp_pat
     assert info(plan.run_dir / "store.zarr")["complete"]
     assert (plan.run_dir / "analysis" / "summary.json").is_file()
     assert sp.status(plan.run_dir)["queue"][task]["restarts"] == "1"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.integration
+def test_real_slurm_dask_jobqueue_workers_give_the_summary_of_local_threads(slurm_cluster, tmp_path, monkeypatch):
+    """--scheduler slurm: the analysis graph runs on two dask-jobqueue worker jobs of the real cluster, and every
+    estimate, CI and results array equals the local-threads analysis of the same store."""
+    pytest.importorskip("dask_jobqueue")
+    import xarray as xr
+
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    from gapcache.analyze.scheduler import scheduler
+    from gapcache.store import open_store
+    from helpers import comparable_summary
+    from test_distributed import analysis_store
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    for key in [k for k in os.environ if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # dask-jobqueue's worker logs land here
+    store = analysis_store(tmp_path)
+    p = AnalysisParams(n_resamples=199, n_splits=2)
+    with scheduler("threads"):
+        ref, ref_arrays = analyze_store(open_store(store), p)
+    with scheduler("slurm", slurm=small().slurm) as client:
+        got, got_arrays = analyze_store(open_store(store), p)
+        workers = client.scheduler_info()["workers"]
+        queue = slurm_cluster.run("squeue", "-h", "-o", "%j %T").stdout.split("\n")
+    # the client has no local worker: the graph ran on the worker processes of the Slurm jobs
+    assert type(client.cluster).__name__ == "SLURMCluster" and workers, workers
+    assert "dask-worker RUNNING" in queue, queue
+    assert "skipped" not in ref["metrics"]["probes"] and "cliff_layer" in ref["metrics"]["evd"]
+    assert comparable_summary(got) == comparable_summary(ref)
+    xr.testing.assert_identical(got_arrays.load(), ref_arrays.load())

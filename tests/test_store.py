@@ -165,3 +165,26 @@ def test_uncompressed_states_roundtrip_and_cost_two_bytes(tmp_path):
     n_values = sum(p.visual_states.size for p in payloads if p.visual_states is not None)
     assert size_on_disk(vis) / n_values < 2.01
     np.testing.assert_array_equal(ds.visual_states.values[0, :64], codec.decode_bf16(payloads[0].visual_states[:64]))
+
+
+def test_states_are_read_one_layer_of_one_shard_a_block_decoded_as_read(tmp_path):
+    """Dask blocks of the hidden states follow the store's chunking (one layer of one shard, rows of a whole
+    shard group), not its inner chunks; values are the raw bits decoded, bit for bit, and a slice of a block
+    reads only the inner chunks it covers."""
+    from gapcache.store.reader import state_chunks
+
+    layout = small_layout(dtype="bfloat16", lengths=(3, 4, 0, 2, 5), spc=2)
+    ds = roundtrip(tmp_path / "s.zarr", layout, random_payloads(layout))
+    raw = open_store(tmp_path / "s.zarr", decode=False)
+    vshard = layout.visual_shard_tokens  # 8: two inner chunks of 4 tokens
+    assert ds.visual_states.data.chunks[1] == (vshard,) * layout.n_shards and ds.visual_states.data.chunks[2] == (1,) * 3
+    assert ds.text_states.data.chunksize == (1, 2, 1, 1, 4) and ds.visual_states.dtype == np.float32
+    assert raw.visual_states.data.chunks == ds.visual_states.data.chunks and raw.visual_states.dtype == np.uint16
+    for name in ("visual_states", "text_states"):
+        np.testing.assert_array_equal(ds[name].values, codec.decode_bf16(raw[name].values))
+    np.testing.assert_array_equal(ds.visual_states[0, 5:7, 1].values, codec.decode_bf16(raw.visual_states[0, 5:7, 1].values))
+    # a block over the byte budget is split into whole inner chunks that divide the shard
+    arr = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")["visual_states"]
+    assert state_chunks(arr) == (1, vshard, 1, 4)
+    assert state_chunks(arr, max_bytes=4 * 4 * 4) == (1, 4, 1, 4)  # one inner chunk: 4 tokens x 4 hidden x 4 B
+    assert state_chunks(arr, max_bytes=1) == (1, 4, 1, 4)  # never below one inner chunk
