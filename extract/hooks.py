@@ -79,15 +79,20 @@ class Capture(Hooks):
 
         return hook
 
-    def collect_groups(self) -> dict:
-        """name -> (n, layer, hidden) on CPU, for every non-empty group set."""
+    def stacked(self) -> dict:
+        """name -> (n, layer, hidden) on the model's device, for every non-empty group set (one stack per
+        group on the device: the caller copies it to the host once, see gapcache.extract.transfer)."""
         out = {}
         for name, seen in self._seen.items():
             missing = [i for i in self.record if i not in seen]
             if missing:
                 raise RuntimeError(f"layers {missing} were never reached by the forward pass")
-            out[name] = torch.stack([seen[i].cpu() for i in self.record], dim=1)
+            out[name] = torch.stack([seen[i] for i in self.record], dim=1)
         return out
+
+    def collect_groups(self) -> dict:
+        """name -> (n, layer, hidden) on CPU, for every non-empty group set."""
+        return {name: t.cpu() for name, t in self.stacked().items()}
 
     def collect(self):
         """-> text (n_text, layer, hidden), visual (n_vis, layer, hidden) or None, on CPU."""

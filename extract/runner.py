@@ -36,6 +36,8 @@ from gapcache.extract import interventions
 from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
 from gapcache.extract.attention import AttentionSummaries
 from gapcache.extract.hooks import Capture, hidden_of
+from gapcache.extract.shardbuf import ShardBuffers
+from gapcache.extract.transfer import HostPool, Transfer, as_storage, host_empty
 from gapcache.extract import routing as routing_mod
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors
@@ -487,33 +489,36 @@ class Extraction:
         return names + [sp.states for n, sp in arrays.SPANS.items() if layout.has_span(n) and sp.recorded_by(cond)]
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
-        """One (condition, shard) unit: fill-valued buffers of every unit array, then each planned sample's
-        forward results (keyed by array name) in its row; failed samples keep the fill and their reason."""
+        """One (condition, shard) unit: its buffers (:class:`~gapcache.extract.shardbuf.ShardBuffers`: the states'
+        reused from the run's pool, copied into from the device), each planned sample's forward results in its
+        row; failed samples keep the fill and their reason."""
         idx = list(layout.shard_samples(shard))
-        buf, offs = {}, {}  # a span's states: the shard group's rows; offs[array][j] = sample j's first row there
-        for name in self.unit_arrays(cond, layout):
-            span = layout.spans.get(arrays.get(name).span)
-            n_tok = sum(span.lengths[i] for i in idx) if span else 0
-            buf.update(arrays.unit_buffers([name], self.unit_sizes(layout), len(idx), n_tok, self.cfg.model.dtype))
-            if span:
-                offs[name] = [span.offsets[i] - span.offsets[idx[0]] for i in idx]
+        sb = ShardBuffers(self.host_pool, self.unit_arrays(cond, layout), self.unit_sizes(layout), layout, idx,
+                          self.cfg.model.dtype)
+        buf = sb.values
         buf["status"][:] = STATUS_FAILED
         buf["error"][:] = [self.planned[i].failure for i in idx]
         todo = [j for j, i in enumerate(idx) if self.planned[i].ok]
         bs = self.cfg.extract.batch_size
         batches = [todo[b0 : b0 + bs] for b0 in range(0, len(todo), bs)]
-        for rows, inputs in self.prefetched(batches, idx, cond):
-            for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond, inputs)):
-                if isinstance(res, SampleError):
-                    buf["error"][j] = res.reason
-                    continue
-                for name, value in res.items():
-                    if name in offs:
-                        buf[name][offs[name][j] : offs[name][j] + value.shape[0]] = value
-                    elif name in buf:
-                        buf[name][j] = value
-                buf["status"][j] = STATUS_DONE
-        return ShardPayload(ci, shard, buf)
+        try:
+            for rows, inputs in self.prefetched(batches, idx, cond):
+                for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond, inputs, sink=sb)):
+                    if isinstance(res, SampleError):
+                        buf["error"][j] = res.reason
+                        continue
+                    sb.put(j, res)
+                    buf["status"][j] = STATUS_DONE
+        finally:
+            self.transfer.wait()  # every device copy into the buffers has landed (also before an error's cleanup)
+        return sb.payload(ci, shard, buf["status"] == STATUS_DONE)
+
+    @property
+    def host_pool(self) -> HostPool:
+        """The run's reusable shard-state buffers (page-locked on CUDA)."""
+        if getattr(self, "_host_pool", None) is None:
+            self._host_pool = HostPool(self.model.device)
+        return self._host_pool
 
     def prefetched(self, batches, idx, cond):
         """Yield (rows, inputs) with the next batch's images and processor run in a thread,
@@ -534,12 +539,12 @@ class Extraction:
                     future = pool.submit(prepare, batches[k + 1])
                 yield rows, inputs
 
-    def forward_safe(self, indices, cond, inputs=None):
+    def forward_safe(self, indices, cond, inputs=None, sink=None):
         """Batched forward; if the batch fails, retry one by one so one bad sample fails alone."""
         try:
             if isinstance(inputs, Exception):
                 raise inputs
-            return self.forward(indices, cond, inputs)
+            return self.forward(indices, cond, inputs, sink=sink)
         except SampleError:
             pass
         except (RuntimeError, ValueError) as err:
@@ -549,7 +554,7 @@ class Extraction:
         out = []
         for i in indices:
             try:
-                out.extend(self.forward([i], cond))
+                out.extend(self.forward([i], cond, sink=sink))
             except SampleError as err:
                 out.append(err)
             except (RuntimeError, ValueError) as err:
@@ -621,7 +626,14 @@ class Extraction:
         return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
 
     @torch.inference_mode()
-    def forward(self, indices, cond, inputs=None):
+    def forward(self, indices, cond, inputs=None, sink=None):
+        """One batched forward of samples ``indices`` under ``cond``: per row, a dict of its unit arrays.
+
+        The hidden states are gathered, subset or pooled on the model's device, and copied to the host once
+        (:class:`~gapcache.extract.transfer.Transfer`: non-blocking into page-locked memory on CUDA). Without
+        ``sink`` they land in fresh host memory and each row's dict holds them (the copies waited for); with a
+        ``sink`` (:class:`~gapcache.extract.shardbuf.ShardBuffers`) they land in its rows and the dicts leave
+        them out: the caller waits (``self.transfer.wait()``) before the shard is handed on."""
         self.ensure_fitted()
         P = [self.planned[i] for i in indices]
         # candidates the gold answer's forward cannot score: their own forwards first (before the main
@@ -641,50 +653,105 @@ class Extraction:
             device = self.model.device
             model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model(**model_inputs, use_cache=False, logits_to_keep=torch.tensor(keep, device=device))
-            got = capture.collect_groups()
-            text, vis = got["text"], got.get("visual")  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
-            tokens = got.get("token")  # (n_text_tokens, layer, hidden) or None
+            got = capture.stacked()  # on the device: text (batch*sites, layer, hidden), visual, token (n, ...)
             routes = routing.collect(len(SITES))  # per row: route_expert, route_weight, route_load ([] if off)
-        logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
+        states = self.states_to_host(indices, got, sink)  # copies queued; rows' host states (none with a sink)
+        results = self.scores(P, keep, out.logits)
         attn_rows = attention.results() if attention is not None else None
-        col = {pos: c for c, pos in enumerate(keep)}
-        results = []
-        n_sites = len(SITES)
-        vis_off = tok_off = 0
-        for r, (i, p) in enumerate(zip(indices, P)):
-            gold = sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(p.answer_ids))
-            cand = np.full(len(self.candidates), np.nan, np.float32)
-            extra = set(p.cand_extra)
-            for k, (c, seq) in enumerate(zip(p.cand_columns, p.cand_seqs)):
-                if k not in extra:  # every factor read from the gold answer's forward
-                    head = len(seq) - 1
-                    prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(head))
-                    cand[c] = prefix + logp[r, col[p.prediction + head], seq[head]].numpy()
-            res = {"text_states": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold_logprob": gold,
-                   "candidate_logprob": cand}
-            if vis is not None:
-                sel = self.visual_select[i]
-                n_flat = sum(len(g) for g in sel) if isinstance(sel, list) else len(sel)
-                chunk = vis[vis_off : vis_off + n_flat]  # (n_flat, layer, hidden)
-                vis_off += n_flat
-                if isinstance(sel, list):  # pool contiguous groups
-                    bounds = np.cumsum([0] + [len(g) for g in sel])
-                    chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
-                res["visual_states"] = self.to_storage(chunk)
-            if tokens is not None:
-                n_tok = len(self.token_positions(p))
-                res["token_states"] = self.to_storage(tokens[tok_off : tok_off + n_tok])
-                tok_off += n_tok
+        for r, res in enumerate(results):
+            res.update(states[r])
             if attn_rows is not None:  # attention summaries (issue 14)
                 res.update(attn_rows[r])
             res.update(routes[r] if routes else {})  # MoE routing
-            results.append(res)
         for (r, k), score in zip(extra_rows, extra_scores):
             results[r]["candidate_logprob"][P[r].cand_columns[k]] = score
         if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):
                 res["generation"] = text_out
+        if sink is None:
+            self.transfer.wait()  # the rows' states are read by the caller now
         return results
+
+    def scores(self, P, keep, logits) -> list[dict]:
+        """Per row: the gold answer's teacher-forced log-prob and the candidates' read from the gold forward.
+
+        Only the log-probs used cross to the host: log_softmax over the vocabulary on the device, then one
+        gather of the (row, kept position, token) entries; summed on the host in the order of the tokens."""
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (batch, len(keep), vocab), on the device
+        col = {pos: c for c, pos in enumerate(keep)}
+        where, gold_at, cand_at = [], [], []  # (row, column, token) entries; per row their index lists
+        for r, p in enumerate(P):
+            gold_at.append(range(len(where), len(where) + len(p.answer_ids)))
+            where += [(r, col[p.prediction + t], tok) for t, tok in enumerate(p.answer_ids)]
+            last = {}
+            extra = set(p.cand_extra)
+            for k, (c, seq) in enumerate(zip(p.cand_columns, p.cand_seqs)):
+                if k not in extra:  # every factor read from the gold answer's forward
+                    last[c] = (len(seq) - 1, len(where))
+                    where.append((r, col[p.prediction + len(seq) - 1], seq[-1]))
+            cand_at.append(last)
+        at = torch.tensor(where, dtype=torch.long, device=logp.device).reshape(-1, 3)  # (entries, 3)
+        vals = logp[at[:, 0], at[:, 1], at[:, 2]].cpu().numpy()  # (entries,) float32
+        results = []
+        for r, p in enumerate(P):
+            gold_vals = [float(vals[e]) for e in gold_at[r]]
+            cand = np.full(len(self.candidates), np.nan, np.float32)
+            for c, (head, e) in cand_at[r].items():
+                cand[c] = sum(gold_vals[:head]) + vals[e]
+            results.append({"gold_logprob": sum(gold_vals), "candidate_logprob": cand})
+        return results
+
+    def states_to_host(self, indices, got: dict, sink=None) -> list[dict]:
+        """Queue the device -> host copies of a batch's states (visual pooled on the device first); per row,
+        the host arrays of its states (empty dicts when they go to ``sink``'s rows)."""
+        counts = {"text_states": [len(SITES)] * len(indices)}
+        groups = {"text_states": got["text"]}  # (batch*sites, layer, hidden)
+        if got.get("visual") is not None:
+            groups["visual_states"], counts["visual_states"] = self.pool_visual(indices, got["visual"])
+        if got.get("token") is not None:
+            groups["token_states"] = got["token"]  # (n_text_tokens, layer, hidden)
+            counts["token_states"] = [len(self.token_positions(self.planned[i])) for i in indices]
+        t = self.transfer
+        t.begin()
+        out = [{} for _ in indices]
+        for name, dev in groups.items():
+            host = None if sink is not None else host_empty(dev.shape, dev.dtype, dev.device)
+            if host is not None:
+                t.copy(host, dev)
+            bounds = np.cumsum([0] + counts[name])
+            for r, (i, a, b) in enumerate(zip(indices, bounds[:-1], bounds[1:])):
+                if sink is not None:
+                    t.copy(sink.rows(name, i, b - a), dev[a:b])
+                else:
+                    out[r][name] = as_storage(host[a:b])
+        t.end()
+        return out
+
+    def pool_visual(self, indices, vis: torch.Tensor):
+        """The stored visual rows of a batch, on the device: the gathered rows as they are (mode all / subset)
+        or each sample's contiguous groups averaged in float32 (mode pool). Returns (rows, per-row counts)."""
+        sels = [self.visual_select[i] for i in indices]
+        if not any(isinstance(sel, list) for sel in sels):
+            return vis, [len(sel) for sel in sels]
+        parts, counts, off = [], [], 0
+        for sel in sels:  # pool: np.array_split groups, r of size q + 1 then k - r of size q
+            n, k = sum(len(g) for g in sel), len(sel)
+            chunk = vis[off : off + n]  # (n, layer, hidden)
+            off += n
+            q, r = divmod(n, k) if k else (0, 0)
+            means = [chunk[: r * (q + 1)].reshape(r, q + 1, *chunk.shape[1:]).float().mean(1)] if r else []
+            if k - r:
+                means.append(chunk[r * (q + 1) :].reshape(k - r, q, *chunk.shape[1:]).float().mean(1))
+            parts += [m.to(vis.dtype) for m in means]
+            counts.append(k)
+        return (torch.cat(parts) if parts else vis[:0]), counts
+
+    @property
+    def transfer(self) -> Transfer:
+        """The run's device -> host copier (a side stream on CUDA), made for the model's device on first use."""
+        if getattr(self, "_transfer", None) is None:
+            self._transfer = Transfer(self.model.device)
+        return self._transfer
 
     @torch.inference_mode()
     def candidate_logprobs(self, rows, cond) -> list[float]:
@@ -746,9 +813,7 @@ class Extraction:
         return r
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
-        if t.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return t.numpy()
+        return as_storage(t.contiguous())
 
     def intervention(self, P, cond, inputs, offsets):
         """The hooks of ``cond`` (its registry ``Hook``: strategy, layers, positions) for this batch, as a
