@@ -313,11 +313,59 @@ class Extraction:
         return all_units[task_index::n_tasks]
 
     def run(self, show=True, task_index: int | None = None, n_tasks: int | None = None):
-        """Extract every pending (condition, shard) unit of this task; rerun to resume."""
+        """Extract every pending (condition, shard) unit of this task; rerun to resume.
+
+        A new store is created in a thread while the first shard's forwards run (unless soft-truncation
+        statistics must be fitted and shared first); an existing one is checked before any forward."""
         preflight(self.cfg, self.out, task_index, n_tasks)  # again: cheap, and for callers of run() alone
         if not hasattr(self, "planned"):
             self.load().plan(show=show)
         self.check_planned()
+        layout = self.layout()
+        mine = self.units(layout, task_index, n_tasks)
+        clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
+        creating = self.create_in_background(layout) if self.creatable_in_background() else None
+        if creating is None:
+            self.open_store()
+        # the writer closes (flushing every shard) before the locks are released
+        with ShardLocks(self.out / "locks") as locks, contextlib.ExitStack() as stack:
+            writer = None if creating else stack.enter_context(self.open_writer())
+            todo = mine if writer is None else self.pending_units(writer, mine)
+            for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
+                cond = self.conditions[ci]
+                locks.acquire(f"{cond.label}.shard{shard:05d}")
+                payload = self.shard_payload(ci, cond, shard, layout)
+                if writer is None:  # the first shard is done: the store must be too
+                    creating.result()
+                    writer = stack.enter_context(self.open_writer(expect=self.store_arrays))
+                    if (ci, shard) not in self.pending_units(writer, [(ci, shard)]):
+                        payload.release()  # another task of the array wrote it meanwhile (raced creation)
+                        continue
+                writer.submit(payload)
+            if writer is None and creating is not None:  # no unit to do: the store is still made
+                creating.result()
+        return self.store_path
+
+    def creatable_in_background(self) -> bool:
+        """A new store (none in place yet) whose creation needs nothing shared first (no fitted statistics)."""
+        return not (self.store_path / "zarr.json").is_file() and not self.fit_layers()
+
+    def create_in_background(self, layout):
+        """Start creating the store in a thread; returns its future. Meanwhile ``store_arrays`` is what the new
+        store will hold (checked against it when the writer opens)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        sizes = self.unit_sizes(layout)
+        self.store_arrays = {s.name for s in arrays.specs((arrays.UNIT, arrays.VUNIT))
+                             if (not s.span or layout.has_span(s.span)) and (s.required or set(s.dims) <= set(sizes))}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gapcache-create")
+        try:
+            return pool.submit(self.open_store)
+        finally:
+            pool.shutdown(wait=False)
+
+    def open_store(self):
+        """Create or check the store, holding the fitted-statistics lock meanwhile; load its fitted statistics."""
         fit_lock = self.share_fitted()
         try:
             self.open_or_create()
@@ -325,20 +373,24 @@ class Extraction:
             if fit_lock is not None:
                 fit_lock.release()
         self.fitted = self.read_fitted()  # every task substitutes from the store's statistics, never its own
-        layout = self.layout()
-        mine = self.units(layout, task_index, n_tasks)
-        clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
-        # the writer closes (flushing every shard) before the locks are released
-        with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path) as writer:
+
+    @contextlib.contextmanager
+    def open_writer(self, expect: set | None = None):
+        """The store's writer (healed flag records); ``store_arrays`` is the unit arrays it holds."""
+        with StoreWriter(self.store_path) as writer:
             writer.heal_flag_records()
-            self.store_arrays = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
-            pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in mine}}
-            todo = [(ci, shard) for ci, shard in mine if shard in pending[ci]]
-            for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
-                cond = self.conditions[ci]
-                locks.acquire(f"{cond.label}.shard{shard:05d}")
-                writer.submit(self.shard_payload(ci, cond, shard, layout))
-        return self.store_path
+            held = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
+            if expect is not None and held != expect:
+                raise StoreError(f"The store {self.store_path} holds the unit arrays {sorted(held)}, not the "
+                                 f"{sorted(expect)} its first shard was computed for (a gapcache bug: report it).")
+            self.store_arrays = held
+            yield writer
+
+    @staticmethod
+    def pending_units(writer, units) -> list[tuple[int, int]]:
+        """The (condition, shard) units of ``units`` that the store still lacks."""
+        pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in units}}
+        return [(ci, shard) for ci, shard in units if shard in pending[ci]]
 
     # ------------------------------------------------------------------ statistics fitted on original
     def fit_layers(self) -> dict[str, tuple[int, ...]]:

@@ -107,13 +107,12 @@ class HostPool:
         numel = int(np.prod(shape, dtype=np.int64))
         with self._lock:
             free = self._free.setdefault((key, dtype), [])
-            fits = [b for b in free if b.numel() >= numel]
+            fits = [k for k, buf in enumerate(free) if buf.numel() >= numel]  # (tensors: by position, not ==)
             if fits:
-                base = min(fits, key=torch.Tensor.numel)
-                free.remove(base)
+                base = free.pop(min(fits, key=lambda k: free[k].numel()))
             else:
                 if free:  # none big enough: drop the largest rather than keep it beside a new one
-                    free.remove(max(free, key=torch.Tensor.numel))
+                    free.pop(max(range(len(free)), key=lambda k: free[k].numel()))
                 base = None
                 self.made += 1
         if base is None:
