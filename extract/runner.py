@@ -767,6 +767,8 @@ class Extraction:
         t.begin()
         out = [{} for _ in indices]
         for name, dev in groups.items():
+            if sink is not None and name not in sink.tensors:  # a state array the store does not hold
+                continue
             host = None if sink is not None else host_empty(dev.shape, dev.dtype, dev.device)
             if host is not None:
                 t.copy(host, dev)
