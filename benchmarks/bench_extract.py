@@ -10,8 +10,11 @@ Usage::
 
 1. **compute-bound** (target ``run / bare <= 1.05``): a random-weight LLaVA-style model
    (``build_tiny_checkpoint("llava", hidden 512, 8 layers, CLIP 128 px / patch 8``) -> 256 visual
-   tokens per image). (a) a bare loop of ``model(**inputs, use_cache=False)`` over the same processed
-   batches (no hooks, no store), timed before and after every (b); (b) ``Extraction.run()`` over
+   tokens per image), on ``--device`` (default cuda when available). (a) a bare loop of the forward
+   ``Extraction.forward`` makes, ``model(**inputs.to(device), use_cache=False, logits_to_keep=<the
+   gold answer's positions>)``, over the same processed batches (no hooks, no store), timed before
+   and after every (b) (the vocabulary projection of every position, which run() never computes,
+   left out: with it the bare loop was the slower one); (b) ``Extraction.run()`` over
    the same samples, condition ``original``, store on local disk (a fresh Extraction sharing the
    loaded model each repeat), timed after ``load()`` and ``plan()``; (c, diagnostic)
    ``Extraction.forward`` over the same batches without a store. The ratio is best (b) / best (a)
@@ -84,6 +87,12 @@ def bench_compute(args, work: Path) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
     side, patch = args.image_size, args.patch_size
     n_vis = (side // patch) ** 2
     t0 = time.perf_counter()
@@ -97,7 +106,7 @@ def bench_compute(args, work: Path) -> dict:
     n = args.batches * args.batch_size
     cfg = load_config({
         "name": "bench",
-        "model": {"family": "llava", "id": str(ckpt), "dtype": args.dtype},
+        "model": {"family": "llava", "id": str(ckpt), "dtype": args.dtype, "device_map": str(device) if cuda else None},
         "data": {"dataset": "synthetic", "split": "test", "options": {"n": n, "image_size": side, "seed": 0}},
         "extract": {"conditions": ["original"], "batch_size": args.batch_size,
                     "samples_per_shard": args.samples_per_shard, "max_length": 4096},
@@ -124,23 +133,33 @@ def bench_compute(args, work: Path) -> dict:
         batches += [idx[b: b + args.batch_size] for b in range(0, len(idx), args.batch_size)]
     inputs = [ext.batch_inputs(b, cond) for b in batches]
     seq = sorted({int(x["input_ids"].shape[1]) for x in inputs})
+    # the logits run() asks for: the positions scoring the gold answer (as Extraction.forward)
+    keeps = [torch.tensor(sorted({ext.planned[i].prediction + t for i in b
+                                  for t in range(len(ext.planned[i].answer_ids))}), device=device) for b in batches]
 
     cpu = {"bare": [], "run": []}
+
+    def plain(x, keep):
+        """The forward run() makes, with nothing around it: inputs to the device, the kept logits."""
+        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}, use_cache=False,
+                     logits_to_keep=keep)
 
     def bare():
         c0 = time.process_time()
         times = []
         with torch.inference_mode():
-            for x in inputs:
+            for x, keep in zip(inputs, keeps):
                 t = time.perf_counter()
-                model(**x, use_cache=False)
+                plain(x, keep)
+                sync()
                 times.append(time.perf_counter() - t)
         cpu["bare"].append(time.process_time() - c0)
         return times
 
     with torch.inference_mode():  # warm-up (allocator, kernels), outside every timing
         for _ in range(args.warmup):
-            model(**inputs[0], use_cache=False)
+            plain(inputs[0], keeps[0])
+        sync()
 
     def hooked():
         """(c) diagnostic: Extraction.forward (processor + hooks + post-processing), no store."""
@@ -154,11 +173,22 @@ def bench_compute(args, work: Path) -> dict:
         e = Extraction(cfg, work / f"run{i}", model=model, processor=ext.processor)
         e.load()
         e.plan(show=False)
-        t_fwd, t_model, t_inputs, t_submit, t_close, t_create = (Timer() for _ in range(6))
+        t_fwd, t_model, t_inputs, t_submit, t_close, t_create, t_payload, t_wait = (Timer() for _ in range(8))
         e.forward = t_fwd.wrap(e.forward)
         e.batch_inputs = t_inputs.wrap(e.batch_inputs)
         e.open_or_create = t_create.wrap(e.open_or_create)
+        e.shard_payload = t_payload.wrap(e.shard_payload)
         model.forward = t_model.wrap(model.forward)
+        background = hasattr(e, "create_in_background")  # store created in a thread (after issue 15)
+        if background:
+            start = e.create_in_background
+
+            def create_in_background(*a, **kw):
+                future = start(*a, **kw)
+                future.result = t_wait.wrap(future.result)  # the main thread's wait for it
+                return future
+
+            e.create_in_background = create_in_background
         writer_cls = runner_mod.StoreWriter
 
         class TimedWriter(writer_cls):
@@ -185,17 +215,20 @@ def bench_compute(args, work: Path) -> dict:
         finally:
             runner_mod.StoreWriter = writer_cls
             del model.forward  # back to the class method
-        accounted = t_create.total + t_fwd.total + t_submit.total + t_close.total
+        blocking_create = t_wait.total if background and t_create.calls else t_create.total
+        accounted = blocking_create + t_payload.total + t_submit.total + t_close.total
         breakdown = {
-            "store_create": t_create.total,
+            "store_create (main thread blocked on it)": blocking_create,
+            "  store_create itself" + (" (in a thread, overlapping shard 0)" if background else ""): t_create.total,
             "forward_total": t_fwd.total,
             "  batch_inputs (processor)": t_inputs.total,
             "  model.forward (hooked)": t_model.total,
-            "  rest of forward (hooks setup, gather, log_softmax, to_storage)":
+            "  rest of forward (hooks setup, gather, pool, copies, scores)":
                 t_fwd.total - t_inputs.total - t_model.total,
+            "shard buffers (alloc, fill, small values, copy waits)": t_payload.total - t_fwd.total,
             "submit (blocked on writer queue)": t_submit.total,
             "close (drain writer)": t_close.total,
-            "other (payload alloc, pending(), bookkeeping)": run_s - accounted,
+            "other (writer open, pending(), locks, bookkeeping)": run_s - accounted,
         }
         return run_s, breakdown, e.store_path
 
@@ -222,7 +255,7 @@ def bench_compute(args, work: Path) -> dict:
         "config": {"hidden": args.hidden, "layers": args.layers, "image_size": side, "patch_size": patch,
                    "visual_tokens": sorted(vis_len), "seq_len": seq, "batch_size": args.batch_size,
                    "batches": nb, "samples": n, "samples_per_shard": args.samples_per_shard,
-                   "dtype": args.dtype, "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
+                   "dtype": args.dtype, "device": str(device), "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
                    "repeats": args.repeats},
         "loadavg_before": load_before, "loadavg_after": load_after,
         "build_s": build_s, "load_s": load_s, "plan_s": plan_s,
@@ -233,6 +266,7 @@ def bench_compute(args, work: Path) -> dict:
         "ratio": run_s / bare_s,
         "ratio_median": statistics.median(run_totals) / statistics.median(bare_totals),
         "ratio_internal": run_s / breakdown["  model.forward (hooked)"],
+        "fixed_fraction": {k: v / run_s for k, v in breakdown.items() if not k.startswith(" ")},
         "cpu_s": cpu,
         "ratio_cpu": min(cpu["run"]) / min(cpu["bare"]),
         "ratio_hooked_forward": min(hooks) / bare_s if hooks else None,
@@ -262,7 +296,7 @@ def _print(res: dict):
     if c:
         cc = c["config"]
         out.append(f"\n== compute-bound: llava hidden {cc['hidden']} x {cc['layers']} layers, {cc['visual_tokens']} visual "
-                   f"tokens, seq {cc['seq_len']}, batch {cc['batch_size']} x {cc['batches']}, {cc['dtype']}, "
+                   f"tokens, seq {cc['seq_len']}, batch {cc['batch_size']} x {cc['batches']}, {cc['dtype']} on {cc.get('device')}, "
                    f"{cc['torch_threads']} torch threads")
         out.append(f"  (a) bare forward loop   {c['bare_s']:8.2f} s  ({c['bare_per_batch_s']:.3f} s/batch)  "
                    f"all: {[round(x, 2) for x in c['bare_all_s']]}")
@@ -284,7 +318,7 @@ def _print(res: dict):
                    "competed for the CPU)")
         out.append("  breakdown of the best run():")
         for k, v in c["breakdown_s"].items():
-            out.append(f"    {k:<66s} {v:8.2f} s")
+            out.append(f"    {k:<66s} {v:8.2f} s  {100 * v / c['run_s']:5.1f} %")
         out.append(f"  store {c['store_bytes'] / MB:.1f} MB, {c['samples_done']} samples done; "
                    f"load {c['load_s']:.1f} s, plan {c['plan_s']:.1f} s (not timed)")
     print("\n".join(out))
@@ -312,6 +346,7 @@ def main(argv=None):
     g.add_argument("--batches", type=int, default=8)
     g.add_argument("--samples-per-shard", type=int, default=32)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, help="torch device of the model (default: cuda if available, else cpu)")
     g.add_argument("--warmup", type=int, default=1)
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     g.add_argument("--repeats", type=int, default=2, help="run() repeats; bare loops before and after each")
@@ -321,6 +356,10 @@ def main(argv=None):
 
     bench_writer.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.device is None and not args.skip_compute:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gapcache-bench-"))

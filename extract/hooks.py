@@ -65,6 +65,7 @@ class Capture(Hooks):
         """name -> (rows, positions) long tensors (None or empty: nothing gathered for it)."""
         self._groups = {k: v for k, v in groups.items() if v is not None and v[0].numel()}
         self._seen = {k: {} for k in self._groups}
+        self._on = {}  # (name, device) -> the group's (rows, positions) there, copied once per batch
 
     def set_batch(self, text_idx, vis_idx):
         """text_idx, vis_idx: (rows, positions) long tensors; gathered in that order."""
@@ -73,21 +74,29 @@ class Capture(Hooks):
     def _hook(self, i):
         def hook(module, args, kwargs):
             h = hidden_of(args, kwargs)  # (batch, seq, hidden)
-            for name, (rows, pos) in self._groups.items():
-                self._seen[name][i] = h[rows.to(h.device), pos.to(h.device)].detach()  # (n, hidden)
+            for name, where in self._groups.items():
+                if (name, h.device) not in self._on:  # not per layer: a copy from pageable memory syncs the stream
+                    self._on[name, h.device] = tuple(t.to(h.device) for t in where)
+                rows, pos = self._on[name, h.device]
+                self._seen[name][i] = h[rows, pos].detach()  # (n, hidden)
             return None
 
         return hook
 
-    def collect_groups(self) -> dict:
-        """name -> (n, layer, hidden) on CPU, for every non-empty group set."""
+    def stacked(self) -> dict:
+        """name -> (n, layer, hidden) on the model's device, for every non-empty group set (one stack per
+        group on the device: the caller copies it to the host once, see gapcache.extract.transfer)."""
         out = {}
         for name, seen in self._seen.items():
             missing = [i for i in self.record if i not in seen]
             if missing:
                 raise RuntimeError(f"layers {missing} were never reached by the forward pass")
-            out[name] = torch.stack([seen[i].cpu() for i in self.record], dim=1)
+            out[name] = torch.stack([seen[i] for i in self.record], dim=1)
         return out
+
+    def collect_groups(self) -> dict:
+        """name -> (n, layer, hidden) on CPU, for every non-empty group set."""
+        return {name: t.cpu() for name, t in self.stacked().items()}
 
     def collect(self):
         """-> text (n_text, layer, hidden), visual (n_vis, layer, hidden) or None, on CPU."""

@@ -70,6 +70,14 @@ class Batch:
         self.index, self.mask, self.attention_mask = index, mask, attention_mask
         self.samples = tuple(samples)  # per row: the planned sample's index (what seeds its randomness)
         self.spans = tuple(spans)  # per row: (start, stop) of its positions within ``index``
+        self._on: dict = {}
+
+    def on(self, device) -> tuple:
+        """``index`` on ``device``, copied there once per batch: a copy per hooked layer from pageable host
+        memory would synchronise the CUDA stream at every layer, and the host could not queue ahead."""
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in self.index)
+        return self._on[device]
 
 
 def positions(P, which: str, offsets, inputs) -> Batch:
@@ -116,9 +124,9 @@ class ZeroStates(Intervention):
         h = hidden_of(args, kwargs)  # (batch, seq, hidden)
         if h.shape[1] < self.batch.mask.shape[1]:  # a cached decoding step: the positions' K/V already intervened
             return None
-        rows, pos = self.batch.index
+        rows, pos = self.batch.on(h.device)
         h = h.clone()
-        h[rows.to(h.device), pos.to(h.device)] = 0
+        h[rows, pos] = 0
         return replace_hidden(args, kwargs, h)
 
 
@@ -179,8 +187,7 @@ class Substitute(Intervention):
         if h.shape[1] < self.batch.mask.shape[1]:
             return None
         layer = self.index_of[id(module)]
-        rows, pos = self.batch.index
-        rows, pos = rows.to(h.device), pos.to(h.device)
+        rows, pos = self.batch.on(h.device)
         h = h.clone()
         for r, (a, b) in enumerate(self.batch.spans):
             if b > a:

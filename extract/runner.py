@@ -38,6 +38,8 @@ from gapcache.extract import interventions
 from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
 from gapcache.extract.attention import AttentionSummaries
 from gapcache.extract.hooks import Capture, hidden_of
+from gapcache.extract.shardbuf import ShardBuffers
+from gapcache.extract.transfer import HostPool, Transfer, as_storage, host_empty
 from gapcache.extract import routing as routing_mod
 from gapcache.extract.models import get_adapter, processor_fingerprint
 from gapcache.extract.plan import Planner, candidate_table, donors, variant_table
@@ -325,11 +327,59 @@ class Extraction:
         return all_units[task_index::n_tasks]
 
     def run(self, show=True, task_index: int | None = None, n_tasks: int | None = None):
-        """Extract every pending (condition, shard) unit of this task; rerun to resume."""
+        """Extract every pending (condition, shard) unit of this task; rerun to resume.
+
+        A new store is created in a thread while the first shard's forwards run (unless soft-truncation
+        statistics must be fitted and shared first); an existing one is checked before any forward."""
         preflight(self.cfg, self.out, task_index, n_tasks)  # again: cheap, and for callers of run() alone
         if not hasattr(self, "planned"):
             self.load().plan(show=show)
         self.check_planned()
+        layout = self.layout()
+        mine = self.units(layout, task_index, n_tasks)
+        clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
+        creating = self.create_in_background(layout) if self.creatable_in_background() else None
+        if creating is None:
+            self.open_store()
+        # the writer closes (flushing every shard) before the locks are released
+        with ShardLocks(self.out / "locks") as locks, contextlib.ExitStack() as stack:
+            writer = None if creating else stack.enter_context(self.open_writer())
+            todo = mine if writer is None else self.pending_units(writer, mine)
+            for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
+                cond = self.conditions[ci]
+                locks.acquire(f"{cond.label}.shard{shard:05d}")
+                payload = self.shard_payload(ci, cond, shard, layout)
+                if writer is None:  # the first shard is done: the store must be too
+                    creating.result()
+                    writer = stack.enter_context(self.open_writer(expect=self.store_arrays))
+                    if (ci, shard) not in self.pending_units(writer, [(ci, shard)]):
+                        payload.release()  # another task of the array wrote it meanwhile (raced creation)
+                        continue
+                writer.submit(payload)
+            if writer is None and creating is not None:  # no unit to do: the store is still made
+                creating.result()
+        return self.store_path
+
+    def creatable_in_background(self) -> bool:
+        """A new store (none in place yet) whose creation needs nothing shared first (no fitted statistics)."""
+        return not (self.store_path / "zarr.json").is_file() and not self.fit_layers()
+
+    def create_in_background(self, layout):
+        """Start creating the store in a thread; returns its future. Meanwhile ``store_arrays`` is what the new
+        store will hold (checked against it when the writer opens)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        sizes = self.unit_sizes(layout)
+        self.store_arrays = {s.name for s in arrays.specs((arrays.UNIT, arrays.VUNIT))
+                             if (not s.span or layout.has_span(s.span)) and (s.required or set(s.dims) <= set(sizes))}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gapcache-create")
+        try:
+            return pool.submit(self.open_store)
+        finally:
+            pool.shutdown(wait=False)
+
+    def open_store(self):
+        """Create or check the store, holding the fitted-statistics lock meanwhile; load its fitted statistics."""
         fit_lock = self.share_fitted()
         if self.fitted is None and self.fit_layers() and (self.store_path / "zarr.json").is_file():
             self.fitted = self.read_fitted()  # its condition_params record them (patched: sigma); compared next
@@ -339,20 +389,24 @@ class Extraction:
             if fit_lock is not None:
                 fit_lock.release()
         self.fitted = self.read_fitted()  # every task substitutes from the store's statistics, never its own
-        layout = self.layout()
-        mine = self.units(layout, task_index, n_tasks)
-        clean_leftovers(self.out, self.store_path)  # of dead writers only, never a live one's
-        # the writer closes (flushing every shard) before the locks are released
-        with ShardLocks(self.out / "locks") as locks, StoreWriter(self.store_path, direct_io=self.cfg.extract.direct_io) as writer:
+
+    @contextlib.contextmanager
+    def open_writer(self, expect: set | None = None):
+        """The store's writer (healed flag records); ``store_arrays`` is the unit arrays it holds."""
+        with StoreWriter(self.store_path, direct_io=self.cfg.extract.direct_io) as writer:
             writer.heal_flag_records()
-            self.store_arrays = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
-            pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in mine}}
-            todo = [(ci, shard) for ci, shard in mine if shard in pending[ci]]
-            for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
-                cond = self.conditions[ci]
-                locks.acquire(f"{cond.label}.shard{shard:05d}")
-                writer.submit(self.shard_payload(ci, cond, shard, layout))
-        return self.store_path
+            held = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
+            if expect is not None and held != expect:
+                raise StoreError(f"The store {self.store_path} holds the unit arrays {sorted(held)}, not the "
+                                 f"{sorted(expect)} its first shard was computed for (a gapcache bug: report it).")
+            self.store_arrays = held
+            yield writer
+
+    @staticmethod
+    def pending_units(writer, units) -> list[tuple[int, int]]:
+        """The (condition, shard) units of ``units`` that the store still lacks."""
+        pending = {ci: set(writer.pending(ci)) for ci in {ci for ci, _ in units}}
+        return [(ci, shard) for ci, shard in units if shard in pending[ci]]
 
     # ------------------------------------------------------------------ statistics fitted on original
     def fit_layers(self) -> dict[str, tuple[int, ...]]:
@@ -497,33 +551,36 @@ class Extraction:
         return names + [sp.states for n, sp in arrays.SPANS.items() if layout.has_span(n) and sp.recorded_by(cond)]
 
     def shard_payload(self, ci, cond, shard, layout) -> ShardPayload:
-        """One (condition, shard) unit: fill-valued buffers of every unit array, then each planned sample's
-        forward results (keyed by array name) in its row; failed samples keep the fill and their reason."""
+        """One (condition, shard) unit: its buffers (:class:`~gapcache.extract.shardbuf.ShardBuffers`: the states'
+        reused from the run's pool, copied into from the device), each planned sample's forward results in its
+        row; failed samples keep the fill and their reason."""
         idx = list(layout.shard_samples(shard))
-        buf, offs = {}, {}  # a span's states: the shard group's rows; offs[array][j] = sample j's first row there
-        for name in self.unit_arrays(cond, layout):
-            span = layout.spans.get(arrays.get(name).span)
-            n_tok = sum(span.lengths[i] for i in idx) if span else 0
-            buf.update(arrays.unit_buffers([name], self.unit_sizes(layout), len(idx), n_tok, self.cfg.model.dtype))
-            if span:
-                offs[name] = [span.offsets[i] - span.offsets[idx[0]] for i in idx]
+        sb = ShardBuffers(self.host_pool, self.unit_arrays(cond, layout), self.unit_sizes(layout), layout, idx,
+                          self.cfg.model.dtype)
+        buf = sb.values
         buf["status"][:] = STATUS_FAILED
         buf["error"][:] = [self.planned[i].failure for i in idx]
         todo = [j for j, i in enumerate(idx) if self.planned[i].ok]
         bs = self.cfg.extract.batch_size
         batches = [todo[b0 : b0 + bs] for b0 in range(0, len(todo), bs)]
-        for rows, inputs in self.prefetched(batches, idx, cond):
-            for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond, inputs)):
-                if isinstance(res, SampleError):
-                    buf["error"][j] = res.reason
-                    continue
-                for name, value in res.items():
-                    if name in offs:
-                        buf[name][offs[name][j] : offs[name][j] + value.shape[0]] = value
-                    elif name in buf:
-                        buf[name][j] = value
-                buf["status"][j] = STATUS_DONE
-        return ShardPayload(ci, shard, buf)
+        try:
+            for rows, inputs in self.prefetched(batches, idx, cond):
+                for j, res in zip(rows, self.forward_safe([idx[j] for j in rows], cond, inputs, sink=sb)):
+                    if isinstance(res, SampleError):
+                        buf["error"][j] = res.reason
+                        continue
+                    sb.put(j, res)
+                    buf["status"][j] = STATUS_DONE
+        finally:
+            self.transfer.wait()  # every device copy into the buffers has landed (also before an error's cleanup)
+        return sb.payload(ci, shard, buf["status"] == STATUS_DONE)
+
+    @property
+    def host_pool(self) -> HostPool:
+        """The run's reusable shard-state buffers (page-locked on CUDA)."""
+        if getattr(self, "_host_pool", None) is None:
+            self._host_pool = HostPool(self.model.device)
+        return self._host_pool
 
     def prefetched(self, batches, idx, cond):
         """Yield (rows, inputs) with the next batch's images and processor run in a thread,
@@ -544,12 +601,12 @@ class Extraction:
                     future = pool.submit(prepare, batches[k + 1])
                 yield rows, inputs
 
-    def forward_safe(self, indices, cond, inputs=None):
+    def forward_safe(self, indices, cond, inputs=None, sink=None):
         """Batched forward; if the batch fails, retry one by one so one bad sample fails alone."""
         try:
             if isinstance(inputs, Exception):
                 raise inputs
-            return self.forward(indices, cond, inputs)
+            return self.forward(indices, cond, inputs, sink=sink)
         except SampleError:
             pass
         except (RuntimeError, ValueError) as err:
@@ -559,7 +616,7 @@ class Extraction:
         out = []
         for i in indices:
             try:
-                out.extend(self.forward([i], cond))
+                out.extend(self.forward([i], cond, sink=sink))
             except SampleError as err:
                 out.append(err)
             except (RuntimeError, ValueError) as err:
@@ -631,7 +688,14 @@ class Extraction:
         return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
 
     @torch.inference_mode()
-    def forward(self, indices, cond, inputs=None):
+    def forward(self, indices, cond, inputs=None, sink=None):
+        """One batched forward of samples ``indices`` under ``cond``: per row, a dict of its unit arrays.
+
+        The hidden states are gathered, subset or pooled on the model's device, and copied to the host once
+        (:class:`~gapcache.extract.transfer.Transfer`: non-blocking into page-locked memory on CUDA). Without
+        ``sink`` they land in fresh host memory and each row's dict holds them (the copies waited for); with a
+        ``sink`` (:class:`~gapcache.extract.shardbuf.ShardBuffers`) they land in its rows and the dicts leave
+        them out: the caller waits (``self.transfer.wait()``) before the shard is handed on."""
         self.ensure_fitted()
         P = [self.planned[i] for i in indices]
         # candidates the gold answer's forward cannot score: their own forwards first (before the main
@@ -651,44 +715,16 @@ class Extraction:
             device = self.model.device
             model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
             out = self.model(**model_inputs, use_cache=False, logits_to_keep=torch.tensor(keep, device=device))
-            got = capture.collect_groups()
-            text, vis = got["text"], got.get("visual")  # (batch*sites, layer, hidden), (n_vis, layer, hidden)
-            tokens = got.get("token")  # (n_text_tokens, layer, hidden) or None
+            got = capture.stacked()  # on the device: text (batch*sites, layer, hidden), visual, token (n, ...)
             routes = routing.collect(len(SITES))  # per row: route_expert, route_weight, route_load ([] if off)
-        logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()  # (batch, len(keep), vocab)
+        states = self.states_to_host(indices, got, sink)  # copies queued; rows' host states (none with a sink)
+        results = self.scores(P, keep, out.logits)
         attn_rows = attention.results() if attention is not None else None
-        col = {pos: c for c, pos in enumerate(keep)}
-        results = []
-        n_sites = len(SITES)
-        vis_off = tok_off = 0
-        for r, (i, p) in enumerate(zip(indices, P)):
-            gold = sum(float(logp[r, col[p.prediction + t], tok]) for t, tok in enumerate(p.answer_ids))
-            extra = set(p.cand_extra)
-            scores = [np.nan] * len(p.cand_seqs)  # per variant sequence; the extra forward's filled in below
-            for j, seq in enumerate(p.cand_seqs):
-                if j not in extra:  # every factor read from the gold answer's forward
-                    head = len(seq) - 1
-                    prefix = sum(float(logp[r, col[p.prediction + t], p.answer_ids[t]]) for t in range(head))
-                    scores[j] = prefix + float(logp[r, col[p.prediction + head], seq[head]])
-            res = {"text_states": self.to_storage(text[r * n_sites : (r + 1) * n_sites]), "gold_logprob": gold,
-                   "candidate_logprob": scores}
-            if vis is not None:
-                sel = self.visual_select[i]
-                n_flat = sum(len(g) for g in sel) if isinstance(sel, list) else len(sel)
-                chunk = vis[vis_off : vis_off + n_flat]  # (n_flat, layer, hidden)
-                vis_off += n_flat
-                if isinstance(sel, list):  # pool contiguous groups
-                    bounds = np.cumsum([0] + [len(g) for g in sel])
-                    chunk = torch.stack([chunk[a:b].float().mean(0).to(chunk.dtype) for a, b in zip(bounds[:-1], bounds[1:])])
-                res["visual_states"] = self.to_storage(chunk)
-            if tokens is not None:
-                n_tok = len(self.token_positions(p))
-                res["token_states"] = self.to_storage(tokens[tok_off : tok_off + n_tok])
-                tok_off += n_tok
+        for r, res in enumerate(results):
+            res.update(states[r])
             if attn_rows is not None:  # attention summaries (issue 14)
                 res.update(attn_rows[r])
             res.update(routes[r] if routes else {})  # MoE routing
-            results.append(res)
         for (r, j), score in zip(extra_rows, extra_scores):
             results[r]["candidate_logprob"][j] = score
         for res, p in zip(results, P):
@@ -696,6 +732,8 @@ class Extraction:
         if self.cfg.extract.generate.enabled:
             for res, text_out in zip(results, self.generate(indices, cond)):
                 res["generation"] = text_out
+        if sink is None:
+            self.transfer.wait()  # the rows' states are read by the caller now
         return results
 
     def pooled(self, p, scores) -> np.ndarray:
@@ -706,6 +744,90 @@ class Extraction:
             own = [s for s, o in zip(scores, p.cand_owner) if o == k]
             cand[c] = own[0] if len(own) == 1 else logsumexp(own)
         return cand
+
+    def scores(self, P, keep, logits) -> list[dict]:
+        """Per row: the gold answer's teacher-forced log-prob and, per ``p.cand_seqs`` entry (candidate variant), its
+        log-prob where the gold forward gives it (NaN: scored by the extra forward; :meth:`pooled` combines them).
+
+        Only the log-probs used cross to the host: log_softmax over the vocabulary on the device, then one
+        gather of the (row, kept position, token) entries; summed on the host in the order of the tokens."""
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (batch, len(keep), vocab), on the device
+        col = {pos: c for c, pos in enumerate(keep)}
+        where, gold_at, cand_at = [], [], []  # (row, column, token) entries; per row their index lists
+        for r, p in enumerate(P):
+            gold_at.append(range(len(where), len(where) + len(p.answer_ids)))
+            where += [(r, col[p.prediction + t], tok) for t, tok in enumerate(p.answer_ids)]
+            last = {}
+            extra = set(p.cand_extra)
+            for j, seq in enumerate(p.cand_seqs):  # every candidate variant's sequence
+                if j not in extra:  # every factor read from the gold answer's forward
+                    last[j] = (len(seq) - 1, len(where))
+                    where.append((r, col[p.prediction + len(seq) - 1], seq[-1]))
+            cand_at.append(last)
+        at = torch.tensor(where, dtype=torch.long, device=logp.device).reshape(-1, 3)  # (entries, 3)
+        vals = logp[at[:, 0], at[:, 1], at[:, 2]].cpu().numpy()  # (entries,) float32
+        results = []
+        for r, p in enumerate(P):
+            gold_vals = [float(vals[e]) for e in gold_at[r]]
+            scores = [np.nan] * len(p.cand_seqs)  # per variant sequence; the extra forward's filled in by forward
+            for j, (head, e) in cand_at[r].items():
+                scores[j] = sum(gold_vals[:head]) + float(vals[e])
+            results.append({"gold_logprob": sum(gold_vals), "candidate_logprob": scores})
+        return results
+
+    def states_to_host(self, indices, got: dict, sink=None) -> list[dict]:
+        """Queue the device -> host copies of a batch's states (visual pooled on the device first); per row,
+        the host arrays of its states (empty dicts when they go to ``sink``'s rows)."""
+        counts = {"text_states": [len(SITES)] * len(indices)}
+        groups = {"text_states": got["text"]}  # (batch*sites, layer, hidden)
+        if got.get("visual") is not None:
+            groups["visual_states"], counts["visual_states"] = self.pool_visual(indices, got["visual"])
+        if got.get("token") is not None:
+            groups["token_states"] = got["token"]  # (n_text_tokens, layer, hidden)
+            counts["token_states"] = [len(self.token_positions(self.planned[i])) for i in indices]
+        t = self.transfer
+        t.begin()
+        out = [{} for _ in indices]
+        for name, dev in groups.items():
+            if sink is not None and name not in sink.tensors:  # a state array the store does not hold
+                continue
+            host = None if sink is not None else host_empty(dev.shape, dev.dtype, dev.device)
+            if host is not None:
+                t.copy(host, dev)
+            bounds = np.cumsum([0] + counts[name])
+            for r, (i, a, b) in enumerate(zip(indices, bounds[:-1], bounds[1:])):
+                if sink is not None:
+                    t.copy(sink.rows(name, i, b - a), dev[a:b])
+                else:
+                    out[r][name] = as_storage(host[a:b])
+        t.end()
+        return out
+
+    def pool_visual(self, indices, vis: torch.Tensor):
+        """The stored visual rows of a batch, on the device: the gathered rows as they are (mode all / subset)
+        or each sample's contiguous groups averaged in float32 (mode pool). Returns (rows, per-row counts)."""
+        sels = [self.visual_select[i] for i in indices]
+        if not any(isinstance(sel, list) for sel in sels):
+            return vis, [len(sel) for sel in sels]
+        parts, counts, off = [], [], 0
+        for sel in sels:  # pool: np.array_split groups, r of size q + 1 then k - r of size q
+            n, k = sum(len(g) for g in sel), len(sel)
+            chunk = vis[off : off + n]  # (n, layer, hidden)
+            off += n
+            q, r = divmod(n, k) if k else (0, 0)
+            means = [chunk[: r * (q + 1)].reshape(r, q + 1, *chunk.shape[1:]).float().mean(1)] if r else []
+            if k - r:
+                means.append(chunk[r * (q + 1) :].reshape(k - r, q, *chunk.shape[1:]).float().mean(1))
+            parts += [m.to(vis.dtype) for m in means]
+            counts.append(k)
+        return (torch.cat(parts) if parts else vis[:0]), counts
+
+    @property
+    def transfer(self) -> Transfer:
+        """The run's device -> host copier (a side stream on CUDA), made for the model's device on first use."""
+        if getattr(self, "_transfer", None) is None:
+            self._transfer = Transfer(self.model.device)
+        return self._transfer
 
     @torch.inference_mode()
     def candidate_logprobs(self, rows, cond) -> list[float]:
@@ -767,9 +889,7 @@ class Extraction:
         return r
 
     def to_storage(self, t: torch.Tensor) -> np.ndarray:
-        if t.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return t.numpy()
+        return as_storage(t.contiguous())
 
     def intervention(self, P, cond, inputs, offsets):
         """The hooks of ``cond`` (its registry ``Hook``: strategy, layers, positions) for this batch, as a

@@ -187,10 +187,13 @@ def _root_attrs(layout: Layout, attrs: dict) -> dict:
 class ShardPayload:
     """Everything one (condition, shard) unit writes: ``values`` maps unit-array names to their rows, in storage
     dtype: UNIT arrays (n, ...) for the shard's n samples, VUNIT arrays (group tokens, ...) from the shard's first
-    visual offset. ``status`` (n,) is required; an optional array left out is not written (e.g. generation off)."""
+    visual offset. ``status`` (n,) is required; an optional array left out is not written (e.g. generation off).
+    ``on_release``, if given, is called once when the writer no longer reads ``values`` (written, or dropped
+    after an error): the producer may then reuse the buffers (a pool of shard buffers)."""
 
-    def __init__(self, condition: int, shard: int, values: dict):
+    def __init__(self, condition: int, shard: int, values: dict, on_release=None):
         self.condition, self.shard, self.values = condition, shard, values
+        self.on_release = on_release
         for name in values:
             spec = arrays.get(name)
             if spec.along not in (arrays.UNIT, arrays.VUNIT):
@@ -201,6 +204,12 @@ class ShardPayload:
     @property
     def n(self) -> int:
         return len(self.values[arrays.FLAG])
+
+    def release(self):
+        """The writer is done with ``values``: call ``on_release`` (once)."""
+        callback, self.on_release = self.on_release, None
+        if callback is not None:
+            callback()
 
     def __getattr__(self, name):
         """``payload.gold_logprob``: the rows of a declared unit array, None when the payload leaves it out."""
@@ -315,12 +324,14 @@ class StoreWriter:
                 slots.acquire()
                 if self._error is not None:
                     slots.release()
+                    item.release()
                     continue
                 try:
                     staged = self._stage(item)
                 except BaseException as err:  # surfaced on the next submit/close
                     self._error = err
                     slots.release()
+                    item.release()
                     continue
                 commits.put((item, staged))
         finally:
@@ -342,10 +353,14 @@ class StoreWriter:
                 self._error = err
             finally:
                 slots.release()
+                item.release()  # its buffers may be reused now
 
     def write(self, p: ShardPayload):
         """Write one shard synchronously: states (durable on return when direct), scores, then the status flags."""
-        self._commit(p, self._stage(p))
+        try:
+            self._commit(p, self._stage(p))
+        finally:
+            p.release()
 
     def _shard_len(self, spec) -> int:
         return self.spc if spec.along == arrays.UNIT else self.span_shard[spec.span]
