@@ -171,8 +171,8 @@ class Config:
 
 
 #: extract options that enter the config hash only when set (they came after stores were made without them)
-#: extract options (ADDED) left out of the hash while at their default
-HASH_OMITTED_AT_DEFAULT = tuple(f.name for f in fields(ExtractConfig) if f.metadata.get("hash") == "unless_default")
+#: extract options (ADDED) left out of the hash while at their default (and the RUN_ONLY ones, never in it)
+HASH_OMITTED_AT_DEFAULT = tuple(f.name for f in fields(ExtractConfig) if f.metadata.get("hash") in ("unless_default", "never"))
 
 
 DEMO = {

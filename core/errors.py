@@ -86,3 +86,8 @@ class PluginError(GapcacheError):
 class StopForward(Exception):
     """Control flow, not an error: raised by a forward pre-hook once it holds the states it needs, so the rest of
     the model is not run (swap's partial donor forward, ``Extraction.donor_states``); caught by its caller."""
+
+
+class DirectIORefused(Exception):
+    """Control flow, not an error: the filesystem refused O_DIRECT (EINVAL); the shard is written buffered
+    (``gapcache.store.shardio``)."""

@@ -341,23 +341,30 @@ class Extraction:
         creating = self.create_in_background(layout) if self.creatable_in_background() else None
         if creating is None:
             self.open_store()
-        # the writer closes (flushing every shard) before the locks are released
-        with ShardLocks(self.out / "locks") as locks, contextlib.ExitStack() as stack:
-            writer = None if creating else stack.enter_context(self.open_writer())
-            todo = mine if writer is None else self.pending_units(writer, mine)
-            for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
-                cond = self.conditions[ci]
-                locks.acquire(f"{cond.label}.shard{shard:05d}")
-                payload = self.shard_payload(ci, cond, shard, layout)
-                if writer is None:  # the first shard is done: the store must be too
+        locks_dir = self.out / "locks"
+        new_locks = not locks_dir.exists()
+        try:
+            # the writer closes (flushing every shard) before the locks are released
+            with ShardLocks(self.out / "locks") as locks, contextlib.ExitStack() as stack:
+                writer = None if creating else stack.enter_context(self.open_writer())
+                todo = mine if writer is None else self.pending_units(writer, mine)
+                for ci, shard in progress(todo, desc="extract", disable=not show, unit="shard"):
+                    cond = self.conditions[ci]
+                    locks.acquire(f"{cond.label}.shard{shard:05d}")
+                    payload = self.shard_payload(ci, cond, shard, layout)
+                    if writer is None:  # the first shard is done: the store must be too
+                        creating.result()
+                        writer = stack.enter_context(self.open_writer(expect=self.store_arrays))
+                        if (ci, shard) not in self.pending_units(writer, [(ci, shard)]):
+                            payload.release()  # another task of the array wrote it meanwhile (raced creation)
+                            continue
+                    writer.submit(payload)
+                if writer is None and creating is not None:  # no unit to do: the store is still made
                     creating.result()
-                    writer = stack.enter_context(self.open_writer(expect=self.store_arrays))
-                    if (ci, shard) not in self.pending_units(writer, [(ci, shard)]):
-                        payload.release()  # another task of the array wrote it meanwhile (raced creation)
-                        continue
-                writer.submit(payload)
-            if writer is None and creating is not None:  # no unit to do: the store is still made
-                creating.result()
+        except BaseException:  # a store that could not be created leaves no empty locks folder behind either
+            if creating is not None and new_locks and locks_dir.is_dir() and not any(locks_dir.iterdir()):
+                locks_dir.rmdir()
+            raise
         return self.store_path
 
     def creatable_in_background(self) -> bool:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gapcache.errors import StoreError, UnsupportedShardFormat
+from gapcache.errors import DirectIORefused, StoreError, UnsupportedShardFormat
 from gapcache.store.checksums import crc32c_update
 from gapcache.store.locks import tmp_name
 
@@ -406,7 +406,7 @@ class ShardArray:
         if self.direct_io and self.index_location == "end" and _O_DIRECT:
             try:
                 return self._stage(path, block, present, executor, created, direct=True)
-            except _DirectIORefused:
+            except DirectIORefused:
                 self.direct_io = False  # this filesystem (tmpfs, some network filesystems): buffered from now on
         return self._stage(path, block, present, executor, created, direct=False)
 
@@ -418,7 +418,7 @@ class ShardArray:
             fd = os.open(tmp, flags, 0o666)
         except OSError as err:
             if direct and err.errno == errno.EINVAL:
-                raise _DirectIORefused from err
+                raise DirectIORefused from err
             raise
         made: list = []  # the sink, once made
         try:
@@ -450,7 +450,7 @@ class ShardArray:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             if direct and isinstance(err, OSError) and err.errno == errno.EINVAL:
-                raise _DirectIORefused from err
+                raise DirectIORefused from err
             raise
         return StagedShard(path, tmp, fd, pos, created, None if crc is None else (crc, pos))
 
@@ -500,10 +500,6 @@ class StagedShard:
             self.fd = None
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
-
-
-class _DirectIORefused(Exception):
-    """The filesystem refused O_DIRECT (EINVAL): write the shard buffered."""
 
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
