@@ -374,3 +374,24 @@ def test_swap_answers_follow_the_donor_until_the_transfer_layer(run, patched):
                 # beyond the sample's own answer coinciding with the donor's: at most a residual just after the
                 # transfer (presence at l = 2: 4 of 80 answers still follow the donor, CI [0.0125, 0.1]), none later
                 assert d.estimate <= 0.05 and (l == T + 1 or d.low <= 0 <= d.high), (kind, l, d)
+
+
+def test_transfer_window_per_kind_ends_where_truncation_moves_the_image(run, patched):
+    """What the dual-channel rule finds on this model (zero, forced-choice accuracy): for colour and counting
+    the last layer where the visual channel's Delta is significantly larger than the text channel's is that
+    kind's truncation transfer layer (colour 1, count 3), and no crossing is found: from there on both
+    channels' Delta are ~0 together, so Delta_text - Delta_visual never stays significantly > 0 (the issue
+    hoped for a crossing within one layer of the transfer layer; the model shows the window's *start* there).
+    Presence ("Is there a <colour> <shape>?") keeps reading the asked object from the question's tokens: the
+    text channel dominates from layer 1 on (crossing 1)."""
+    from gapcache.analyze import patching as patching_mod
+
+    res = patching_mod.windows_by(patched["ds"], run["kinds"], "zero", "accuracy", n_resamples=999, seed=0)
+    starts = {}
+    for kind in ("colour", "count"):
+        r = res[kind]
+        starts[kind] = r["start"]
+        assert r["start"] == transfer_layer(run, kind) and r["crossing"] is None, (kind, r["start"], r["crossing"])
+        assert r["crossing_ci"]["found_fraction"] == 0.0, (kind, r["crossing_ci"])
+    assert starts["count"] > starts["colour"]
+    assert res["presence"]["crossing"] == 1 and res["presence"]["start"] is None, res["presence"]
