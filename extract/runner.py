@@ -401,7 +401,7 @@ class Extraction:
     def open_writer(self, expect: set | None = None):
         """The store's writer (healed flag records); ``store_arrays`` is the unit arrays it holds."""
         with StoreWriter(self.store_path, direct_io=self.cfg.extract.direct_io) as writer:
-            writer.heal_flag_records()
+            # StoreWriter.__enter__ healed the flag records a killed writer left unrecorded
             held = set(writer.arrays)  # the unit arrays this store holds (optional ones included)
             if expect is not None and held != expect:
                 raise StoreError(f"The store {self.store_path} holds the unit arrays {sorted(held)}, not the "

@@ -299,6 +299,9 @@ class StoreWriter:
         self._raise()
 
     def __enter__(self):
+        """Opening a writer on an existing store heals first: status chunks of fully flagged units that a killed
+        writer left without their checksum record get it (``healed``: how many), before anything is written."""
+        self.healed = self.heal_flag_records()
         return self
 
     def __exit__(self, *exc):
