@@ -126,23 +126,21 @@ def per_sample(ds, cka_text: str = "question"):
                 t_rows = [np.arange(tlen[i]) + int(toff[i] - tb[g]) for i in range(s, s + n_per[g])]
                 er_tasks += [dask.delayed(_group_text_er)(tarr.blocks[c, g, li], t_rows) for li in range(layers)]
     got, er = dask.compute(tasks, er_tasks)
-    geo = np.full((len(vconds), len(voff), layers, 2), np.nan)
-    k = 0
-    for c in range(len(vconds)):
-        for g, s in enumerate(starts):
-            for li in range(layers):
-                geo[c, s : s + n_per[g], li] = got[k]
-                k += 1
-    text_er = None
-    if tok:
-        text_er = np.full((len(tconds), len(toff), layers), np.nan)
-        k = 0
-        for c in range(len(tconds)):
-            for g, s in enumerate(starts):
-                for li in range(layers):
-                    text_er[c, s : s + n_per[g], li] = er[k]
-                    k += 1
+    geo = _scatter(got, (len(vconds), len(voff), layers, 2), starts, n_per)
+    text_er = _scatter(er, (len(tconds), len(toff), layers), starts, n_per) if tok else None
     return geo[..., 0], geo[..., 1] if tok else None, text_er
+
+
+def _scatter(values, shape, starts, n_per) -> np.ndarray:
+    """The per-(condition, sample group, layer) task results, in task order, placed in an array of ``shape``
+    (condition, sample, layer, ...); NaN where no task wrote."""
+    out = np.full(shape, np.nan)
+    it = iter(values)
+    for c in range(shape[0]):
+        for g, s in enumerate(starts):
+            for li in range(shape[2]):
+                out[c, s : s + n_per[g], li] = next(it)
+    return out
 
 
 def window_change(x: np.ndarray, layers, cliff: float, how: str) -> np.ndarray:

@@ -20,6 +20,7 @@ from gapcache.extract.hooks import hidden_of, replace_hidden  # noqa: E402
 from gapcache.extract.models import get_adapter  # noqa: E402
 from gapcache.store import open_store  # noqa: E402
 from test_interventions import N_LAYERS, extraction, hooked_inputs, run  # noqa: E402,F401
+from test_patching import clean_states  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -69,22 +70,7 @@ def test_config_hash_and_records_unchanged_without_the_new_options():
 def clean_visual(r, layers):
     """(layer -> (n tokens over every sample, hidden) float64) original's full visual span at each layer's input,
     gathered here by plain forwards one sample at a time (not by the code under test)."""
-    out = {l: [] for l in layers}
-    for i, p in enumerate(r.ex.planned):
-        inputs = r.ex.batch_inputs([i], r.cond["original"])
-        seen = {}
-        handles = [r.layers[l].register_forward_pre_hook(
-            lambda m, a, k, l=l: seen.__setitem__(l, hidden_of(a, k)[0].detach().clone()), with_kwargs=True)
-            for l in layers]
-        try:
-            with torch.inference_mode():
-                r.model(**inputs, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        for l in layers:
-            out[l].append(seen[l][p.visual_start : p.visual_start + p.visual_length].double())
-    return {l: torch.cat(v).numpy() for l, v in out.items()}
+    return clean_states(r, "visual", layers)
 
 
 def spans(P):
