@@ -322,6 +322,7 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
         return {"skipped": f"no candidate set with >= 2 classes and >= {p.n_splits} samples per class"}
     conds = [c for c in ds.condition.values.tolist() if c == REFERENCE or c in BLIND]
     sites = ds.site.values.tolist()
+    probed = _probed_states(ds, conds)
     out = {}
     for task, (idx, y) in groups.items():
         ok = np.logical_and.reduce([done_mask(ds, c)[idx] for c in conds])  # paired: done in every condition
@@ -331,9 +332,10 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
         design = ps.make_design(y[ok], np.random.default_rng(p.seed).permutation(y[ok]), n_refits=p.n_refits,
                                 n_splits=p.n_splits, seed=p.seed)
         out[task], fitted = {}, {}
+        states = probed.isel(sample=idx[ok])
         for c in _progress(conds, f"probes {task}"):
             for site in sites:
-                X = ds.text_states.sel(condition=c, site=site).isel(sample=idx[ok])  # (sample, layer, hidden), lazy
+                X = states.sel(condition=c, site=site)  # (sample, layer, hidden)
                 st = ps.probe_stats(X, y[ok], n_splits=p.n_splits, seed=p.seed, level=p.level, design=design)
                 fitted[(c, site)] = st
                 out[task].setdefault(c, {})[site] = {**st.result.to_dict(), "accuracy_ci": st.ci("accuracy").to_dict(),
@@ -352,6 +354,15 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
                                    "n_refits": design.n_refits, "scheme": design.scheme,
                                    "n_excluded_not_done": int((~ok).sum())}
     return MetricResult(out)
+
+
+def _probed_states(ds, conds):
+    """text_states under the probed conditions (condition, sample, site, layer, hidden): loaded in one read
+    when it fits ``probes.LOAD_WHOLE_BYTES`` (every refit reads each layer again), else left lazy."""
+    from gapcache.analyze.probes import LOAD_WHOLE_BYTES
+
+    X = ds.text_states.sel(condition=conds)
+    return X.load() if X.nbytes <= LOAD_WHOLE_BYTES else X
 
 
 def lens(ds, p: AnalysisParams, ctx: Context) -> MetricResult:

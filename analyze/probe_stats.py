@@ -70,11 +70,12 @@ Tests (family-wise error control):
 
 Cost: 2R x k x 2 probe fits (each on n/2 samples) per layer and condition on top of the 2k of the
 estimate (R = 10 by default: ``DEFAULT_REFITS``), i.e. ~20x the fits of probe_layers at half the
-size (demo store: the probes stage took 1302 s at load ~19 on 2 cores, against 59 s before at load
-~6; the fits are tiny, so sklearn's per-fit overhead dominates).  Every fit goes through one
-``fit_predict(X, y, splits)`` callable
-(:func:`sklearn_fit_predict`, the same estimator as :func:`gapcache.analyze.probes.make_probe`), so a
-faster batched solver with that signature drops in.
+size.  Every fit goes through one ``fit_predict(X, y, splits)`` callable (:func:`sklearn_fit_predict`,
+the same estimator as :func:`gapcache.analyze.probes.make_probe`; :func:`batched_fit_predict`, its lbfgs
+iterates in lockstep, for the estimate; :func:`exact_fit_predict`, the same objective solved to its optimum
+by batched Newton steps, for the refits).  Demo store (32 samples per task, hidden 128, 5 layers, 48
+(task, condition, site) probes): the lbfgs refits took 118 s of a 158 s analysis at load ~0.5; the exact
+refits: see ``benchmarks/bench_probe_refits.py`` and the README's demo timing.
 """
 
 from __future__ import annotations
@@ -135,17 +136,47 @@ def batched_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, t
     fits the classes present (or predicts the only one)."""
     from gapcache.analyze.probe_solver import fit_predict_layers
 
-    Y = np.broadcast_to(np.asarray(y), (len(splits), np.shape(X)[0])) if np.ndim(y) == 1 else np.asarray(y)
-    full = [len(np.unique(Y[t, tr])) >= 2 and set(np.unique(Y[t, tr])) >= set(np.unique(Y[t, te]))
-            for t, (tr, te) in enumerate(splits)]
+    return _routed(X, y, splits, fit_predict_layers, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
+
+
+def exact_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                      threads: int | None = 1) -> list:
+    """The refits' default: every fit solved to the optimum of the same objective
+    (:func:`gapcache.analyze.probe_newton.fit_predict_exact`, Newton in the training rows' span) while that is
+    the cheap path (``probe_newton.suits``: few training rows or hidden units, as for halves of a few dozen
+    samples per task), else :func:`batched_fit_predict`'s lbfgs lockstep.  Splits lacking a class go to sklearn as there.
+
+    Why the refits may use the optimum while the estimate uses lbfgs's stopping point (sklearn's, tol 1e-4):
+    the refits only give the spread of the procedure's score, and the two solvers differ on a test row only
+    when it sits on the decision boundary (demo store, 6 tasks x 4 conditions x 2 sites: the refit SEs agree
+    to the 4th decimal on most layers); the exact path is several times faster there (``benchmarks/bench_probe_refits.py``)."""
+    from gapcache.analyze.probe_newton import fit_predict_exact, suits
+    from gapcache.analyze.probe_solver import fit_predict_layers
+
+    Y = _split_labels(y, splits, np.shape(X)[0])
+    n_train = max(len(np.unique(tr)) for tr, _ in splits)
+    exact = suits(n_train, len(np.unique(Y)), np.shape(X)[-1])
+    fit, kw = (fit_predict_exact, dict(C=C, threads=threads)) if exact else \
+        (fit_predict_layers, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
+    return _routed(X, Y, splits, fit, kw, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
+
+
+def _split_labels(y, splits, n: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(y), (len(splits), n)) if np.ndim(y) == 1 else np.asarray(y)
+
+
+def _routed(X, y, splits, fit, kw: dict, sklearn_kw: dict | None = None) -> list:
+    """``fit`` on the splits whose training rows hold every class that any split's labels hold (the batched
+    solvers fit one class set for all), sklearn (the classes present) on the rest."""
+    Y = _split_labels(y, splits, np.shape(X)[0])
+    classes = set(np.unique(np.concatenate([Y[t, np.concatenate([tr, te])] for t, (tr, te) in enumerate(splits)])))
+    full = [set(np.unique(Y[t, tr])) == classes for t, (tr, _) in enumerate(splits)]  # the batch's classes: all
     out = [None] * len(splits)
-    for batched, fit in ((True, fit_predict_layers), (False, sklearn_fit_predict)):
+    for batched, f, k in ((True, fit, kw), (False, sklearn_fit_predict, sklearn_kw or kw)):
         idx = [t for t, ok in enumerate(full) if ok == batched]
-        if not idx:
-            continue
-        kw = dict(C=C, max_iter=max_iter, tol=tol, threads=threads)
-        for t, pred in zip(idx, fit(X, Y[idx], [splits[t] for t in idx], **kw)):
-            out[t] = pred
+        if idx:
+            for t, pred in zip(idx, f(X, Y[idx], [splits[t] for t in idx], **k)):
+                out[t] = pred
     return out
 
 
@@ -415,13 +446,17 @@ def _oof(X, y, rows, folds, fit_predict) -> np.ndarray:
 def probe_stats(X, y, *, n_refits: int = DEFAULT_REFITS, n_splits: int = 5, seed: int = 0, level: float = 0.95,
                 scheme: str = DEFAULT_SCHEME,
                 metric: str = "balanced_accuracy", control: bool = True, design: RefitDesign | None = None,
-                fit_predict=batched_fit_predict) -> ProbeStats:
+                fit_predict=batched_fit_predict, refit_predict=None) -> ProbeStats:
     """:func:`cross_validate` (the estimate: probe_layers' numbers) plus the refit replicates of its score.
 
     ``X``: (sample, layer, hidden) numpy or DataArray; ``y``: (sample,) labels without -1 (the design
     indexes rows).  ``design``: a shared :class:`RefitDesign` (pass the same one to every condition
     of a comparison: that is the pairing); default ``make_design(y, result.y_control, ...)``.
+    ``fit_predict`` fits the estimate's cross-validation; ``refit_predict`` the refits' (default: with the default
+    ``fit_predict``, :func:`exact_fit_predict`; with any other learner, that learner).
     """
+    if stats.is_dataarray(X) and X.chunks is not None and X.nbytes <= probes.LOAD_WHOLE_BYTES:
+        X = X.compute()  # one read for the estimate and every refit
     res = cross_validate(X, y, n_splits=n_splits, seed=seed, control=control, metric=metric, fit_predict=fit_predict)
     if res.n_excluded:
         raise DataError(f"The 'y' parameter of probe_stats must have no unlabelled (-1) sample. Got "
@@ -429,15 +464,20 @@ def probe_stats(X, y, *, n_refits: int = DEFAULT_REFITS, n_splits: int = 5, seed
     if design is None:
         design = make_design(res.y, res.y_control, n_refits=n_refits, n_splits=n_splits, seed=seed, scheme=scheme)
     _check_design(design, res)
-    reps = refit_scores(_states(X), design, metric=metric, fit_predict=fit_predict, control=control)
+    if refit_predict is None:  # the default estimate's refits: exact (fast) fits; any other learner refits itself
+        refit_predict = exact_fit_predict if fit_predict is batched_fit_predict else fit_predict
+    reps = refit_scores(_states(X), design, metric=metric, fit_predict=refit_predict, control=control)
     return ProbeStats(result=res, replicates=reps, level=stats.check_level(level, "probe_stats"), seed=int(seed),
                       scheme=design.scheme)
 
 
 def _states(X):
-    """(sample, layer, hidden) array-like whose X[:, i, :] loads one layer."""
+    """(sample, layer, hidden) array-like whose X[:, i, :] loads one layer; a lazy X of at most
+    ``probes.LOAD_WHOLE_BYTES`` is loaded once (the refits read every layer many times)."""
     if stats.is_dataarray(X):
-        return X.transpose("sample", "layer", "hidden").data
+        X = X.transpose("sample", "layer", "hidden").data
+    if hasattr(X, "compute") and X.nbytes <= probes.LOAD_WHOLE_BYTES:
+        X = X.compute()
     X = np.asarray(X) if not hasattr(X, "compute") else X
     return X[:, None, :] if X.ndim == 2 else X
 
