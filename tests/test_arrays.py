@@ -232,10 +232,13 @@ def _numbers(obj, prefix=""):
 
 
 def _assert_same_numbers(got, want):
+    """Every recorded number again, to float rounding (rel 1e-9): the recording machine's BLAS and this
+    one's round the rank metric's SVDs differently in the 14th digit (seen on a fresh venv, 2026-12-02)."""
     g, w = _numbers(got), _numbers(want)
     missing = sorted(set(w) - set(g))
     assert not missing, missing[:10]
-    bad = [(k, g[k], w[k]) for k in w if not (g[k] == w[k] or (g[k] != g[k] and w[k] != w[k]))]
+    bad = [(k, g[k], w[k]) for k in w
+           if not (g[k] == w[k] or (g[k] != g[k] and w[k] != w[k]) or abs(g[k] - w[k]) <= 1e-9 * abs(w[k]))]
     assert not bad, bad[:10]
 
 
