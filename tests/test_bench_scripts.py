@@ -25,6 +25,40 @@ def bench(name: str):
     return mod
 
 
+STATUS = """Name:\tpython
+Umask:\t0022
+VmPeak:\t 4968032 kB
+VmHWM:\t  906236 kB
+VmRSS:\t  800000 kB
+RssAnon:\t  700000 kB
+Threads:\t4
+"""
+
+
+def test_proc_status_reads_the_vm_lines_in_bytes():
+    ba = bench("attention")
+    got = ba.proc_status(STATUS)
+    assert got == {"VmPeak": 4968032 * 1024, "VmHWM": 906236 * 1024, "VmRSS": 800000 * 1024}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
+def test_cpu_peak_sees_an_allocation_freed_before_it_returns():
+    ba = bench("attention")
+    now = ba.proc_status()
+    assert now["VmHWM"] >= now["VmRSS"] > 0
+    n = 64 * 2**20
+
+    def touch():
+        a = np.ones(n // 8)  # 64 MiB, every page written
+        del a
+
+    got = ba.cpu_peak(touch)
+    assert got["extra"] >= n * 0.95, got  # the peak, though freed before the reading
+    assert got["rss_after"] < got["rss_before"] + n / 2, got
+    if got["hwm_reset"]:  # after the reset a no-op adds (almost) nothing
+        assert ba.cpu_peak(lambda: None)["extra"] < 8 * 2**20
+
+
 def test_routing_bench_options():
     br = bench("routing")
     assert br.extract_options(False, True) == {"routing": False, "attention": False}
