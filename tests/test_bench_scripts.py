@@ -78,3 +78,27 @@ def test_routing_bench_with_attention_records_both(tmp_path, monkeypatch, one_th
     assert out["on_records"] == ["attn_mass", "attn_visual", "route_expert", "route_load", "route_weight"]
     assert out["off_s"]["best"] > 0 and out["on_s"]["best"] > 0
     assert bench("routing").main(small)["on_records"] == ["route_expert", "route_load", "route_weight"]
+
+
+def test_option_bytes_of_the_qwen3_moe_config():
+    pytest.importorskip("transformers")
+    bo = bench("option_bytes")
+    res = bo.main(["--mean-span", "1000", "--text-tokens", "25"])
+    base = res["shipped"]["kinds"]
+    layers, hidden, heads, experts, top_k, n_layers = 25, 2048, 32, 128, 8, 48
+    assert base["original"]["per_condition"] == (2 + 32) * layers * hidden * 2 + 5  # bf16 sites + pooled visual
+    assert base["truncated"]["per_condition"] == 2 * layers * hidden * 2 + 5
+    added = {o: {k: res[o]["kinds"][k]["per_condition"] - base[k]["per_condition"] for k in base} for o in bo.OPTIONS}
+    # attn_mass (3 queries, 4 targets) + attn_visual (3 queries, 5 stats), float32, per recorded layer and query head
+    assert set(added["attention"].values()) == {3 * layers * heads * (4 + 5) * 4}
+    # route_expert int16 + route_weight float32 at 2 sites x 48 routers x top-8; route_load int32 (2 modalities)
+    assert set(added["routing"].values()) == {2 * n_layers * top_k * (2 + 4) + n_layers * 2 * experts * 4}
+    assert set(added["text: all"].values()) == {25 * layers * hidden * 2}  # every text token, every condition
+    n_conds = sum(r["conditions"] for r in base.values())
+    assert n_conds == 196
+    assert res["routing"]["suite"] - res["shipped"]["suite"] == n_conds * added["routing"]["original"]
+
+
+def test_option_bytes_refuses_a_family_without_a_shape():
+    with pytest.raises(SystemExit, match="The 'model.family' parameter of bench_option_bytes must be one of"):
+        bench("option_bytes").model_config("llava")
