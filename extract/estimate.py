@@ -103,6 +103,38 @@ def passes_lines(conds, n_layers: int, n: int, batch_size: int, sec: float, extr
     return lines
 
 
+def record_sizes(cfg, adapter, mconf, mean_span: float, text_tokens: float, n_candidates: int) -> tuple[dict, dict]:
+    """What one (condition, sample) of a run of ``cfg`` records, as the dry run sizes it: the dimension sizes of
+    the unit arrays (``layer``, ``hidden``, ``candidate``; the routing and attention dimensions when those options
+    are on) and the rows per sample of each ragged span (``visual``: the visual budget given a mean span of
+    ``mean_span`` tokens; ``token``: ``text_tokens`` when ``extract.text: all``). ``mconf``: the model's
+    (transformers) config; ``adapter``: its family's."""
+    text = mconf.get_text_config()
+    n_layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+    e = cfg.extract
+    vis = float(mean_span) if e.visual.mode == "all" else float(min(e.visual.k, mean_span))
+    n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
+    sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_candidates}
+    if e.routing and adapter.routing_shape(mconf):  # MoE routing arrays (a few KB per sample)
+        n_route, n_experts, top_k = adapter.routing_shape(mconf)
+        sizes.update(route_layer=n_route, expert=n_experts, k=top_k, modality=len(arrays.MODALITIES))
+    if e.attention:  # attention summaries (issue 14)
+        from gapcache.extract import attention as att
+
+        sizes.update(attn_query=len(att.QUERIES), attn_head=int(text.num_attention_heads), attn_target=len(att.TARGETS),
+                     attn_stat=len(att.STATS))
+    recorded = {"visual": vis, **({"token": float(text_tokens)} if e.text == "all" else {})}  # rows per sample
+    return sizes, recorded
+
+
+def condition_bytes(cfg, conds, sizes: dict, recorded: dict) -> list[tuple]:
+    """(condition, uncompressed bytes one sample adds under it) for each of ``conds``: the unit arrays, and the
+    rows of the spans the condition records (:func:`gapcache.store.arrays.bytes_per_sample`)."""
+    return [(c, arrays.bytes_per_sample(sizes, cfg.model.dtype,
+                                        {k: v for k, v in recorded.items() if arrays.SPANS[k].recorded_by(c)}))
+            for c in conds]
+
+
 def dry_run(cfg, n_probe: int = 32) -> str:
     from transformers import AutoConfig, AutoProcessor
 
@@ -115,38 +147,25 @@ def dry_run(cfg, n_probe: int = 32) -> str:
     kw = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     mconf = AutoConfig.from_pretrained(path, **kw)
     processor = AutoProcessor.from_pretrained(path, **kw)
-    text = mconf.get_text_config()
-    n_layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
+    n_layers = int(mconf.get_text_config().num_hidden_layers)
     e, d = cfg.extract, cfg.data
     samples = data_mod.load_dataset(d.dataset, split=d.split, limit=d.limit, path=d.path, **d.options)
     planner = Planner(adapter, SimpleNamespace(config=mconf), processor, e.max_length)
     probe = [planner.plan(i, s) for i, s in enumerate(samples[:n_probe])]
     spans = [p.visual_length for p in probe if p.ok] or [0]
-    vis = float(np.mean(spans)) if e.visual.mode == "all" else float(min(e.visual.k, np.mean(spans)))
-    n_rec = n_layers + 1 if e.layers == "all" else len(e.layers)
-    n_cand = len({c for s in samples for c in s.candidates})
-    sizes = {"site": len(SITES), "layer": n_rec, "hidden": hidden, "candidate": n_cand}
-    if e.routing and adapter.routing_shape(mconf):  # MoE routing arrays (a few KB per sample)
-        n_route, n_experts, top_k = adapter.routing_shape(mconf)
-        sizes.update(route_layer=n_route, expert=n_experts, k=top_k, modality=len(arrays.MODALITIES))
-    if e.attention:  # attention summaries (issue 14)
-        from gapcache.extract import attention as att
-
-        sizes.update(attn_query=len(att.QUERIES), attn_head=int(text.num_attention_heads), attn_target=len(att.TARGETS),
-                     attn_stat=len(att.STATS))
     tokens = float(np.mean([len(p.prompt_ids) - p.visual_length for p in probe if p.ok] or [0]))
-    recorded = {"visual": vis, **({"token": tokens} if e.text == "all" else {})}  # rows per sample of each span
+    n_cand = len({c for s in samples for c in s.candidates})
+    sizes, recorded = record_sizes(cfg, adapter, mconf, float(np.mean(spans)), tokens, n_cand)
+    vis, n_rec = recorded["visual"], sizes["layer"]
     conds = expand_config(e, n_layers)
     n = len(samples)
-    lines = [f"model {cfg.model.id}: {n_layers} layers, hidden {hidden}, {cfg.model.dtype}; {n} samples; "
+    lines = [f"model {cfg.model.id}: {n_layers} layers, hidden {sizes['hidden']}, {cfg.model.dtype}; {n} samples; "
              f"{n_rec} recorded layers; visual tokens/sample {vis:.0f} (mode {e.visual.mode}, "
              f"mean span {np.mean(spans):.0f} over {len(probe)} probed)"
              + (f"; every text token recorded: {tokens:.0f}/sample" if e.text == "all" else ""),
              "per condition (before compression):"]
     total, by_kind = 0.0, {}
-    for c in conds:
-        per = arrays.bytes_per_sample(sizes, cfg.model.dtype,
-                                      {k: v for k, v in recorded.items() if arrays.SPANS[k].recorded_by(c)})
+    for c, per in condition_bytes(cfg, conds, sizes, recorded):
         total += per * n
         by_kind[c.kind] = by_kind.get(c.kind, 0.0) + per * n / 1e9
         lines.append(f"  {c.label:<24} {per * n / 1e9:9.3f} GB  ({per / 1e6:.2f} MB/sample)")

@@ -1,0 +1,104 @@
+"""The issue-14 benchmark scripts measure what they say (no timing assertions).
+
+* ``bench_attention``: the CPU memory helpers read ``/proc/self/status`` in bytes and see a known allocation;
+* ``bench_routing --attention``: the on arm really records both the routing and the attention summaries;
+* ``bench_option_bytes``: the bytes each option adds to the Qwen3-VL-30B-A3B config equal the array shapes
+  worked out by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"bench_{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+STATUS = """Name:\tpython
+Umask:\t0022
+VmPeak:\t 4968032 kB
+VmHWM:\t  906236 kB
+VmRSS:\t  800000 kB
+RssAnon:\t  700000 kB
+Threads:\t4
+"""
+
+
+def test_proc_status_reads_the_vm_lines_in_bytes():
+    ba = bench("attention")
+    got = ba.proc_status(STATUS)
+    assert got == {"VmPeak": 4968032 * 1024, "VmHWM": 906236 * 1024, "VmRSS": 800000 * 1024}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status is Linux's")
+def test_cpu_peak_sees_an_allocation_freed_before_it_returns():
+    ba = bench("attention")
+    now = ba.proc_status()
+    assert now["VmHWM"] >= now["VmRSS"] > 0
+    n = 64 * 2**20
+
+    def touch():
+        a = np.ones(n // 8)  # 64 MiB, every page written
+        del a
+
+    got = ba.cpu_peak(touch)
+    assert got["extra"] >= n * 0.95, got  # the peak, though freed before the reading
+    assert got["rss_after"] < got["rss_before"] + n / 2, got
+    if got["hwm_reset"]:  # after the reset a no-op adds (almost) nothing
+        assert ba.cpu_peak(lambda: None)["extra"] < 8 * 2**20
+
+
+def test_routing_bench_options():
+    br = bench("routing")
+    assert br.extract_options(False, True) == {"routing": False, "attention": False}
+    assert br.extract_options(True, False) == {"routing": True, "attention": False}
+    assert br.extract_options(True, True) == {"routing": True, "attention": True}
+    assert br.extract_options(True, True, control=True) == {"routing": False, "attention": False}
+
+
+@pytest.mark.integration
+def test_routing_bench_with_attention_records_both(tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GAPCACHE_CACHE", str(tmp_path / "cache"))
+    small = ["--hidden", "32", "--layers", "2", "--experts", "4", "--top-k", "2", "--batch-size", "2",
+             "--batches", "1", "--repeats", "1"]
+    out = bench("routing").main([*small, "--attention"])
+    assert out["on_records"] == ["attn_mass", "attn_visual", "route_expert", "route_load", "route_weight"]
+    assert out["off_s"]["best"] > 0 and out["on_s"]["best"] > 0
+    assert bench("routing").main(small)["on_records"] == ["route_expert", "route_load", "route_weight"]
+
+
+def test_option_bytes_of_the_qwen3_moe_config():
+    pytest.importorskip("transformers")
+    bo = bench("option_bytes")
+    res = bo.main(["--mean-span", "1000", "--text-tokens", "25"])
+    base = res["shipped"]["kinds"]
+    layers, hidden, heads, experts, top_k, n_layers = 25, 2048, 32, 128, 8, 48
+    assert base["original"]["per_condition"] == (2 + 32) * layers * hidden * 2 + 5  # bf16 sites + pooled visual
+    assert base["truncated"]["per_condition"] == 2 * layers * hidden * 2 + 5
+    added = {o: {k: res[o]["kinds"][k]["per_condition"] - base[k]["per_condition"] for k in base} for o in bo.OPTIONS}
+    # attn_mass (3 queries, 4 targets) + attn_visual (3 queries, 5 stats), float32, per recorded layer and query head
+    assert set(added["attention"].values()) == {3 * layers * heads * (4 + 5) * 4}
+    # route_expert int16 + route_weight float32 at 2 sites x 48 routers x top-8; route_load int32 (2 modalities)
+    assert set(added["routing"].values()) == {2 * n_layers * top_k * (2 + 4) + n_layers * 2 * experts * 4}
+    assert set(added["text: all"].values()) == {25 * layers * hidden * 2}  # every text token, every condition
+    n_conds = sum(r["conditions"] for r in base.values())
+    assert n_conds == 196
+    assert res["routing"]["suite"] - res["shipped"]["suite"] == n_conds * added["routing"]["original"]
+
+
+def test_option_bytes_refuses_a_family_without_a_shape():
+    with pytest.raises(SystemExit, match="The 'model.family' parameter of bench_option_bytes must be one of"):
+        bench("option_bytes").model_config("llava")
