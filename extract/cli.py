@@ -80,6 +80,7 @@ def _exit_if_nothing_done(path) -> int:
 def cmd_demo(args) -> int:
     from pathlib import Path
 
+    from gapcache.conditions import expand_config
     from gapcache.config import demo_config, load_config
     from gapcache.extract.runner import Extraction
 
@@ -92,12 +93,21 @@ def cmd_demo(args) -> int:
 
     preflight(cfg, out)
     print(f"gapcache demo: {cfg.model.id} on {d['data']['options']['n']} synthetic samples, "
-          f"{len(cfg.extract.conditions)} conditions"
+          f"{len(cfg.extract.conditions)} condition kinds ({len(expand_config(cfg.extract))} conditions)"
           + ("" if args.plain else ", with attention summaries, every text token and the intervention suite (--plain: without)")
           + f" -> {out}", file=sys.stderr)
+    import torch
+
+    from gapcache.config import DEMO_TORCH_THREADS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_TORCH_THREADS)  # the tiny model's forwards (gapcache.config.DEMO_TORCH_THREADS)
     t0 = time.perf_counter()
-    ex = Extraction(cfg, out).load()
-    path = ex.run()
+    try:
+        ex = Extraction(cfg, out).load()
+        path = ex.run()
+    finally:
+        torch.set_num_threads(threads)
     t_extract = time.perf_counter() - t0
     print(format_info(path))
     from gapcache.analyze.pipeline import AnalysisParams, run_analysis

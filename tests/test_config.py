@@ -33,6 +33,27 @@ def test_gapcache_demo_adds_attention_and_every_text_token_unless_plain():
     assert cfg.hash() != load_config(DEMO).hash()
 
 
+def test_gapcache_demo_runs_every_strategy_of_the_suite():
+    """Issue 13 item 9: the demo runs every soft-truncation strategy at DEMO's truncation layers, both windows
+    with every window strategy and every patching strategy on both channels (swap: visual only), at layers 0..3;
+    one shard per condition (DEMO's own shards, and so its hash, untouched)."""
+    from gapcache.conditions import STRATEGIES, expand_config, strategies_of
+    from gapcache.config import DEMO_SUITE, demo_config
+
+    e = load_config(demo_config()).extract
+    assert set(e.truncation_strategies) == set(strategies_of("truncated"))
+    assert {s for s in e.truncation_strategies if STRATEGIES[s].soft} == {"norm_noise", "pca_noise", "mean", "shuffle"}
+    assert e.truncation_layers == DEMO["extract"]["truncation_layers"] == [-1, 0, 1, 2, 3]
+    assert set(e.window_strategies) == set(strategies_of("window")) and e.truncation_windows == [[0, 1], [2, 3]]
+    assert set(e.patch_strategies) == set(strategies_of("patched")) and e.patch_channels == ["visual", "text"]
+    labels = [c.label for c in expand_config(e, n_layers=4)]
+    assert len(labels) == 4 + 6 * 5 + 2 * 2 + (5 + 4) * 4 == 74
+    assert "patched_visual_swap_L3" in labels and not any(x.startswith("patched_text_swap") for x in labels)
+    n = DEMO["data"]["options"]["n"]
+    assert e.samples_per_shard == n and "samples_per_shard" in DEMO_SUITE  # one shard per condition
+    assert load_config(DEMO).extract.samples_per_shard == 32 and load_config(DEMO).hash() == "6626e1676c66d8f9"
+
+
 @pytest.mark.parametrize("name", ["demo", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-30b-a3b"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
