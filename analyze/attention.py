@@ -98,8 +98,9 @@ def compute(ds, p, ctx: Context) -> MetricResult | dict:
 
 
 def figure(s, out, ctx: Context):
-    """Visual mass and visual N_eff at the prediction site per layer, per condition (the U-shape question);
-    per head at the chosen layer -> attention_flow.png."""
+    """Visual mass and visual N_eff at the prediction site per layer, per condition (the U-shape question;
+    truncation: drop only, no patched condition: those are in the summary), per head at the chosen layer
+    -> attention_flow.png."""
     from gapcache import conditions
     from gapcache.analyze.report import band, mark_cliff, pyplot, save_figure
 
@@ -111,6 +112,8 @@ def figure(s, out, ctx: Context):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for c, v in entry["per_condition"].items():
         if conditions.label_in_group(c, conditions.TRUNCATION) and not c.startswith("truncated_drop"):
+            continue
+        if conditions.label_in_group(c, conditions.PATCHING):  # several per layer: unreadable in one panel
             continue
         for ax, name in zip(axes[:2], ("visual_mass", "n_eff")):
             ci = v[name]
