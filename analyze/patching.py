@@ -352,7 +352,8 @@ def window_text(w: dict) -> str:
 
 
 def rows(s) -> list[tuple[str, str]]:
-    """The transfer window of each strategy (the headline first), per category, then the cliff (secondary)."""
+    """The transfer window of each strategy (the headline first), per category, the deepstack flag, the cliff
+    (secondary), then each (channel, strategy) curve's Delta and accuracy drop at its first and last layer."""
     m = s["metrics"].get("patching", {})
     order = sorted(m.get("transfer", {}), key=lambda k: k != m.get("headline"))
     out = []
@@ -376,6 +377,15 @@ def rows(s) -> list[tuple[str, str]]:
     if windows_found:
         cliff = m.get("cliff_layer_secondary")
         out.append(("cliff layer (truncation; secondary to the transfer window)", "–" if cliff is None else f"{cliff:g}"))
+    for channel, per in m.get("curves", {}).items():
+        for name, v in per.items():
+            if "delta" not in v:
+                continue
+            d, a, L = v["delta"]["estimate"], v["accuracy_drop"]["estimate"], v["layers"]
+            flag = v.get("deepstack_readded")
+            out.append((f"patching {channel} {name}: Delta at l={L[0]} -> l={L[-1]}",
+                        f"{d[0]:.3f} -> {d[-1]:.3f}, accuracy drop {a[0]:+.3f} -> {a[-1]:+.3f} (n={v['n']})"
+                        + (f"; deepstack re-adds the image after l = {', '.join(map(str, flag))}" if flag else "")))
     return out
 
 

@@ -289,7 +289,12 @@ def test_patching_and_swap_metrics_from_the_store(tmp_path):
     assert "cliff layer (truncation; secondary to the transfer window)" in html
     one_channel = {"metrics": {"patching": {**m, "headline": None, "transfer": {}}}}  # e.g. visual patching only
     assert patching.figure(one_channel, tmp_path, metrics.Context()) == "transfer_window.png"
-    assert patching.rows(one_channel) == []
+    assert [k for k, _ in patching.rows(one_channel)] == [  # no window, no cliff: the curves' rows only
+        "patching visual zero: Delta at l=0 -> l=3", "patching visual swap: Delta at l=0 -> l=3",
+        "patching text zero: Delta at l=0 -> l=3"]
+    want = m["curves"]["text"]["zero"]["delta"]["estimate"]
+    assert dict(patching.rows(one_channel))["patching text zero: Delta at l=0 -> l=3"].startswith(
+        f"{want[0]:.3f} -> {want[-1]:.3f}, accuracy drop +0.000 -> +0.000 (n={N})")
 
 
 def test_deepstack_flags_the_visual_patches_an_add_follows_and_keeps_their_numbers(tmp_path):
