@@ -12,6 +12,12 @@
   the store has it; else the donor's gold) under visual ``swap``, with CIs, against chance and against the clean answers
   (:func:`gapcache.analyze.transfer.donor_following`).
 
+**Deepstack** (Qwen3-VL): the store's root attribute ``deepstack_layers`` lists the decoder layers after which
+the model adds visual features again. A visual-channel patch at l <= max(deepstack_layers) is followed by such an
+add (the hooks act on layer l's input only), so the image re-enters the visual positions from the next layer
+on; those layers are flagged (``deepstack`` in the summary, ``deepstack_readded`` per curve and transfer window,
+a report row, a shaded band in the figure), never dropped: the rule is ``conditions.DEEPSTACK_RULE``.
+
 The conditions are found by the registry's analysis group ``PATCHING`` and read by
 ``conditions.parse_label`` (``channel``, ``patch_layer``, ``strategy``); no condition name is spelled here.
 A store without patched conditions gives ``{"skipped": ...}``.
@@ -39,6 +45,51 @@ def patched_rows(ds) -> dict:
             c = conditions.parse_label(str(ds.condition.values[k]))
             rows[str(c.channel), str(c.strategy), int(c.patch_layer)] = k
     return rows
+
+
+def recorded_deepstack(ds) -> list[int] | None:
+    """The store's ``deepstack_layers`` (decoder layers followed by a deepstack add; [] = none), or None when the
+    store does not record them (made before gapcache did)."""
+    value = ds.attrs.get(conditions.DEEPSTACK_ATTR)
+    return None if value is None else [int(x) for x in value]
+
+
+def model_layers(ds) -> int:
+    """The model's decoder layers (``model.n_layers``; else the deepest recorded hidden-state index)."""
+    n = (ds.attrs.get("model") or {}).get("n_layers")
+    return int(n) if n is not None else int(np.max(ds.layer.values))
+
+
+def readds(ds, label: str) -> list[int]:
+    """The deepstack layers whose add follows condition ``label``'s intervention ([] when none, or when the store
+    does not record its deepstack layers): ``conditions.deepstack_readds``."""
+    layers = recorded_deepstack(ds)
+    if not layers:
+        return []
+    return list(conditions.deepstack_readds(conditions.parse_label(label), model_layers(ds), layers))
+
+
+def deepstack_summary(ds, rows: dict) -> dict:
+    """What the summary says about deepstack: the recorded layers, the rule, and per (channel, strategy) the
+    patched layers an add follows, each with the adds ({"layers": None, "note": ...} for a store that does not
+    record them)."""
+    layers = recorded_deepstack(ds)
+    if layers is None:
+        return {"layers": None, "note": f"the store does not record '{conditions.DEEPSTACK_ATTR}' (made before "
+                                        "gapcache recorded it): patched layers an add follows cannot be flagged"}
+    conds = [str(c) for c in ds.condition.values]
+    readded: dict = {}
+    for (c, s, L), k in sorted(rows.items()):
+        after = readds(ds, conds[k])
+        if after:
+            readded.setdefault(c, {}).setdefault(s, {})[str(L)] = after
+    return {"layers": layers, "rule": conditions.DEEPSTACK_RULE, "readded": readded}
+
+
+def _flagged(m: dict, channel: str = "visual") -> list[int]:
+    """The patched layers of ``channel`` an add follows under any strategy of the summary ``m`` (sorted)."""
+    per = (m.get("deepstack") or {}).get("readded", {}).get(channel, {})
+    return sorted({int(L) for by_layer in per.values() for L in by_layer})
 
 
 def cube(values, rows: dict, clean: int):
@@ -135,10 +186,14 @@ def compute(ds, p, ctx: Context) -> MetricResult:
     drop, *_ = cube(_correct(ds), rows, clean)
     out = {"reference": REFERENCE, "layers": layers, "channels": channels, "strategies": strategies,
            "rule": transfer.RULE, "curves": {}, "transfer": {}, "cliff_layer_secondary": ctx.cliff_layer}
+    out["deepstack"] = deepstack_summary(ds, rows)
+    readded = out["deepstack"].get("readded", {})
     for i, c in enumerate(channels):
         for j, s in enumerate(strategies):
             if np.isfinite(delta[i, j]).any():
-                out["curves"].setdefault(c, {})[s] = _curve(delta[i, j].T, drop[i, j].T, layers, p)
+                out["curves"].setdefault(c, {})[s] = curve = _curve(delta[i, j].T, drop[i, j].T, layers, p)
+                if readded.get(c, {}).get(s):
+                    curve["deepstack_readded"] = sorted(int(L) for L in readded[c][s])
     cats = strs(ds.category)
     if set(CHANNELS) <= set(channels):
         v, t = channels.index("visual"), channels.index("text")
@@ -146,6 +201,8 @@ def compute(ds, p, ctx: Context) -> MetricResult:
             if np.isfinite(delta[v, j]).any() and np.isfinite(delta[t, j]).any():
                 out["transfer"][s] = _windows(delta[v, j].T, delta[t, j].T, drop[v, j].T, drop[t, j].T, layers,
                                               cats, p)
+                if readded.get("visual", {}).get(s):  # Delta_visual at these layers: removed until the next add
+                    out["transfer"][s]["deepstack_readded"] = sorted(int(L) for L in readded["visual"][s])
     found = [s for s, w in out["transfer"].items() if "logprob" in w]
     out["headline"] = found[0] if found else None
     arr = labelled(ds, delta, ("channel", "patch_strategy", "patch_layer", "sample"), channel=channels,
@@ -206,6 +263,9 @@ def swap(ds, p, ctx: Context) -> MetricResult:
     answer, source = donor_answer(ds, lp, mask, conds, gold, donor)
     out = {"layers": layers, "donor_answer": source,
            **transfer.donor_following(pred, clean, gold, answer, mask, **_kw(p)), "per_category": {}}
+    flagged = [L for L in layers if readds(ds, conds[rows[L]])]
+    if flagged:  # after these layers the model adds this sample's own image's deepstack features again
+        out["deepstack_readded"] = flagged
     cats = strs(ds.category)
     for cat in sorted(set(cats.tolist()) - {""}):
         sel = cats == cat
@@ -262,8 +322,12 @@ def figure(s, out, ctx: Context):
     axes = axes[0]
     w = _dual_panels(axes[0], axes[1], m, head) if head else {}
     _all_curves(axes[-1], m["curves"])
+    flagged = _flagged(m)
     for ax in axes:
         _mark_window(ax, w)
+        for n, L in enumerate(flagged):
+            ax.axvspan(L - 0.3, L + 0.3, color="gold", alpha=0.25, lw=0,
+                       label="visual patch followed by a deepstack add" if n == 0 else None)
         cliff = ctx.cliff_layer
         if cliff is not None and np.isfinite(cliff):
             ax.axvline(cliff, color="gray", ls=":", lw=1, label=f"truncation cliff L={cliff:g} (secondary)")
@@ -288,7 +352,8 @@ def window_text(w: dict) -> str:
 
 
 def rows(s) -> list[tuple[str, str]]:
-    """The transfer window of each strategy (the headline first), per category, then the cliff (secondary)."""
+    """The transfer window of each strategy (the headline first), per category, the deepstack flag, the cliff
+    (secondary), then each (channel, strategy) curve's Delta and accuracy drop at its first and last layer."""
     m = s["metrics"].get("patching", {})
     order = sorted(m.get("transfer", {}), key=lambda k: k != m.get("headline"))
     out = []
@@ -301,9 +366,26 @@ def rows(s) -> list[tuple[str, str]]:
         for cat, w in t["per_category"].items():
             if "crossing" in w:
                 out.append((f"transfer window ({name}, log-prob Delta) [{cat}]", window_text(w)))
-    if out:
+    windows_found = bool(out)
+    flagged = _flagged(m)
+    if flagged:
+        adds = (m.get("deepstack") or {}).get("layers", [])
+        out.append(("deepstack re-adds the image (visual patches)",
+                    f"after decoder layers {', '.join(map(str, adds))}: a visual patch at l = "
+                    f"{', '.join(map(str, flagged))} removes the image only until the next add, so Delta_visual "
+                    "there is the effect of a partial removal (numbers kept; conditions.DEEPSTACK_RULE)"))
+    if windows_found:
         cliff = m.get("cliff_layer_secondary")
         out.append(("cliff layer (truncation; secondary to the transfer window)", "–" if cliff is None else f"{cliff:g}"))
+    for channel, per in m.get("curves", {}).items():
+        for name, v in per.items():
+            if "delta" not in v:
+                continue
+            d, a, L = v["delta"]["estimate"], v["accuracy_drop"]["estimate"], v["layers"]
+            flag = v.get("deepstack_readded")
+            out.append((f"patching {channel} {name}: Delta at l={L[0]} -> l={L[-1]}",
+                        f"{d[0]:.3f} -> {d[-1]:.3f}, accuracy drop {a[0]:+.3f} -> {a[-1]:+.3f} (n={v['n']})"
+                        + (f"; deepstack re-adds the image after l = {', '.join(map(str, flag))}" if flag else "")))
     return out
 
 
@@ -331,8 +413,10 @@ def swap_rows(s) -> list[tuple[str, str]]:
     if "follows" not in m:
         return []
     est, lo, hi = (np.asarray(m["follows"][k], float) for k in ("estimate", "low", "high"))
+    readded = set(m.get("deepstack_readded", ()))
     return [(f"swap: answers following the donor at L={L}",
-             f"{e:.3f} [{a:.3f}, {b:.3f}] (chance {m['chance']:.3f}, n={m['n_informative']})")
+             f"{e:.3f} [{a:.3f}, {b:.3f}] (chance {m['chance']:.3f}, n={m['n_informative']})"
+             + ("; deepstack re-adds the sample's own image after this layer" if L in readded else ""))
             for L, e, a, b in zip(m["layers"], est, lo, hi)]
 
 

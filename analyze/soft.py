@@ -5,7 +5,9 @@
   s_zero - s_s, and accuracy_s - accuracy_zero), paired by sample, bootstrap CIs: does zeroing hurt through
   content loss (soft strategies hurt as much) or through distribution shock (they hurt less)?
 * ``window``: per window condition (strategy, [a, b]), accuracy with its CI, accuracy - original (paired) and
-  mean Delta = s_clean - s_window: does a deep window still re-read the image?
+  mean Delta = s_clean - s_window: does a deep window still re-read the image? A state-changing window that a
+  deepstack add follows (b <= max of the store's ``deepstack_layers``, Qwen3-VL) is flagged
+  (``deepstack_readded``: the image comes back after it; ``conditions.DEEPSTACK_RULE``).
 
 Both are registered metrics (figure ``soft_truncation.png`` / ``window.png``, report rows); a store without
 such conditions gives ``{"skipped": ...}``.
@@ -104,6 +106,8 @@ def soft_truncation(ds, p, ctx: Context) -> MetricResult:
 def window(ds, p, ctx: Context) -> MetricResult:
     """Per window condition: accuracy, accuracy - original (paired) and mean Delta, with CIs."""
     kinds = ds.condition_kind.values
+    from gapcache.analyze.patching import readds
+
     which = np.flatnonzero(conditions.in_group(kinds, conditions.WINDOW))
     clean = _clean_label(ds)
     if not len(which):
@@ -120,10 +124,13 @@ def window(ds, p, ctx: Context) -> MetricResult:
         if both.sum() < 2:
             out["windows"][conds[k]] = {"skipped": f"{int(both.sum())} samples done in both"}
             continue
-        out["windows"][conds[k]] = {
+        out["windows"][conds[k]] = entry = {
             "strategy": c.strategy, "window": [c.window_start, c.window_end], "n": int(both.sum()),
             "accuracy": _ci(correct[k][both], p), "accuracy_minus_original": _diff(correct[k][both], correct[o][both], p),
             "mean_delta": _diff(gold[o][both], gold[k][both], p)}
+        after = readds(ds, conds[k])
+        if after:  # a deepstack add after the window's last layer brings the image back (conditions.DEEPSTACK_RULE)
+            entry["deepstack_readded"] = after
     return MetricResult(out)
 
 
@@ -189,7 +196,11 @@ def rows_soft(s) -> list[tuple[str, str]]:
 
 
 def rows_window(s) -> list[tuple[str, str]]:
-    return [(f"window {k}: accuracy - original (paired)", report.fmt_ci(v["accuracy_minus_original"]))
+    def note(v):
+        after = v.get("deepstack_readded")
+        return f"; deepstack re-adds the image after layer(s) {', '.join(map(str, after))}" if after else ""
+
+    return [(f"window {k}: accuracy - original (paired)", report.fmt_ci(v["accuracy_minus_original"]) + note(v))
             for k, v in s["metrics"].get("window", {}).get("windows", {}).items() if "accuracy_minus_original" in v]
 
 

@@ -127,7 +127,9 @@ def format_info(path, data=None) -> str:
     lines = [
         f"store      {d['path']}",
         f"schema     v{d['schema_version']} (gapcache {d['gapcache_version']})",
-        f"model      {m.get('id')} [{m.get('family')}, {m.get('class')}, {m.get('dtype')}, {m.get('n_layers')} layers]",
+        f"model      {m.get('id')} [{m.get('family')}, {m.get('class')}, {m.get('dtype')}, {m.get('n_layers')} layers"
+        + (f", deepstack adds after layers {', '.join(map(str, d['deepstack_layers']))}" if d.get("deepstack_layers")
+           else "") + "]",
         f"dataset    {d['dataset'].get('name')} / {d['dataset'].get('split')}: {d['n_samples']} samples, "
         f"{d['n_failed_samples']} with a failure",
         f"states     {len(d['layers'])} layers x {d['hidden']} hidden, {d['state_dtype']} ({d['state_encoding']}), "

@@ -853,6 +853,31 @@ def expand_config(e, n_layers: int | None = None) -> list[Condition]:
                   n_layers, **opts)
 
 
+#: the store's root attribute that lists the decoder layers followed by a deepstack add (Qwen3-VL; [] = none)
+DEEPSTACK_ATTR = "deepstack_layers"
+DEEPSTACK_RULE = (
+    "deepstack (Qwen3-VL) adds features of early vision blocks at the visual positions after decoder layers d in "
+    "deepstack_layers (the stream entering d + 1 includes them). Interventions are forward pre-hooks on layer "
+    "inputs, so an add after a hooked layer is overwritten at the next hooked layer's input; an add after the "
+    "last hooked layer l_last is not. A condition is flagged when it changes the visual states (not drop, which "
+    "masks keys) and some d with l_last <= d < n_layers - 1 exists (an add after the last decoder layer reaches "
+    "no later layer): single-layer visual patching at l <= max(deepstack_layers), a window a..b with b <= "
+    "max(deepstack_layers); truncation (hooked up to the last layer) never. The image then re-enters the visual "
+    "positions from layer d + 1 on: Delta_visual(l) measures a removal for layers l..d only")
+
+
+def deepstack_readds(c: Condition, n_layers: int, deepstack_layers) -> tuple[int, ...]:
+    """The deepstack layers d whose add (after decoder layer d, at the visual positions) follows the last layer
+    input that ``c`` intervenes on and is read by a later decoder layer, so that image information enters the
+    intervened visual states again (:data:`DEEPSTACK_RULE`); () when none: no hook, a hook on the attention
+    (``drop``) or on the question's tokens, or no deepstack add after its last hooked layer."""
+    hook = c.hook(n_layers)
+    if hook is None or not hook.layers or hook.positions != "visual" or strategy(hook.strategy).acts_on != "states":
+        return ()
+    last = max(hook.layers)
+    return tuple(int(d) for d in sorted(deepstack_layers) if last <= int(d) < n_layers - 1)
+
+
 def condition_params(facts: RunFacts) -> dict:
     """The store's ``condition_params``: each kind's recorded parameters, in registry order."""
     out = {}

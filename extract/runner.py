@@ -30,6 +30,7 @@ import torch
 from gapcache import __version__
 from gapcache.conditions import CLEAN, KINDS, NEEDS_DONOR, NEEDS_MEAN_RGB, Condition, RunFacts, condition_params, \
     expand_config, fitted_layers, kinds_in_group
+from gapcache.conditions import DEEPSTACK_ATTR
 from gapcache.conditions import strategy as strategy_entry
 from gapcache.conditions import kind as condition_kind
 from gapcache.errors import IncompatibleStoreError, SampleError, StopForward, StoreError, StoreLockedError
@@ -186,6 +187,9 @@ class Extraction:
                                  "of the gold's, else from one extra forward of prompt + candidate (same condition)",
             "candidate_variants": self.variants_record(),
             "answer_prefix": self.adapter.answer_prefix,
+            # decoder layers after which the model adds visual features again (Qwen3-VL deepstack; [] = none): the
+            # CPU tier flags the interventions an add follows (conditions.deepstack_readds, DEEPSTACK_RULE)
+            DEEPSTACK_ATTR: [int(d) for d in self.adapter.deepstack_layers(m)],
             "gold_logprob": "sum over answer tokens of teacher-forced log p(token | prefix); count in gold_ntokens",
             "visual": {"mode": cfg.extract.visual.mode, "k": cfg.extract.visual.k, "seed": cfg.extract.visual.seed},
             **({"routing": {"rule": self.adapter.routing_rule, "sites": list(SITES), "modality": list(arrays.MODALITIES),

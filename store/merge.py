@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gapcache.conditions import Condition
+from gapcache.conditions import DEEPSTACK_ATTR, Condition
 from gapcache.errors import IncompatibleStoreError, StoreError
 from gapcache.store import arrays
 from gapcache.store.remote import is_url, zarr_store
@@ -300,6 +300,9 @@ def _merged_attrs(sources, layout, donor) -> dict:
     splits = sorted({str((s.attrs.get("dataset") or {}).get("split")) for s in sources})
     attrs["dataset"] = {"name": "+".join(names), "split": "+".join(splits), "n_samples": layout.n_samples}
     attrs["condition_params"] = merged_condition_params(sources, donor)
+    recorded = [s.attrs[DEEPSTACK_ATTR] for s in sources if DEEPSTACK_ATTR in s.attrs]
+    if recorded:  # the model's fact (model.id / revision / n_layers agree): from any input that records it
+        attrs[DEEPSTACK_ATTR] = recorded[0]
     return attrs
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gapcache.conditions import DEEPSTACK_ATTR
 from gapcache.errors import DamagedChunkError, SchemaVersionError, StoreError
 from gapcache.store import arrays, codec
 from gapcache.store.schema import (
@@ -306,6 +307,7 @@ def info(path, storage_options: dict | None = None, size: bool = True) -> dict:
         "schema_version": attrs["schema_version"],
         "gapcache_version": attrs.get("gapcache_version"),
         "model": attrs.get("model", {}),
+        "deepstack_layers": attrs.get(DEEPSTACK_ATTR),  # None: a store made before gapcache recorded it
         "dataset": attrs.get("dataset", {}),
         "conditions": per_cond,
         "n_samples": int(status.shape[1]),

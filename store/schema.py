@@ -13,7 +13,10 @@ embedding output, visual embeddings merged in); ``layer`` = n_layers is the outp
 decoder layer *before* the final norm. For Qwen3-VL, the stream entering layer i includes the
 deepstack visual features added after layer i-1. For i < n_layers this equals transformers'
 ``hidden_states[i]`` except for Qwen3-VL's deepstack layers (whose ``hidden_states[i]`` lacks
-the deepstack add); ``hidden_states[n_layers]`` is after the final norm and differs.
+the deepstack add); ``hidden_states[n_layers]`` is after the final norm and differs. The root
+attribute ``deepstack_layers`` lists the decoder layers d after which the add happens ([] for
+families without deepstack; absent in stores made before it was recorded), so the CPU tier knows
+which interventions it follows (``gapcache.conditions.deepstack_readds``).
 
 Ragged visual spans: samples are grouped into shards of ``samples_per_shard``; each group's visual
 tokens start at a multiple of ``visual_shard_tokens``, so one extraction task owns whole zarr

@@ -73,6 +73,31 @@ def test_hooks_and_invariants():
     assert conditions.strategies_of("window") == ("zero", "drop")
 
 
+def test_deepstack_readds_follow_the_last_hooked_layer_only():
+    """conditions.DEEPSTACK_RULE: the hooks act on layer inputs, so a deepstack add after decoder layer d (Qwen3-VL)
+    is undone by a hook on layer d + 1 and survives one after the last hooked layer; only state-changing hooks on
+    the visual positions count, and an add after the last decoder layer reaches no later layer."""
+    def readds(label, n_layers=36, deepstack=(0, 1, 2)):
+        return conditions.deepstack_readds(conditions.parse_label(label), n_layers, deepstack)
+
+    for s in ("zero", "gaussian", "norm_noise", "mean", "swap"):  # visual patching at l: every add at d >= l
+        assert [readds(f"patched_visual_{s}_L{l}") for l in (0, 1, 2, 3, 35)] == [(0, 1, 2), (1, 2), (2,), (), ()]
+    for s in ("zero", "gaussian", "norm_noise", "mean"):  # the question's tokens: no add there
+        assert readds(f"patched_text_{s}_L0") == ()
+    assert readds("window_zero_L0to1") == (1, 2) and readds("window_zero_L1to4") == ()
+    assert readds("window_drop_L0to1") == ()  # drop masks keys; the visual states are untouched anyway
+    for label in ("truncated_zero_Lm1", "truncated_mean_L0", "truncated_shuffle_L1", "truncated_drop_L2",
+                  "original", "blind_black"):  # truncation hooks every layer up to the last: each add undone
+        assert readds(label) == ()
+    assert readds("patched_visual_zero_L0", deepstack=()) == ()  # a family without deepstack
+    # the tiny Qwen3-VL: one level, added after decoder layer 0 of 3
+    assert [readds(f"patched_visual_zero_L{l}", 3, (0,)) for l in range(3)] == [(0,), (), ()]
+    # an add after the last decoder layer (d = n_layers - 1) only reaches the recorded index n_layers
+    assert readds("patched_visual_zero_L1", 3, (1, 2)) == (1,)
+    assert readds("patched_visual_zero_L2", 3, (1, 2)) == ()
+    assert "l <= max(deepstack_layers)" in conditions.DEEPSTACK_RULE
+
+
 @pytest.mark.parametrize("extract, match", [
     ({"patch_layers": []}, "patch_layers.*non-empty when 'patched' is run"),
     ({"patch_layers": [-1]}, r"patch_layers.*ints >= 0\). Got -1"),

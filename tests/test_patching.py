@@ -165,3 +165,94 @@ def test_patching_into_a_store_records_what_original_records(run, tmp_path):
         same = c.invariant(N_LAYERS).equal_through
         assert np.array_equal(text[k, :, :, : same + 1], text[0, :, :, : same + 1]), label
         assert not np.array_equal(text[k, :, :, same + 1], text[0, :, :, same + 1]), label
+
+
+# --------------------------------------------------------------------------- deepstack (Qwen3-VL)
+
+
+def deepstack_run(run):
+    """The run, for a family whose model adds deepstack features (the tiny Qwen3-VL ones: one level, vision block
+    0 -> added after decoder layer 0); the other families skip."""
+    from gapcache.extract.models import get_adapter
+
+    layers = get_adapter(run.family).deepstack_layers(run.model)
+    if not layers:
+        pytest.skip(f"{run.family} has no deepstack")
+    assert layers == (0,)
+    return run
+
+
+def layer_outputs(r, cond, batch):
+    """hooked_inputs, plus each decoder layer's own output (before any deepstack add) and the deepstack features
+    of the batch (batch order of the visual positions)."""
+    outs = {}
+    handles = [m.register_forward_hook(lambda m, a, o, j=j: outs.__setitem__(j, (o[0] if isinstance(o, tuple) else o)
+                                                                                .detach().clone()))
+               for j, m in enumerate(r.layers)]
+    try:
+        P, inputs, seen = hooked_inputs(r, cond, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.inference_mode():
+        feats = r.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    added = torch.cat(list(feats.deepstack_features[0]), 0)  # level 0: (visual tokens of the batch, hidden)
+    return P, seen, outs, added
+
+
+@pytest.mark.parametrize("l", range(N_LAYERS - 1))
+def test_a_visual_patch_is_undone_by_the_deepstack_add_after_its_layer_only(run, l):
+    """Known answer: after a visual zero patch at layer l the visual positions entering l + 1 hold layer l's
+    output plus, when a deepstack add follows l (l = 0 on the tiny Qwen3-VL), exactly this image's deepstack
+    features. Without an add (l = 1) they hold layer l's output alone, which is the same for two different images
+    of one size (the zeros and the text before the image are all it reads); with it they differ by the images'
+    features. conditions.deepstack_readds says which: (0,) at l = 0, () at l = 1."""
+    r = deepstack_run(run)
+    cond = r.cond[f"patched_visual_zero_L{l}"]
+    batch = [0, 2]  # two 64x64 images (the odd samples are wider): the same visual positions and grid
+    P, seen, outs, added = layer_outputs(r, cond, batch)
+    assert P[0].visual_length == P[1].visual_length and P[0].visual_start == P[1].visual_start
+    vis = [list(range(p.visual_start, p.visual_start + p.visual_length)) for p in P]
+    rows = [added[: P[0].visual_length], added[P[0].visual_length:]]
+    assert all(f.abs().max() > 0 for f in rows) and not torch.equal(rows[0], rows[1])
+    entering = seen[l + 1, "before"][0]
+    readds = conditions.deepstack_readds(cond, N_LAYERS, (0,))
+    assert readds == ((0,) if l == 0 else ())
+    for row, t in enumerate(vis):
+        assert torch.equal(seen[l, "after"][0][row, t], torch.zeros_like(seen[l, "after"][0][row, t]))  # the patch
+        want = outs[l][row, t] + rows[row] if readds else outs[l][row, t]
+        assert torch.equal(entering[row, t], want), (l, row)
+    image_free = [entering[row, t] - (rows[row] if readds else 0) for row, t in enumerate(vis)]
+    torch.testing.assert_close(image_free[0], image_free[1], rtol=0, atol=1e-5)  # the patch removed the image
+    if readds:  # ... and the deepstack add brought it back at layer l + 1
+        assert not torch.allclose(entering[0, vis[0]], entering[1, vis[1]], atol=1e-3)
+
+
+def test_the_store_records_deepstack_layers_and_the_summary_flags_what_they_follow(run, tmp_path):
+    """The store's deepstack_layers attribute is the adapter's, and the CPU tier flags from it alone the visual
+    patches (l = 0) and windows ([0, 0]) that a deepstack add follows: in the summary and the report rows,
+    numbers kept."""
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    from gapcache.analyze.report import key_numbers
+    from gapcache.extract.models import get_adapter
+
+    r = run
+    ex = extraction(r, tmp_path / "out", conditions=["original", "window", "patched"], truncation_windows=[[0, 0], [1, 2]],
+                    window_strategies=["zero", "drop"], patch_layers=list(range(N_LAYERS)),
+                    patch_channels=["visual", "text"], patch_strategies=["zero", "swap"])
+    ex.run(show=False)
+    ds = open_store(ex.store_path)
+    deepstack = list(get_adapter(r.family).deepstack_layers(r.model))
+    assert ds.attrs["deepstack_layers"] == deepstack == ([0] if r.family.startswith("qwen3_vl") else [])
+    summary, _ = analyze_store(ds, AnalysisParams(metrics=("patching", "swap", "window"), n_resamples=19))
+    m, w = summary["metrics"]["patching"], summary["metrics"]["window"]["windows"]
+    assert m["deepstack"]["layers"] == deepstack
+    flagged = {"visual": {"zero": {"0": [0]}, "swap": {"0": [0]}}} if deepstack else {}
+    assert m["deepstack"]["readded"] == flagged
+    assert m["curves"]["visual"]["zero"].get("deepstack_readded") == ([0] if deepstack else None)
+    assert len(m["curves"]["visual"]["zero"]["delta"]["estimate"]) == N_LAYERS  # every layer's number kept
+    assert w["window_zero_L0to0"].get("deepstack_readded") == ([0] if deepstack else None)
+    assert "deepstack_readded" not in w["window_zero_L1to2"] and "deepstack_readded" not in w["window_drop_L0to0"]
+    rows = dict(key_numbers(summary))
+    assert ("deepstack re-adds the image (visual patches)" in rows) == bool(deepstack)
+    assert summary["metrics"]["swap"].get("deepstack_readded") == ([0] if deepstack else None)

@@ -195,9 +195,10 @@ N, PATCH_LAYERS = 40, [0, 1, 2, 3]
 PLANTED = np.array([-3.0, 0.0, 3.0, 3.0])  # text - visual: visual dominates at 0, neither at 1, text from 2 on
 
 
-def patched_store(path):
+def patched_store(path, deepstack=None):
     """A store with original and patched (both channels zero, visual swap) at PATCH_LAYERS whose gold log-probs
-    plant PLANTED, with a shared per-sample difficulty; swap at layer 0 answers the donor's gold, later its own."""
+    plant PLANTED, with a shared per-sample difficulty; swap at layer 0 answers the donor's gold, later its own.
+    ``deepstack``: the store's deepstack_layers attribute (None: not recorded, as before gapcache recorded it)."""
     from gapcache import conditions
     from gapcache.store import Layout, StoreWriter, create, open_store
     from helpers import random_payloads
@@ -235,6 +236,8 @@ def patched_store(path):
             "category": np.array(["hard", "easy"] * (N // 2), dtype=object),
             "candidate_mask": np.ones((N, 2), bool), "label": gold.astype(np.int32)}
     attrs = {"model": {"id": "test"}, "condition_params": {"patched": {"swap": {"donor": donor.tolist()}}}}
+    if deepstack is not None:
+        attrs.update({"deepstack_layers": list(deepstack), "model": {"id": "test", "n_layers": 4}})
     create(path, layout, attrs, meta)
     with StoreWriter(path) as w:
         for pl in payloads:
@@ -286,7 +289,53 @@ def test_patching_and_swap_metrics_from_the_store(tmp_path):
     assert "cliff layer (truncation; secondary to the transfer window)" in html
     one_channel = {"metrics": {"patching": {**m, "headline": None, "transfer": {}}}}  # e.g. visual patching only
     assert patching.figure(one_channel, tmp_path, metrics.Context()) == "transfer_window.png"
-    assert patching.rows(one_channel) == []
+    assert [k for k, _ in patching.rows(one_channel)] == [  # no window, no cliff: the curves' rows only
+        "patching visual zero: Delta at l=0 -> l=3", "patching visual swap: Delta at l=0 -> l=3",
+        "patching text zero: Delta at l=0 -> l=3"]
+    want = m["curves"]["text"]["zero"]["delta"]["estimate"]
+    assert dict(patching.rows(one_channel))["patching text zero: Delta at l=0 -> l=3"].startswith(
+        f"{want[0]:.3f} -> {want[-1]:.3f}, accuracy drop +0.000 -> +0.000 (n={N})")
+
+
+def test_deepstack_flags_the_visual_patches_an_add_follows_and_keeps_their_numbers(tmp_path):
+    """A store recording deepstack_layers [0, 1] (Qwen3-VL-like): the visual patches at l = 0, 1 are flagged in the
+    summary (per curve, per transfer window, per swap layer) and in the report rows, with the same numbers as the
+    store without the attribute; [] flags nothing; no attribute says it cannot tell."""
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store
+    from gapcache.analyze.report import key_numbers
+
+    p = AnalysisParams(metrics=("accuracy", "patching", "swap"), n_resamples=99)
+    runs = {name: analyze_store(patched_store(tmp_path / f"{name}.zarr", deepstack)[0], p)[0]
+            for name, deepstack in (("qwen3", (0, 1)), ("none", ()), ("old", None))}
+    m = runs["qwen3"]["metrics"]["patching"]
+    assert m["deepstack"]["layers"] == [0, 1] and "l <= max(deepstack_layers)" in m["deepstack"]["rule"]
+    assert m["deepstack"]["readded"] == {"visual": {"zero": {"0": [0, 1], "1": [1]}, "swap": {"0": [0, 1],
+                                                                                               "1": [1]}}}
+    assert m["curves"]["visual"]["zero"]["deepstack_readded"] == [0, 1]
+    assert "deepstack_readded" not in m["curves"]["text"]["zero"]
+    assert m["transfer"]["zero"]["deepstack_readded"] == [0, 1]
+    assert runs["qwen3"]["metrics"]["swap"]["deepstack_readded"] == [0, 1]
+    base = runs["none"]["metrics"]["patching"]
+    assert base["deepstack"] == {"layers": [], "rule": m["deepstack"]["rule"], "readded": {}}
+    assert "deepstack_readded" not in base["curves"]["visual"]["zero"] and "deepstack_readded" not in base[
+        "transfer"]["zero"]
+    def numbers(entry):
+        return {k: v for k, v in entry.items() if k != "deepstack_readded"}
+
+    # the numbers are kept, flagged or not
+    assert {c: {s: numbers(v) for s, v in per.items()} for c, per in m["curves"].items()} == base["curves"]
+    assert {s: numbers(v) for s, v in m["transfer"].items()} == base["transfer"]
+    assert numbers(runs["qwen3"]["metrics"]["swap"]) == runs["none"]["metrics"]["swap"]
+    assert runs["old"]["metrics"]["patching"]["deepstack"]["layers"] is None
+    assert "does not record 'deepstack_layers'" in runs["old"]["metrics"]["patching"]["deepstack"]["note"]
+    rows = dict(key_numbers(runs["qwen3"]))
+    assert rows["deepstack re-adds the image (visual patches)"].startswith(
+        "after decoder layers 0, 1: a visual patch at l = 0, 1 removes the image only until the next add")
+    assert rows["swap: answers following the donor at L=1"].endswith(
+        "; deepstack re-adds the sample's own image after this layer")
+    assert "deepstack" not in rows["swap: answers following the donor at L=2"]
+    for name in ("none", "old"):
+        assert not any("deepstack" in k + v for k, v in key_numbers(runs[name]))
 
 
 def test_a_store_without_patched_conditions_skips_both_metrics(tmp_path):
