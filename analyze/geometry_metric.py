@@ -105,10 +105,12 @@ def per_sample(ds, cka_text: str = "question"):
     import dask
 
     vis, starts, vb, n_per, voff, vlen = _blocks(ds, "visual")
+    vis = vis.to_delayed()[..., 0]  # (condition, group, layer) blocks: one graph, optimised once
     vconds, layers = _strs(ds.visual_condition), len(ds.layer)
     tok = has_token_span(ds)
     if tok:
         tarr, _, tb, _, toff, tlen = _blocks(ds, "token")
+        tarr = tarr.to_delayed()[..., 0]  # not .blocks[...]: that slices, culls and optimises a graph per task
         tconds = _strs(ds.token_condition)
         rows = text_rows(ds, cka_text)
     tasks, er_tasks = [], []
@@ -118,13 +120,13 @@ def per_sample(ds, cka_text: str = "question"):
             v_rows = [np.arange(vlen[i]) + int(voff[i] - vb[g]) for i in sl]
             t_rows = [rows[i] + int(toff[i] - tb[g]) for i in sl] if tok else None
             for li in range(layers):
-                tblock = tarr.blocks[tconds.index(label), g, li] if tok else None
-                tasks.append(dask.delayed(_group_geometry)(vis.blocks[c, g, li], tblock, v_rows, t_rows))
+                tblock = tarr[tconds.index(label), g, li] if tok else None
+                tasks.append(dask.delayed(_group_geometry)(vis[c, g, li], tblock, v_rows, t_rows))
     if tok:
         for c in range(len(tconds)):
             for g, s in enumerate(starts):
                 t_rows = [np.arange(tlen[i]) + int(toff[i] - tb[g]) for i in range(s, s + n_per[g])]
-                er_tasks += [dask.delayed(_group_text_er)(tarr.blocks[c, g, li], t_rows) for li in range(layers)]
+                er_tasks += [dask.delayed(_group_text_er)(tarr[c, g, li], t_rows) for li in range(layers)]
     got, er = dask.compute(tasks, er_tasks)
     geo = _scatter(got, (len(vconds), len(voff), layers, 2), starts, n_per)
     text_er = _scatter(er, (len(tconds), len(toff), layers), starts, n_per) if tok else None

@@ -45,14 +45,14 @@ DECREMENT = 1e-12
 RIDGE = 1e-10
 
 
-def suits(n_train: int, n_classes: int, hidden: int) -> bool:
+def suits(n_train: int, hidden: int) -> bool:
     """Whether Newton in the training span is the cheaper path: r = min(n_train, hidden) <= MAX_SPAN.
 
     Measured side by side (``benchmarks/bench_probe_refits.py``, planted signal 1.0, hidden 128, 5 layers,
     R = 10, load 0.1): exact / lbfgs time 0.38 (4 classes, n = 32: r = 13), 0.49 (4, 48: r = 19), 1.0 (4, 64:
     r = 25), 2.7 (4, 100: r = 40); 0.37 (2, 32), 0.64 (2, 48), 1.1 (2, 64), 1.5 (2, 100). On separable states
     lbfgs needs far more rounds (demo store, 4 classes, original: 13x); the crossover stays near r = 25 on
-    this data, whatever K (n_classes is kept for the signature of other rules)."""
+    this data, whatever the number of classes K, so K is not a parameter."""
     return min(n_train, hidden) <= MAX_SPAN
 
 

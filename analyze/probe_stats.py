@@ -155,7 +155,7 @@ def exact_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, tol
 
     Y = _split_labels(y, splits, np.shape(X)[0])
     n_train = max(len(np.unique(tr)) for tr, _ in splits)
-    exact = suits(n_train, len(np.unique(Y)), np.shape(X)[-1])
+    exact = suits(n_train, np.shape(X)[-1])
     fit, kw = (fit_predict_exact, dict(C=C, threads=threads)) if exact else \
         (fit_predict_layers, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
     return _routed(X, Y, splits, fit, kw, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
@@ -455,8 +455,7 @@ def probe_stats(X, y, *, n_refits: int = DEFAULT_REFITS, n_splits: int = 5, seed
     ``fit_predict`` fits the estimate's cross-validation; ``refit_predict`` the refits' (default: with the default
     ``fit_predict``, :func:`exact_fit_predict`; with any other learner, that learner).
     """
-    if stats.is_dataarray(X) and X.chunks is not None and X.nbytes <= probes.LOAD_WHOLE_BYTES:
-        X = X.compute()  # one read for the estimate and every refit
+    X = _load_small(X)  # one read for the estimate and every refit
     res = cross_validate(X, y, n_splits=n_splits, seed=seed, control=control, metric=metric, fit_predict=fit_predict)
     if res.n_excluded:
         raise DataError(f"The 'y' parameter of probe_stats must have no unlabelled (-1) sample. Got "
@@ -471,13 +470,18 @@ def probe_stats(X, y, *, n_refits: int = DEFAULT_REFITS, n_splits: int = 5, seed
                       scheme=design.scheme)
 
 
+def _load_small(X):
+    """A lazy X (dask-backed DataArray or dask array) of at most ``probes.LOAD_WHOLE_BYTES``, loaded once (the
+    folds and refits read every layer many times); anything else as given."""
+    lazy = X.chunks is not None if stats.is_dataarray(X) else hasattr(X, "compute")
+    return X.compute() if lazy and X.nbytes <= probes.LOAD_WHOLE_BYTES else X
+
+
 def _states(X):
-    """(sample, layer, hidden) array-like whose X[:, i, :] loads one layer; a lazy X of at most
-    ``probes.LOAD_WHOLE_BYTES`` is loaded once (the refits read every layer many times)."""
+    """(sample, layer, hidden) array-like whose X[:, i, :] loads one layer (a small lazy X loaded once)."""
     if stats.is_dataarray(X):
         X = X.transpose("sample", "layer", "hidden").data
-    if hasattr(X, "compute") and X.nbytes <= probes.LOAD_WHOLE_BYTES:
-        X = X.compute()
+    X = _load_small(X)
     X = np.asarray(X) if not hasattr(X, "compute") else X
     return X[:, None, :] if X.ndim == 2 else X
 

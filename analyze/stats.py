@@ -287,25 +287,105 @@ def _to_output(x):
     return float(x) if x.ndim == 0 else x
 
 
+_COUNTS_CACHE: dict = {}  # (seed, n, n_resamples, batch) -> (n_resamples, n) resample counts
+_COUNTS_CACHE_ELEMENTS = 8_000_000  # ~64 MB of float64 counts kept at most (a few (B, n) draws)
+
+
+def _resample_counts(n: int, n_resamples: int, batch: int, seed):
+    """Counts C (n_resamples, n): C[b, j] = how often sample j is in resample b, for exactly the index
+    draws ``scipy.stats.bootstrap`` makes with ``rng = default_rng(seed)`` and this ``batch``
+    (``rng.integers(0, n, (batch, n))`` per batch, in order; a paired bootstrap draws the same).
+
+    Every call with the same (seed, n, n_resamples, batch) draws the same indices, so an integer seed's
+    counts are cached: all the per-layer and per-condition intervals of a metric share one draw.
+    """
+    key = (seed, n, n_resamples, batch)
+    if isinstance(seed, (int, np.integer)) and key in _COUNTS_CACHE:
+        return _COUNTS_CACHE[key]
+    rng = np.random.default_rng(seed)
+    counts = np.empty((n_resamples, n))
+    for k in range(0, n_resamples, batch):
+        i = rng.integers(0, n, (min(batch, n_resamples - k), n), dtype="int64")  # (b, n) resampled indices
+        rows = np.arange(len(i))[:, None] * n
+        counts[k:k + len(i)] = np.bincount((rows + i).ravel(), minlength=len(i) * n).reshape(len(i), n)
+    if isinstance(seed, (int, np.integer)) and counts.size <= _COUNTS_CACHE_ELEMENTS:
+        while _COUNTS_CACHE and sum(c.size for c in _COUNTS_CACHE.values()) + counts.size > _COUNTS_CACHE_ELEMENTS:
+            _COUNTS_CACHE.pop(next(iter(_COUNTS_CACHE)))  # oldest first
+        _COUNTS_CACHE[key] = counts
+    return counts
+
+
+def _linear_quantile(dist: np.ndarray, q: float) -> np.ndarray:
+    """The q-quantile along the last axis by scipy.stats.quantile's default rule ('linear', Hyndman-Fan 7), with
+    its arithmetic: j + 1 = floor(q B + 1 - q), g = its fraction, (1 - g) y_(j) + g y_(j+1) of the sorted y
+    (``np.quantile`` differs from it in the last bit)."""
+    B = dist.shape[-1]
+    jg = q * B + (1 - q)
+    hi = int(jg // 1)
+    g = jg % 1
+    lo, hi = min(max(hi - 1, 0), B - 1), min(max(hi, 0), B - 1)
+    y = np.partition(dist, (lo, hi), axis=-1)  # the two order statistics, as a full sort would place them
+    return (1 - g) * y[..., lo] + g * y[..., hi]
+
+
+def _fast_mean_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, seed):
+    """The bootstrap distribution of a mean (or a paired mean difference) as one matrix product, or None.
+
+    theta*_b = (1/n) sum_j C[b, j] x_j with C the resample counts of :func:`_resample_counts`: the same
+    resamples as scipy's, so the interval is scipy's up to rounding in the last bits (sums of 0/1 data
+    are exact, so their intervals are identical).  Used for 'percentile' and 'basic' only (BCa needs
+    scipy's jackknife).  This is what makes thousands of per-layer intervals cheap: scipy gathers a
+    (B, n) copy of the data per call; here the draw is shared and the work is one (B, n) x (n, columns)
+    product.
+    """
+    if method not in ("percentile", "basic"):
+        return None
+    if statistic is _mean and not paired and len(arrays) == 1:
+        x = np.asarray(arrays[0], dtype=float)
+    elif statistic is _mean_diff and paired and len(arrays) == 2:
+        x = np.asarray(arrays[0], dtype=float) - np.asarray(arrays[1], dtype=float)
+    else:
+        return None
+    n = x.shape[0]
+    columns = x.reshape(n, -1)  # (sample, columns)
+    counts = _resample_counts(n, n_resamples, _batch(arrays, n_resamples), seed)  # (B, sample)
+    dist = (counts @ columns / n).T.reshape(x.shape[1:] + (n_resamples,))  # (..., B)
+    alpha = (1 - level) / 2
+    low, high = (_linear_quantile(dist, q) for q in (alpha, 1 - alpha))
+    if method == "basic":
+        theta = np.asarray(statistic(*arrays, axis=0), dtype=float)
+        low, high = 2 * theta - high, 2 * theta - low
+    constant = np.ptp(x, axis=0) == 0  # its resample sums can differ in the last bit: zero spread by fiat
+    return low, high, dist, constant
+
+
 def _run_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, seed):
     """scipy.stats.bootstrap along axis 0 -> (estimate, low, high, bootstrap distribution).
 
-    Where the bootstrap distribution has zero spread (e.g. a constant difference), the interval is
-    set to [estimate, estimate] exactly (BCa is undefined there).
+    Means and paired mean differences under 'percentile' / 'basic' take :func:`_fast_mean_bootstrap`
+    (the same resamples, one matrix product); everything else calls scipy.  Where the bootstrap
+    distribution has zero spread (e.g. a constant difference, every sample identical), the interval
+    is set to [estimate, estimate] exactly (BCa is undefined there).
     """
     import scipy.stats  # imported here: ~1 s, and the CLI imports this module (metric registry)
 
     estimate = np.asarray(statistic(*arrays, axis=0), dtype=float)
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)  # handled just below
-        res = scipy.stats.bootstrap(
-            tuple(arrays), statistic, paired=paired, vectorized=True, axis=0, confidence_level=level,
-            method=method, n_resamples=n_resamples, batch=_batch(arrays, n_resamples),
-            rng=np.random.default_rng(seed),
-        )
-    low, high = (np.asarray(v, dtype=float) for v in res.confidence_interval)
-    dist = np.asarray(res.bootstrap_distribution, dtype=float)
-    flat = np.ptp(dist, axis=-1) == 0
+    fast = _fast_mean_bootstrap(arrays, statistic, paired=paired, level=level, method=method,
+                                n_resamples=n_resamples, seed=seed)
+    if fast is not None:
+        low, high, dist, constant = fast
+        flat = (np.ptp(dist, axis=-1) == 0) | constant
+    else:
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)  # handled just below
+            res = scipy.stats.bootstrap(
+                tuple(arrays), statistic, paired=paired, vectorized=True, axis=0, confidence_level=level,
+                method=method, n_resamples=n_resamples, batch=_batch(arrays, n_resamples),
+                rng=np.random.default_rng(seed),
+            )
+        low, high = (np.asarray(v, dtype=float) for v in res.confidence_interval)
+        dist = np.asarray(res.bootstrap_distribution, dtype=float)
+        flat = np.ptp(dist, axis=-1) == 0
     low, high = np.where(flat, estimate, low), np.where(flat, estimate, high)
     if np.isnan(low).any() or np.isnan(high).any():
         warnings.warn(

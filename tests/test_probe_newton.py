@@ -65,13 +65,13 @@ def test_refits_use_the_exact_solver_and_agree_with_lbfgs_refits():
     fast = ps.probe_stats(X, y, n_refits=4, seed=0)
     slow = ps.probe_stats(X, y, n_refits=4, seed=0, refit_predict=ps.batched_fit_predict)
     np.testing.assert_array_equal(fast.estimate(), slow.estimate())
-    assert np.abs(fast.rep("accuracy") - slow.rep("accuracy")).max() <= 1 / 12 + 1e-12  # at most one flip per class
+    assert np.abs(fast.rep("accuracy") - slow.rep("accuracy")).max() <= 1 / 24 + 1e-12  # one flipped row of a half's 24 (0 here)
     np.testing.assert_allclose(fast.se(), slow.se(), atol=0.02)
 
 
 def test_suits_only_small_problems():
-    assert suits(19, 2, 2048) and suits(13, 4, 128) and suits(800, 4, 16)
-    assert not suits(800, 2, 2048) and not suits(40, 4, 128)
+    assert suits(19, 2048) and suits(13, 128) and suits(800, 16)
+    assert not suits(800, 2048) and not suits(40, 128)
 
 
 def test_a_split_missing_a_class_its_test_lacks_too_goes_to_sklearn():

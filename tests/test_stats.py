@@ -64,6 +64,47 @@ def test_matches_scipy_bootstrap_with_same_seed():
     assert (ci.low, ci.high) == pytest.approx(tuple(ref.confidence_interval), rel=1e-12)
 
 
+def _scipy_interval(arrays, statistic, paired, method, n_resamples, seed):
+    res = scipy.stats.bootstrap(tuple(arrays), statistic, paired=paired, vectorized=True, axis=0, method=method,
+                                n_resamples=n_resamples, batch=stats._batch(arrays, n_resamples),
+                                rng=np.random.default_rng(seed))
+    return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
+
+
+@pytest.mark.parametrize("method", ["percentile", "basic"])
+@pytest.mark.parametrize("shape", [(7,), (192,), (60, 5), (30, 3, 2), (1500, 40)])  # the last: 16 batches
+def test_mean_intervals_draw_scipys_resamples(method, shape):
+    """The matrix-product path of means and paired differences gives scipy's interval: to rounding on
+    normal data, exactly on 0/1 data (its resample sums are integers)."""
+    rng = np.random.default_rng(4)
+    normal = rng.normal(size=shape), rng.normal(size=shape)
+    binary = (rng.random(shape) < 0.7).astype(float), (rng.random(shape) < 0.4).astype(float)
+    for (a, b), tol in ((normal, 1e-12), (binary, 0.0)):
+        for got, want in (
+            (stats.mean_ci(a, method=method, n_resamples=499, seed=3),
+             _scipy_interval([a], lambda x, axis: np.mean(x, axis=axis), False, method, 499, 3)),
+            (stats.mean_diff_ci(a, b, method=method, n_resamples=499, seed=3),
+             _scipy_interval([a, b], lambda x, y, axis: np.mean(x - y, axis=axis), True, method, 499, 3)),
+        ):
+            assert np.abs(np.asarray(got.low) - want[0]).max() <= tol
+            assert np.abs(np.asarray(got.high) - want[1]).max() <= tol
+
+
+def test_shared_draws_are_cached_per_seed_and_size_and_constant_columns_stay_degenerate():
+    stats._COUNTS_CACHE.clear()
+    x = np.random.default_rng(5).normal(size=(40, 3))
+    x[:, 1] = 0.1  # constant: its resample sums could differ in the last bit; still zero width
+    one = stats.mean_ci(x, seed=2)
+    assert len(stats._COUNTS_CACHE) == 1
+    assert stats.mean_ci(x[:, 0], seed=2).low == pytest.approx(one.low[0], abs=1e-15)
+    assert len(stats._COUNTS_CACHE) == 1  # same (seed, n, B, batch): the draw is reused
+    stats.mean_ci(x[:30], seed=2), stats.mean_ci(x, seed=3)
+    assert len(stats._COUNTS_CACHE) == 3
+    assert one.degenerate.tolist() == [False, True, False] and one.low[1] == one.high[1] == one.estimate[1]
+    free = [stats.mean_ci(x[:, 0], seed=None).low for _ in range(2)]  # no seed: fresh draws, not cached
+    assert free[0] != free[1] and len(stats._COUNTS_CACHE) == 3
+
+
 def test_same_seed_same_interval_other_seed_differs():
     x = np.random.default_rng(2).normal(size=40)
     one, two = (stats.mean_ci(x, seed=5) for _ in range(2))
