@@ -25,7 +25,7 @@ Usage::
 All intervals are :func:`scipy.stats.bootstrap`'s (``method`` 'percentile', 'BCa' or 'basic'), seeded with
 ``numpy.random.default_rng(seed)``; the seed is recorded.  Means and paired mean differences under
 'percentile' / 'basic' are computed without calling it, from the very resamples it would draw: the counts
-matrix C (B, n) of those draws, cached per (seed, n), times the data, theta* = C x / n (``_fast_mean_bootstrap``;
+matrix C (B, n) of those draws, cached per (seed, n, B, batch), times the data, theta* = C x / n (``_fast_mean_bootstrap``;
 equal to scipy's interval to 1e-15, exactly on 0/1 data; a metric's thousands of per-layer intervals then
 share one draw).  ``tests/test_stats.py`` holds the two paths equal.
 
@@ -304,7 +304,8 @@ def _resample_counts(n: int, n_resamples: int, batch: int, seed):
     counts are cached: all the per-layer and per-condition intervals of a metric share one draw.
     """
     key = (seed, n, n_resamples, batch)
-    if isinstance(seed, (int, np.integer)) and key in _COUNTS_CACHE:
+    cacheable = isinstance(seed, (int, np.integer))  # seed None: fresh entropy on every call
+    if cacheable and key in _COUNTS_CACHE:
         return _COUNTS_CACHE[key]
     rng = np.random.default_rng(seed)
     counts = np.empty((n_resamples, n))
@@ -312,7 +313,7 @@ def _resample_counts(n: int, n_resamples: int, batch: int, seed):
         i = rng.integers(0, n, (min(batch, n_resamples - k), n), dtype="int64")  # (b, n) resampled indices
         rows = np.arange(len(i))[:, None] * n
         counts[k:k + len(i)] = np.bincount((rows + i).ravel(), minlength=len(i) * n).reshape(len(i), n)
-    if isinstance(seed, (int, np.integer)) and counts.size <= _COUNTS_CACHE_ELEMENTS:
+    if cacheable and counts.size <= _COUNTS_CACHE_ELEMENTS:
         while _COUNTS_CACHE and sum(c.size for c in _COUNTS_CACHE.values()) + counts.size > _COUNTS_CACHE_ELEMENTS:
             _COUNTS_CACHE.pop(next(iter(_COUNTS_CACHE)))  # oldest first
         _COUNTS_CACHE[key] = counts
