@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from gapcache.conditions import DEEPSTACK_ATTR
-from gapcache.errors import DamagedChunkError, SchemaVersionError, StoreError
+from gapcache.errors import DamagedChunkError, SchemaVersionError, StoreError, UnsupportedShardFormat
 from gapcache.store import arrays, codec
 from gapcache.store.schema import (
     STATUS_DONE,
@@ -136,13 +136,36 @@ class _Guarded:
         self.arr, self.path, self.encoding = arr, path, encoding
         self.shape, self.ndim = arr.shape, arr.ndim
         self.dtype = np.dtype(np.float32) if encoding == "bfloat16" else arr.dtype
+        self.direct = _direct_reader(arr)
 
     def __getitem__(self, key):
         try:
-            raw = self.arr[key]
+            raw = self._read(key)
         except DECODE_ERRORS as err:
             raise DamagedChunkError(_damage_message(self.path, self.arr, _chunk_keys(self.arr, key), err)) from None
         return raw if self.encoding is None else codec.decode(raw, self.encoding)
+
+    def _read(self, key):
+        """``arr[key]``: straight from the shard files where the array allows it (gapcache.store.shardread),
+        else through zarr-python."""
+        if self.direct is not None:
+            try:
+                return self.direct[key]
+            except UnsupportedShardFormat:  # a selection it does not take (steps, fancy indexing)
+                pass
+        return self.arr[key]
+
+
+def _direct_reader(arr):
+    """The direct shard reader of a local sharded zarr array, or None (another store or layout: zarr reads it)."""
+    from gapcache.store.shardread import ShardReader
+
+    if arr.shards is None:
+        return None
+    try:
+        return ShardReader.open(arr)
+    except UnsupportedShardFormat:
+        return None
 
 
 def _guard(ds, group, path, decode: bool = False):
