@@ -252,7 +252,7 @@ def _er_ratio_entry(x, cliff: int, p: AnalysisParams) -> dict:
         out["er_ratio_note"] = (f"undefined: cliff layer {cliff} leaves no stored layer on one side "
                                 f"(layers {layers.min()}..{layers.max()}); pass --cliff-layer to choose one")
         return out
-    per_sample = np.array([float(er_ratio(x.isel(sample=i), cliff)) for i in range(x.sizes["sample"])])
+    per_sample = np.asarray(er_ratio(x.transpose("sample", "layer"), cliff).values, dtype=float)  # (sample,)
     fin = np.isfinite(per_sample)
     if fin.sum() >= 2:
         out["er_ratio"] = _ci(per_sample[fin], p).to_dict()
