@@ -102,3 +102,25 @@ def test_option_bytes_of_the_qwen3_moe_config():
 def test_option_bytes_refuses_a_family_without_a_shape():
     with pytest.raises(SystemExit, match="The 'model.family' parameter of bench_option_bytes must be one of"):
         bench("option_bytes").model_config("llava")
+
+
+def test_read_bench_blocks_tile_each_state_array_and_both_readers_agree(tmp_path, capsys, monkeypatch):
+    """bench_read: its (condition, shard rows, layer) selections cover every element once; it prints identical."""
+    import zarr
+
+    from helpers import random_payloads, roundtrip, small_layout
+
+    layout = small_layout("bfloat16")
+    path = tmp_path / "s.zarr"
+    roundtrip(path, layout, random_payloads(layout, seed=4))
+    mod = bench("read")
+    for name in ("text_states", "visual_states"):
+        arr = zarr.open_array(path / name, mode="r")
+        seen = np.zeros(arr.shape, dtype=int)
+        for key in mod.blocks(arr):
+            seen[key] += 1
+        assert (seen == 1).all(), name
+    monkeypatch.setattr("sys.argv", ["bench_read.py", str(path), "--repeats", "1"])
+    mod.main()
+    out = capsys.readouterr().out
+    assert out.count("identical True") == 2 and "token_states" in out and "not in the store" in out
