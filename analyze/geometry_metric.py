@@ -113,7 +113,7 @@ def per_sample(ds, cka_text: str = "question"):
     vis, starts, vb, n_per, voff, vlen = _blocks(ds, "visual")
     vconds = _strs(ds.visual_condition)
     group = da.arange(len(starts), chunks=1)  # block g of this array: the group's index
-    v_rows = [[np.arange(vlen[i]) + int(voff[i] - vb[g]) for i in range(s, s + n_per[g])] for g, s in enumerate(starts)]
+    v_rows = _group_rows(starts, n_per, vb, voff, [np.arange(n) for n in vlen])
     out = dict(adjust_chunks={"g": tuple(n_per)}, align_arrays=False, dtype=float, concatenate=True)
     if not has_token_span(ds):
         geo = da.blockwise(_geometry_block, "cgls", vis, "cgld", None, None, group, "g", v_rows, None, None, None,
@@ -122,15 +122,20 @@ def per_sample(ds, cka_text: str = "question"):
     tok, _, tb, _, toff, tlen = _blocks(ds, "token")
     tconds = _strs(ds.token_condition)
     rows = text_rows(ds, cka_text)
-    t_rows = [[rows[i] + int(toff[i] - tb[g]) for i in range(s, s + n_per[g])] for g, s in enumerate(starts)]
-    all_rows = [[np.arange(tlen[i]) + int(toff[i] - tb[g]) for i in range(s, s + n_per[g])]
-                for g, s in enumerate(starts)]
+    t_rows = _group_rows(starts, n_per, tb, toff, rows)
+    all_rows = _group_rows(starts, n_per, tb, toff, [np.arange(n) for n in tlen])
     paired = tok[[tconds.index(label) for label in vconds]]  # the token span under each visual condition
     geo = da.blockwise(_geometry_block, "cgls", vis, "cgld", paired, "cgld", group, "g", v_rows, None, t_rows, None,
                        new_axes={"s": 2}, meta=np.empty((0, 0, 0, 0)), **out)
     er = da.blockwise(_text_er_block, "cgl", tok, "cgld", group, "g", all_rows, None, meta=np.empty((0, 0, 0)), **out)
     geo, er = dask.compute(geo, er)
     return geo[..., 0], geo[..., 1], er
+
+
+def _group_rows(starts, n_per, bounds, offsets, rows) -> list[list[np.ndarray]]:
+    """Per group g, per sample i of it: ``rows[i]`` (relative to the sample's offset) relative to the group's
+    first row ``bounds[g]``, i.e. row indices into the group's block."""
+    return [[rows[i] + int(offsets[i] - bounds[g]) for i in range(s, s + n_per[g])] for g, s in enumerate(starts)]
 
 
 def _geometry_block(vblock, tblock, g, v_rows, t_rows) -> np.ndarray:

@@ -24,14 +24,9 @@ import numpy as np
 
 def blocks(arr):
     """Every (1 condition, whole shard rows, 1 layer along the layer axis, rest whole) selection of a state array."""
-    shards = arr.shards or arr.chunks
-    layer_axis = arr.ndim - 2  # (condition, rows[, site], layer, hidden)
-    ranges = []
-    for axis, (n, s) in enumerate(zip(arr.shape, shards)):
-        if axis == 0 or axis == layer_axis or (axis not in (1, arr.ndim - 1)):
-            ranges.append([slice(i, i + 1) for i in range(n)])
-        else:
-            ranges.append([slice(i, min(i + s, n)) for i in range(0, n, s)])
+    shards = arr.shards or arr.chunks  # (condition, rows[, site], layer, hidden): rows and hidden by shard
+    ranges = [[slice(i, min(i + s, n)) for i in range(0, n, s)] if axis in (1, arr.ndim - 1)
+              else [slice(i, i + 1) for i in range(n)] for axis, (n, s) in enumerate(zip(arr.shape, shards))]
     return list(itertools.product(*ranges))
 
 

@@ -130,6 +130,20 @@ def _parse_fill(value, dtype: np.dtype):
     return dtype.type(value)
 
 
+def local_dir(array, what: str) -> Path:
+    """The directory of a zarr-python ``Array`` in a local filesystem store; UnsupportedShardFormat for any other
+    store (``what``: 'writes' or 'reads', for the message)."""
+    from zarr.storage import LocalStore
+
+    store = getattr(array, "store", None)
+    if not isinstance(store, LocalStore):
+        raise UnsupportedShardFormat(
+            f"Array {array.path!r} lives in a {type(store).__name__}; direct shard {what} need a local "
+            "filesystem store (zarr.storage.LocalStore)."
+        )
+    return Path(store.root) / array.path
+
+
 class ShardArray:
     """One sharded Zarr v3 array of a local store, written a whole shard at a time."""
 
@@ -225,19 +239,12 @@ class ShardArray:
     @classmethod
     def open(cls, array) -> ShardArray:
         """The direct writer of a zarr-python ``Array``; refused unless its store is a writable local directory."""
-        from zarr.storage import LocalStore
-
-        store = getattr(array, "store", None)
-        if not isinstance(store, LocalStore):
-            raise UnsupportedShardFormat(
-                f"Array {array.path!r} lives in a {type(store).__name__}; direct shard writes need a local "
-                "filesystem store (zarr.storage.LocalStore)."
-            )
-        if store.read_only:
+        array_dir = local_dir(array, "writes")
+        if array.store.read_only:
             raise UnsupportedShardFormat(f"Array {array.path!r}: the store is read-only.")
         if not (hasattr(os, "writev") and hasattr(os, "pwrite")):
             raise UnsupportedShardFormat("Direct shard writes need os.writev and os.pwrite (POSIX).")
-        return cls.from_path(Path(store.root) / array.path)
+        return cls.from_path(array_dir)
 
     # ------------------------------------------------------------------ keys
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from gapcache.errors import UnsupportedShardFormat
-from gapcache.store.shardio import MISSING, ShardArray, crc32c
+from gapcache.store.shardio import MISSING, ShardArray, crc32c, local_dir
 
 
 def _bounds(key, shape) -> tuple[list[tuple[int, int]], list[int]]:
@@ -74,29 +74,23 @@ class ShardReader:
     @classmethod
     def open(cls, array) -> ShardReader:
         """The reader of a zarr-python ``Array`` of a local filesystem store (read-only is fine)."""
-        from zarr.storage import LocalStore
-
-        store = getattr(array, "store", None)
-        if not isinstance(store, LocalStore):
-            raise UnsupportedShardFormat(f"Array {array.path!r} lives in a {type(store).__name__}, not a local store.")
+        array_dir = local_dir(array, "reads")
         if not hasattr(os, "pread"):
             raise UnsupportedShardFormat("Direct shard reads need os.pread (POSIX).")
-        return cls(ShardArray.from_path(Path(store.root) / array.path))
+        return cls(ShardArray.from_path(array_dir))
 
     def __getitem__(self, key) -> np.ndarray:
         sa = self.sa
         bounds, dropped = _bounds(key, self.shape)
         out = np.empty([b - a for a, b in bounds], dtype=self.dtype)
-        if out.size == 0:
-            return out.squeeze(axis=tuple(dropped)) if dropped else out
         shards = [range(a // s, -(-b // s)) for (a, b), s in zip(bounds, sa.shard_shape)]
-        for coords in itertools.product(*shards):
+        for coords in itertools.product(*shards) if out.size else ():
             origin = [c * s for c, s in zip(coords, sa.shard_shape)]
             # the selection within this shard, shard-relative
             lo = [max(a, o) - o for (a, _), o in zip(bounds, origin)]
             hi = [min(b, o + s) - o for (_, b), o, s in zip(bounds, origin, sa.shard_shape)]
             self._read_shard(coords, lo, hi, out, [o + l - a for o, l, (a, _) in zip(origin, lo, bounds)])
-        return out.squeeze(axis=tuple(dropped)) if dropped else out
+        return out.squeeze(axis=tuple(dropped))
 
     def _read_shard(self, coords, lo, hi, out, at) -> None:
         """Fill ``out`` at offset ``at`` with the shard-relative box [lo, hi) of the shard at ``coords``."""
@@ -149,7 +143,7 @@ class ShardReader:
         buf = os.pread(fd, nbytes, offset)
         if len(buf) != nbytes:
             raise ValueError(f"shard {path}: inner chunk {idx} is cut short ({len(buf)} of {nbytes} bytes)")
-        for name, impl in reversed(sa.bytes_codecs):
+        for _name, impl in reversed(sa.bytes_codecs):
             if impl is None:  # crc32c
                 body, tail = memoryview(buf)[:-4], bytes(memoryview(buf)[-4:])
                 if len(tail) != 4 or crc32c(body) != int(np.frombuffer(tail, "<u4")[0]):
