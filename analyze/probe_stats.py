@@ -25,8 +25,15 @@ fitted on n (k-1)/k samples, which k-fold CV estimates; Bates, Hastie & Tibshira
    population, so E (T_A - T_B)^2 / 2 = Var(T_{n/2}) exactly, and Var(T_n) = Var(T_{n/2}) / 2 when the
    variance scales as 1/n (the classical half-sample variance, e.g. McCarthy 1969; the same halving
    as Dietterich's 5x2cv test, 1998, Neural Computation 10);
-4. interval = estimate_l +- t_{R, (1+level)/2} SE_l around the estimate of the full cross-validation
-   (R degrees of freedom: SE^2 is a mean of R squared differences).
+4. interval = estimate_l +- t_{df, (1+level)/2} SE_l around the estimate of the full cross-validation,
+   1/df = 1/R + 1/nu (:func:`refit_df`).  SE^2 errs in two ways: the R random splits (a mean of R squared
+   differences: chi^2_R / R) and the one data set all splits are cut from (with R -> inf the half-sample
+   variance of a mean is its sample variance, chi^2_nu / nu); their squared coefficients of variation add
+   (Satterthwaite 1946).  nu = Welch's df of the class counts (:func:`welch_df`: 46 for 24 + 24 samples,
+   26 for 20/12/9/7, where the small classes dominate the balanced accuracy's variance), so df = 8.2 and
+   7.2 there, 9.5 at n = 200 (R = 10).  With df = R the data's share was missing: the |t| tail was
+   1.6-1.9x too heavy at Holm's alpha / 75 (an extreme estimate comes with a ~9% smaller SE^2: the
+   Wald effect of a proportion) and the 4-class cells at n = 48 covered 0.930-0.940.
 
 Why not the bootstrap of the cross-validation (``scheme='bootstrap'``, kept for comparison): a
 resample with duplicated samples (or a subsample of the same data) inflates the pairwise terms of
@@ -37,36 +44,44 @@ cover 0.98-0.99.  Disjoint halves have no shared sample, so that term is estimat
 measured 0.0633 vs 0.0633 at chance and 0.0567 vs 0.0564 with a signal (centroid learner, n = 100,
 150 replications).
 
-Measured coverage of the 95% intervals (``benchmarks/bench_probe_coverage.py coverage``, centroid
-learner, 200 replications per cell, binomial SE ~0.015; old = OOF sample bootstrap):
+Measured coverage of the 95% intervals (``benchmarks/bench_probe_coverage.py coverage --reps 1000 --seed
+300000``, centroid learner, 1000 replications per cell, binomial SE ~0.007; old = OOF sample bootstrap; new =
+halves with the df of step 4; load 2.3-3.5 while it ran, which changes only the seconds):
 
 =============================  ===========  ===========  ============  ============
 n, classes                     old acc      old sel      new acc       new sel
 =============================  ===========  ===========  ============  ============
-48/100/200, 2, chance          0.88-0.91    0.875-0.90   0.94-0.965    0.95-0.98
-48/100/200, 2, signal          0.895-0.935  0.87-0.88    0.95-0.975    0.935-0.98
-200, 4 imbalanced, both        0.875-0.92   0.87-0.89    0.945-0.95    0.94-0.955
-48/100, 4 imbalanced, both     0.805-0.91   0.85-0.875   0.885-0.945   0.91-0.95
+48/100/200, 2, chance          0.863-0.890  0.862-0.886  0.936-0.954   0.943-0.954
+48/100/200, 2, signal          0.902-0.907  0.877-0.892  0.951-0.968   0.942-0.964
+200, 4 imbalanced, both        0.883-0.923  0.871-0.909  0.950-0.956   0.938-0.963
+48/100, 4 imbalanced, both     0.871-0.906  0.871-0.896  0.937-0.954   0.943-0.957
 =============================  ===========  ===========  ============  ============
 
-Known shortfall: with 4 imbalanced classes (0.4/0.25/0.2/0.15) at n = 48 and 100, a half holds 3-7
-samples of the smallest class; its CV score varies less than 2 Var(T_n), so the SE is 5-15% small and
-coverage is 0.885-0.93 at chance (0.945-0.95 with a signal).  Remeasured with 400 replications per cell
-(``coverage --reps 400 --n 48 100 --classes 4``): rms SE / sd of the estimate 0.89 (n = 48, chance), 0.89
-(48, signal), 0.96 (100, chance), 0.93 (100, signal); new accuracy coverage 0.915, 0.922, 0.938, 0.932
-(+-0.013), selectivity 0.932, 0.927, 0.960, 0.938.  The SE itself is biased low (the variance does not
-halve with the sample there), so a larger t quantile (fewer degrees of freedom) would not fix it in
-general.  Family-wise error under the global
-null (n = 100, 2 classes, 25 layers, original + 3 conditions, 150 replications, ``fwer``): condition -
-original 0.053 +- 0.018 (old sign-flip + Holm per condition: 0.53), "from layer X" 0.027 +- 0.013
-(old: 0.27); at n = 48 (halves of 24) 40 replications gave 0.15 and 0.10 (``tests/test_probe_stats.py``);
-100 replications (``fwer --reps 100 --n 48``, load 1.1) give condition - original 0.070 +- 0.026 and "from
-layer X" 0.070 +- 0.026 with 2 classes, 0.030 +- 0.017 and 0.030 +- 0.017 with 4 (old: 0.43 / 0.27, 0.32 / 0.18).
+df = R (before step 4's nu) on other data (a scratch collection of the refit differences, not in the repo;
+3000 replications a cell at n = 48 and 100, 1000 at 200, the same
+refit SEs, the quantile alone changed): 4 classes at n = 48 covered 0.930-0.940 (Welch df: 0.940-0.950), every
+other cell 0.000-0.008 lower than with the Welch df.  The df costs width where it buys coverage: t_{0.975} grows
+by 0.7% (n = 200) to 5.4% (4 classes, n = 48).  Width: the mean half-width is 1.05-1.20x the oracle 1.96
+sd(estimate) with df = R and 1.10-1.22x with the Welch df; the widest are 2 classes with a signal, whose
+accuracy SE^2 is 1.13-1.17x Var(T_n) (a half learns less, so its score varies more than the 1/n scaling says).
+Below 0.94 remain 2 classes at chance, n = 100 (0.936 +- 0.008), 4 classes with a signal, n = 48 (0.937) and
+4 classes at chance, n = 200, selectivity (0.938): 4 classes at n = 48 still have SE^2 0.89-0.93x Var(T_n) (the
+idea of an SE scaled by the halves' and the full data's binomial variances of the class recalls did not help:
+0.923 vs 0.930 at chance, 300 replications).
+
+Family-wise error under the global null (``fwer``, 25 layers, original + 3 conditions, centroid learner,
+hidden 16): n = 48, 2 classes, 500 replications (``--reps 500 --n 48 --seed 400000``): condition -
+original 0.032 +- 0.008 (old sign-flip + Holm per condition: 0.41), "from layer X" 0.034 +- 0.008 (old:
+0.23); 4 imbalanced classes (``--classes 4``, same run): 0.018 +- 0.006 and 0.036 +- 0.008 (old: 0.31,
+0.19).  ``tests/test_probe_stats.py``'s seeds (hidden 8, 200 replications): 0.06 and 0.075.  With df = R the
+same statistics on other data (hidden 8, 300 replications) made 0.077 +- 0.015 and 0.057 +- 0.013 (0.050 and
+0.047 with df = 8.2 on the same data); the 0.15 / 0.10 once recorded at n = 48 came from 40 replications.
+n = 100, 2 classes (150 replications, df = R): 0.053 +- 0.018 and 0.027 +- 0.013.
 
 Tests (family-wise error control):
 
 - **condition - reference at every layer** (:func:`compare_conditions`): t_l = D_l / SE_l, two-sided
-  p_l = 2 P(T_R > |t_l|); Holm's step-down over *all* (condition, layer) pairs reported together
+  p_l = 2 P(T_df > |t_l|) (df of step 4); Holm's step-down over *all* (condition, layer) pairs reported together
   (Holm 1979: FWER <= alpha under any dependence, given valid p-values);
 - **"selectivity > 0 from layer X"** (:func:`decodes_from`): one-sided tests of S_l > 0 at level
   alpha / m (Bonferroni over the m conditions reported together), taken in a fixed sequence from
@@ -327,17 +342,45 @@ def score_layers(y, pred, metric: str = "balanced_accuracy") -> np.ndarray:
 # --------------------------------------------------------------------------- intervals
 
 
-def standard_error(replicates, scheme: str = DEFAULT_SCHEME) -> tuple:
-    """(SE per layer, degrees of freedom) from the refit scores (module docstring, step 3).
+def standard_error(replicates, scheme: str = DEFAULT_SCHEME, data_df: float = np.inf) -> tuple:
+    """(SE per layer, degrees of freedom) from the refit scores (module docstring, steps 3-4).
 
     'halves': replicates (2R, layer), rows 2r and 2r + 1 the two halves of split r:
-    SE^2 = mean_r (T_r,A - T_r,B)^2 / 4, df = R.  'bootstrap': SE = sd_b (ddof 1), df = B - 1.
+    SE^2 = mean_r (T_r,A - T_r,B)^2 / 4, 1/df = 1/R + 1/data_df (:func:`refit_df`; data_df = inf: df = R).
+    'bootstrap': SE = sd_b (ddof 1), df = B - 1.
     """
     rep = np.asarray(replicates, dtype=float)
     if scheme == "halves":
         d = rep[0::2] - rep[1::2]  # (R, layer)
-        return np.sqrt(np.mean(d**2, axis=0) / 4), int(d.shape[0])
+        return np.sqrt(np.mean(d**2, axis=0) / 4), refit_df(d.shape[0], data_df)
     return rep.std(axis=0, ddof=1), int(rep.shape[0] - 1)
+
+
+def welch_df(class_counts, metric: str = "balanced_accuracy") -> float:
+    """Welch-Satterthwaite degrees of freedom of a class-weighted mean of per-sample scores.
+
+    score = sum_k w_k mean_{i in k} h_i, w_k = 1/K ('balanced_accuracy') or n_k / n ('accuracy'); with equal
+    per-class variances of h, v_k = w_k^2 / n_k and nu = (sum_k v_k)^2 / sum_k v_k^2 / (n_k - 1)
+    (Welch 1947; n_k - 1 floored at 1).  2 classes of 24: nu = 46; 20/12/9/7: nu = 26.3 (the small classes).
+    """
+    c = np.asarray(list(class_counts.values()) if isinstance(class_counts, dict) else class_counts, dtype=float)
+    if c.ndim != 1 or c.size < 1 or np.any(c < 1):
+        raise ConfigError(f"The 'class_counts' parameter of welch_df must be counts >= 1. "
+                          f"Got {class_counts!r} instead.")
+    w = c / c.sum() if metric == "accuracy" else np.full(c.size, 1.0 / c.size)
+    v = w**2 / c
+    return float(v.sum() ** 2 / np.sum(v**2 / np.maximum(c - 1, 1)))
+
+
+def refit_df(n_refits: int, data_df: float = np.inf) -> float:
+    """df of the halves' t: 1/df = 1/R + 1/data_df (module docstring, step 4).
+
+    SE^2 has two independent sources of error: the R random half-splits (each (T_A - T_B)^2 / 4 ~ sigma^2
+    chi^2_1, so chi^2_R / R) and the data it is computed from (the half-sample variance of a mean over R -> inf
+    splits is its sample variance: chi^2_nu / nu, nu = :func:`welch_df`); squared coefficients of variation add
+    (2/R + 2/nu), which is a chi^2 of df = 1 / (1/R + 1/nu) (Satterthwaite 1946).
+    """
+    return float(1.0 / (1.0 / n_refits + 1.0 / data_df))
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -348,15 +391,16 @@ def t_quantile(p: float, df: int) -> float:
 
 
 def interval(estimate, replicates, *, scheme: str = DEFAULT_SCHEME, level: float = 0.95, name: str = "probe",
-             layers=None, seed=None) -> stats.Interval:
+             layers=None, seed=None, data_df: float = np.inf) -> stats.Interval:
     """estimate_l +- t_{df, (1+level)/2} SE_l (:func:`standard_error`): the refit interval.
 
-    ``estimate``: (layer,); ``replicates``: the refit scores (or paired differences) of ``scheme``.
+    ``estimate``: (layer,); ``replicates``: the refit scores (or paired differences) of ``scheme``;
+    ``data_df``: :func:`welch_df` of the class counts (halves only; inf: df = R).
     Zero SE (every refit scored the same, e.g. perfect separation) is flagged ``degenerate``.
     """
     level = stats.check_level(level, "probe_stats.interval")
     est = np.asarray(estimate, dtype=float)
-    se, df = standard_error(replicates, scheme)
+    se, df = standard_error(replicates, scheme, data_df)
     half = t_quantile((1 + level) / 2, df) * se
     layers = list(range(est.shape[-1])) if layers is None else list(layers)
     return stats.Interval(statistic=name, estimate=est.tolist(), low=(est - half).tolist(),
@@ -390,13 +434,18 @@ class ProbeStats:
         return standard_error(self.rep(which), self.scheme)[0]
 
     @property
-    def df(self) -> int:
-        return standard_error(self.replicates["accuracy"][:, :1], self.scheme)[1]
+    def data_df(self) -> float:
+        """:func:`welch_df` of the labelled samples' class counts (the data's share of the t's df)."""
+        return welch_df(self.result.class_counts, self.result.metric)
+
+    @property
+    def df(self) -> float:
+        return standard_error(self.replicates["accuracy"][:, :1], self.scheme, self.data_df)[1]
 
     def ci(self, which: str = "accuracy", level: float | None = None) -> stats.Interval:
         iv = interval(self.estimate(which), self.rep(which), scheme=self.scheme,
                       level=self.level if level is None else level, name=f"probe_{which}",
-                      layers=self.result.layers, seed=self.seed)
+                      layers=self.result.layers, seed=self.seed, data_df=self.data_df)
         return dataclasses.replace(iv, n=int(len(self.result.y)))
 
     def lower_bound(self, which: str = "selectivity", alpha: float = 0.05) -> np.ndarray:
@@ -517,8 +566,9 @@ def compare_conditions(pairs: dict, *, alpha: float = 0.05, level: float = 0.95,
 
     ``pairs``: {label: (ProbeStats of the condition, ProbeStats of the reference)}, each pair made on one
     :class:`RefitDesign` (same samples in the same order, same resamples).  D_l = A_l(cond) - A_l(ref),
-    SE_l = sd_b(A*_bl(cond) - A*_bl(ref)), t_l = D_l / SE_l, p_l two-sided from t_{B-1}
-    (:func:`t_pvalue`); the p-values of every pair and layer adjusted as one family
+    SE_l and df from the paired refit differences A*_bl(cond) - A*_bl(ref) (:func:`standard_error`, data_df of
+    the reference's class counts), t_l = D_l / SE_l, p_l two-sided from t_df (:func:`t_pvalue`);
+    the p-values of every pair and layer adjusted as one family
     (``stats.adjust_pvalues``, Holm by default); reject = p_adj <= alpha.
     Returns {label: dict in the shape of ``stats.Comparison.to_dict()``, plus 'family'}.
     """
@@ -530,7 +580,7 @@ def compare_conditions(pairs: dict, *, alpha: float = 0.05, level: float = 0.95,
         diffs[label] = cond.estimate() - ref.estimate()
         reps[label] = cond.replicates["accuracy"] - ref.replicates["accuracy"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        se = {k: standard_error(reps[k], pairs[k][1].scheme) for k in pairs}
+        se = {k: standard_error(reps[k], pairs[k][1].scheme, pairs[k][1].data_df) for k in pairs}
         p = {k: t_pvalue(diffs[k] / se[k][0], se[k][1]) for k in pairs}
     flat = np.concatenate([p[k] for k in pairs])
     adj_flat = stats.adjust_pvalues(flat, correction)
@@ -540,7 +590,8 @@ def compare_conditions(pairs: dict, *, alpha: float = 0.05, level: float = 0.95,
         adj = adj_flat[start:start + len(p[label])]
         start += len(p[label])
         iv = dataclasses.replace(interval(diffs[label], reps[label], scheme=ref.scheme, level=level,
-                                          name="probe_accuracy_difference", layers=ref.result.layers, seed=ref.seed),
+                                          name="probe_accuracy_difference", layers=ref.result.layers, seed=ref.seed,
+                                          data_df=ref.data_df),
                                  n=int(len(ref.result.y)))
         reject = adj <= alpha
         out[label] = stats.jsonable({
@@ -560,7 +611,8 @@ def _check_paired(a: ProbeStats, b: ProbeStats, label):
 def decodes_from(by_condition: dict, *, alpha: float = 0.05) -> dict:
     """{condition: first layer X from which selectivity > 0 at every later layer, or None}, FWER <= alpha.
 
-    Per condition: one-sided lower bounds S_l - t_{B-1, 1 - alpha/m} SE_l (m = len(by_condition),
+    Per condition: one-sided lower bounds S_l - t_{df, 1 - alpha/m} SE_l (m = len(by_condition), df of
+    :attr:`ProbeStats.df`,
     Bonferroni over the conditions reported together); layers tested from the deepest one down
     while the bound is > 0 (fixed sequence); X = the last layer that passed (None if the deepest fails).
     """
@@ -580,8 +632,9 @@ def rule(alpha: float, n_conditions: int, n_refits: int, n_splits: int, scheme: 
     """The report's sentence for the rules used."""
     how = (f"{n_refits} random splits into two disjoint stratified halves, SE^2 = mean (T_A - T_B)^2 / 4"
            if scheme == "halves" else f"{n_refits} stratified bootstrap resamples, SE = their sd")
-    df = n_refits if scheme == "halves" else n_refits - 1
-    return (f"probe intervals: the whole {n_splits}-fold cross-validation refitted on {how}; estimate +- t_{df} x SE; "
+    df = (f"t_df, 1/df = 1/{n_refits} + 1/nu (nu: Welch df of the class counts)" if scheme == "halves"
+          else f"t_{n_refits - 1}")
+    return (f"probe intervals: the whole {n_splits}-fold cross-validation refitted on {how}; estimate +- {df} x SE; "
             f"'from layer X': one-sided selectivity > 0 at alpha/{n_conditions} (Bonferroni over the conditions of a "
             f"row), fixed sequence from the deepest layer; condition - original: refit t-test, Holm over every "
             f"condition x site x layer of a task (FWER <= {alpha})")
