@@ -26,7 +26,7 @@ import numpy as np
 from gapcache import conditions
 from gapcache.analyze import attention as attention_mod
 from gapcache.analyze import evd as evd_mod
-from gapcache.analyze import generation, report, stats
+from gapcache.analyze import generation, report, stats, workers
 from gapcache.analyze import metrics as registry
 from gapcache.analyze.metrics import Context, Metric, MetricResult
 from gapcache.conditions import REFERENCE
@@ -64,6 +64,9 @@ class AnalysisParams:
     correction: str = "holm"
     alpha: float = 0.05
     scheduler: str = "threads"
+    #: worker processes for the probe fits and the figures (gapcache.analyze.workers); None: the CPUs this
+    #: process may use; 1: all in this process.  Results are the same for every value.
+    jobs: int | None = None
     #: text sites (besides the store's own) every site-taking metric analyses, derived from the token span by
     #: name (gapcache.analyze.textsites.DERIVED: question_mean, question_first, ...; --site)
     sites: tuple = ()
@@ -79,6 +82,7 @@ class AnalysisParams:
             raise ConfigError(f"The 'tau_rule' parameter must be one of ['adaptive', 'seed']. Got {self.tau_rule!r} instead.")
         from gapcache.analyze.textsites import DERIVED, GROUPS
 
+        workers.resolve(self.jobs)  # an integer >= 1 or None
         if self.cka_text not in GROUPS:
             raise ConfigError(f"The 'cka_text' parameter must be one of {list(GROUPS)}. Got {self.cka_text!r} instead.")
         if isinstance(self.sites, str):
@@ -323,7 +327,8 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     conds = [c for c in ds.condition.values.tolist() if c == REFERENCE or c in BLIND]
     sites = ds.site.values.tolist()
     probed = _probed_states(ds, conds)
-    out = {}
+    n_jobs = workers.resolve(p.jobs) if probed.chunks is None else 1  # lazy (too big to load): one layer at a time here
+    out, plans = {}, {}
     for task, (idx, y) in groups.items():
         ok = np.logical_and.reduce([done_mask(ds, c)[idx] for c in conds])  # paired: done in every condition
         if len(np.unique(y[ok])) < 2 or np.bincount(y[ok]).max() < p.n_splits:
@@ -331,13 +336,16 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
             continue
         design = ps.make_design(y[ok], np.random.default_rng(p.seed).permutation(y[ok]), n_refits=p.n_refits,
                                 n_splits=p.n_splits, seed=p.seed)
+        plans[task] = (design, probed.isel(sample=idx[ok]), y[ok])
+    jobs = [(task, c, site) for task in plans for c in conds for site in sites]
+    done = workers.map_jobs(_probe_job, [(plans[t][1].sel(condition=c, site=s), plans[t][2], plans[t][0], p)
+                                         for t, c, s in jobs], n_jobs, desc=f"probes ({n_jobs} processes)")
+    fitted_all = dict(zip(jobs, done))
+    for task, (design, _, _) in plans.items():
         out[task], fitted = {}, {}
-        states = probed.isel(sample=idx[ok])
-        for c in _progress(conds, f"probes {task}"):
+        for c in conds:
             for site in sites:
-                X = states.sel(condition=c, site=site)  # (sample, layer, hidden)
-                st = ps.probe_stats(X, y[ok], n_splits=p.n_splits, seed=p.seed, level=p.level, design=design)
-                fitted[(c, site)] = st
+                st = fitted[(c, site)] = fitted_all[(task, c, site)]
                 out[task].setdefault(c, {})[site] = {**st.result.to_dict(), "accuracy_ci": st.ci("accuracy").to_dict(),
                                                      "selectivity_ci": st.ci("selectivity").to_dict()}
         for site in sites:
@@ -354,6 +362,13 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
                                    "n_refits": design.n_refits, "scheme": design.scheme,
                                    "n_excluded_not_done": int((~ok).sum())}
     return MetricResult(out)
+
+
+def _probe_job(X, y, design, p: AnalysisParams):
+    """One (task, condition, site) probe: X (sample, layer, hidden), labels y, the task's shared design."""
+    from gapcache.analyze import probe_stats as ps
+
+    return ps.probe_stats(X, y, n_splits=p.n_splits, seed=p.seed, level=p.level, design=design)
 
 
 def _probed_states(ds, conds):
@@ -473,6 +488,7 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"stores": {}, "comparisons": {}}
     evds, all_results = {}, {}
+    workers.warm(workers.resolve(p.jobs))  # the probe / figure workers start while the first metrics run
     with scheduler(p.scheduler, slurm=_slurm_section(paths[0]) if p.scheduler == "slurm" else None):
         for k, path in enumerate(paths):
             name = f"store{k}" if len(paths) > 1 else "store"
@@ -500,7 +516,7 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
     from gapcache.analyze.report import write_report
 
-    write_report(summary, out, all_results)
+    write_report(summary, out, all_results, n_jobs=workers.resolve(p.jobs))
     return summary
 
 

@@ -324,10 +324,17 @@ def sections(s) -> list[str]:
             if entry.section is not None and "skipped" not in s["metrics"][entry.name]]
 
 
-def write_report(summary: dict, out, results: dict | None = None) -> Path:
+def _figure(entry, s, fig_dir, ctx):
+    return entry.figure(s, fig_dir, ctx)
+
+
+def write_report(summary: dict, out, results: dict | None = None, n_jobs: int = 1) -> Path:
     """Figures for every store in ``summary`` and one report.html beside them: per store, the key numbers
     and the figures of each metric it ran, in registry order. ``results``: {store: results Dataset}
-    (figures that need arrays, e.g. delta_evd, are left out without it)."""
+    (figures that need arrays, e.g. delta_evd, are left out without it).  ``n_jobs``: worker processes
+    drawing the figures (:func:`gapcache.analyze.workers.map_jobs`; the files are the same)."""
+    from gapcache.analyze import workers
+
     out = Path(out)
     parts = ["<html><head><meta charset='utf-8'><title>gapcache report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}"
@@ -337,7 +344,7 @@ def write_report(summary: dict, out, results: dict | None = None) -> Path:
         fig_dir.mkdir(parents=True, exist_ok=True)
         res = (results or {}).get(name)
         ctx = Context(cliff_layer=s.get("cliff_layer"), arrays={} if res is None else res)
-        figs = [entry.figure(s, fig_dir, ctx) for entry in metrics.report_order(s["metrics"])]
+        figs = workers.map_jobs(_figure, [(e, s, fig_dir, ctx) for e in metrics.report_order(s["metrics"])], n_jobs)
         model = s["store"].get("model") or {}
         parts.append(f"<h2>{html.escape(name)}: {html.escape(str(model.get('id')))} "
                      f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
+    an.add_argument("--jobs", type=int, help="worker processes for the probe fits and the figures (default: the CPUs "
+                    "this process may use; 1: none); the numbers do not depend on it")
     an.add_argument("--site", default="", help="comma list of text sites to analyse besides the store's own, derived "
                     "from the token span (extract.text: all): <group>_<mean|first|last>, group question, template, "
                     "special or text (e.g. question_mean,question_first)")
@@ -152,7 +154,7 @@ def cmd_analyze(args) -> int:
         cliff_method=args.cliff_method, cliff_layer=args.cliff_layer, strategy=args.strategy,
         n_resamples=args.n_resamples, ci_method=args.ci_method, seed=args.seed, scheduler=args.scheduler,
         sites=tuple(x.strip() for x in args.site.split(",") if x.strip()), cka_text=args.cka_text,
-        n_refits=args.probe_refits,
+        n_refits=args.probe_refits, jobs=args.jobs,
     )
     summary = run_analysis(args.stores, args.out, p)
     from gapcache.analyze.report import key_numbers

@@ -97,6 +97,24 @@ def test_probes_run_per_candidate_set_and_category(store, tmp_path):
         assert "blind_black" in entry["vs_original"]
 
 
+def test_worker_processes_give_the_serial_summary_and_figures(store, tmp_path):
+    """--jobs 2 (probe fits and figures in two loky workers) against --jobs 1 (all in this process): the same
+    summary (wall times aside) and byte-identical PNGs."""
+    from gapcache.analyze.pipeline import AnalysisParams, run_analysis
+    from helpers import comparable_summary
+
+    got = {}
+    for jobs in (1, 2):
+        p = AnalysisParams(metrics=("accuracy", "truncation", "evd", "rank", "probes"), n_resamples=99, n_splits=2,
+                           jobs=jobs)
+        got[jobs] = comparable_summary(run_analysis([store], tmp_path / str(jobs), p)).replace('"jobs": 2', '"jobs": 1')
+    assert got[1] == got[2] and '"probes"' in got[1]
+    pngs = sorted(f.name for f in (tmp_path / "1" / "store").glob("*.png"))
+    assert "probes.png" in pngs
+    for name in pngs:
+        assert (tmp_path / "1" / "store" / name).read_bytes() == (tmp_path / "2" / "store" / name).read_bytes(), name
+
+
 def test_report_rows_give_where_each_probe_starts_decoding_beside_the_cliff():
     from gapcache.analyze.report import decodes_from, probe_rows
 

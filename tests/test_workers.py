@@ -1,0 +1,57 @@
+"""Worker processes of one analysis (gapcache.analyze.workers): order, errors, the jobs parameter, and no
+re-run of a guard-less ``__main__``."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from gapcache.analyze import workers
+from gapcache.errors import ConfigError
+
+
+def _square_and_pid(x):
+    return x * x, os.getpid()
+
+
+def _fails(x):
+    if x == 3:
+        raise ValueError(f"job {x} failed")
+    return x
+
+
+def test_map_jobs_keeps_the_order_and_runs_in_other_processes():
+    got = workers.map_jobs(_square_and_pid, [(x,) for x in range(7)], 2)
+    assert [v for v, _ in got] == [x * x for x in range(7)]
+    assert os.getpid() not in {pid for _, pid in got}
+    serial = workers.map_jobs(_square_and_pid, [(x,) for x in range(7)], 1)
+    assert {pid for _, pid in serial} == {os.getpid()}
+    assert workers.map_jobs(_square_and_pid, [(5,)], 2) == [(25, os.getpid())]  # one job: no pool
+    assert workers.map_jobs(_square_and_pid, [], 2) == []
+
+
+def test_a_failing_job_raises_its_own_error_here():
+    with pytest.raises(ValueError, match="job 3 failed"):
+        workers.map_jobs(_fails, [(x,) for x in range(5)], 2)
+
+
+def test_resolve_takes_none_or_a_positive_integer():
+    assert workers.resolve(None) == workers.available_cpus() >= 1
+    assert workers.resolve(3) == 3
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ConfigError, match=r"The 'jobs' parameter \(--jobs\) of analyze must be an integer >= 1"):
+            workers.resolve(bad)
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    """multiprocessing's spawn re-imports the caller's __main__ in each worker; loky's workers do not."""
+    script = tmp_path / "user_script.py"
+    script.write_text("import os\n"
+                      "print('TOP LEVEL', os.getpid(), flush=True)\n"
+                      "from gapcache.analyze import workers\n"
+                      "def f(x):\n"
+                      "    return os.getpid()\n"
+                      "print('PIDS', sorted(set(workers.map_jobs(f, [(i,) for i in range(6)], 2))), flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert out.count("TOP LEVEL") == 1, out
+    assert "PIDS" in out
