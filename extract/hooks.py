@@ -47,13 +47,15 @@ class Capture(Hooks):
     """Gathers the states of named groups of positions at selected layers during one forward pass.
 
     ``layers``: decoder layer modules; ``norm``: the final norm; ``record``: hidden-state indices
-    (0..n_layers) to keep. Call ``set_groups`` (or ``set_batch``) before each forward, ``collect_groups``
+    (0..n_layers) to keep; ``buffers``: a dict the caller keeps across batches, in which CPU stacks are
+    reused (then a stack is only valid until the next batch's: copy it out first, as the runner does). Call ``set_groups`` (or ``set_batch``) before each forward, ``collect_groups``
     (or ``collect``) after. Groups are e.g. ``text`` (the text sites), ``visual`` and ``token`` (spans).
     """
 
-    def __init__(self, layers, norm, record):
+    def __init__(self, layers, norm, record, buffers: dict | None = None):
         self.n_layers = len(layers)
         self.record = sorted(record)
+        self._buffers = buffers  # CPU: (name, shape, dtype) -> the stack's output, reused batch after batch
         self._handles = []
         self._groups: dict = {}  # name -> (rows, positions) long tensors
         self._seen: dict[str, dict[int, torch.Tensor]] = {}
@@ -65,7 +67,7 @@ class Capture(Hooks):
         """name -> (rows, positions) long tensors (None or empty: nothing gathered for it)."""
         self._groups = {k: v for k, v in groups.items() if v is not None and v[0].numel()}
         self._seen = {k: {} for k in self._groups}
-        self._on = {}  # (name, device) -> the group's (rows, positions) there, copied once per batch
+        self._on = {}  # (name, device) -> the group's flat row indices there, made once per batch
 
     def set_batch(self, text_idx, vis_idx):
         """text_idx, vis_idx: (rows, positions) long tensors; gathered in that order."""
@@ -74,11 +76,12 @@ class Capture(Hooks):
     def _hook(self, i):
         def hook(module, args, kwargs):
             h = hidden_of(args, kwargs)  # (batch, seq, hidden)
-            for name, where in self._groups.items():
+            flat_h = h.reshape(-1, h.shape[-1])  # (batch * seq, hidden), a view
+            for name, (rows, pos) in self._groups.items():
                 if (name, h.device) not in self._on:  # not per layer: a copy from pageable memory syncs the stream
-                    self._on[name, h.device] = tuple(t.to(h.device) for t in where)
-                rows, pos = self._on[name, h.device]
-                self._seen[name][i] = h[rows, pos].detach()  # (n, hidden)
+                    self._on[name, h.device] = (rows * h.shape[1] + pos).to(h.device)  # (n,) into flat_h
+                # index_select: the rows h[rows, pos] (bit for bit), ~6x faster than advanced indexing on CPU
+                self._seen[name][i] = flat_h.index_select(0, self._on[name, h.device]).detach()  # (n, hidden)
             return None
 
         return hook
@@ -91,8 +94,23 @@ class Capture(Hooks):
             missing = [i for i in self.record if i not in seen]
             if missing:
                 raise RuntimeError(f"layers {missing} were never reached by the forward pass")
-            out[name] = torch.stack([seen[i] for i in self.record], dim=1)
+            parts = [seen[i] for i in self.record]  # each (n, hidden)
+            out[name] = torch.stack(parts, dim=1, out=self._buffer(name, parts))  # (n, layer, hidden)
         return out
+
+    def _buffer(self, name, parts):
+        """The reused CPU output of a group's stack (a fresh one of tens of MB per batch costs ~10x the copy in
+        page faults), or None (a new tensor: on an accelerator, whose caching allocator reuses memory, and whose
+        stacks may still be read by an asynchronous copy when the next batch starts)."""
+        p = parts[0]
+        if self._buffers is None or p.device.type != "cpu":
+            return None
+        key = (name, (p.shape[0], len(parts), p.shape[1]), p.dtype)
+        if key not in self._buffers:
+            if len(self._buffers) >= 8:  # shapes change with the batch (spans, last batch): keep a few
+                self._buffers.clear()
+            self._buffers[key] = torch.empty(key[1], dtype=p.dtype)
+        return self._buffers[key]
 
     def collect_groups(self) -> dict:
         """name -> (n, layer, hidden) on CPU, for every non-empty group set."""

@@ -71,6 +71,7 @@ class Extraction:
         self.model, self.processor = model, processor
         self.store_path = self.out / STORE_NAME
         self._processor_lock = threading.Lock()
+        self._stack_buffers: dict = {}  # CPU: Capture's stacks reused batch after batch (copied out in forward)
 
     # ------------------------------------------------------------------ setup
     def load(self):
@@ -717,7 +718,7 @@ class Extraction:
         text_idx, vis_idx = self.site_indices(indices)
         layers = self.adapter.decoder_layers(self.model)
         routing = self.routing(P, text_idx, inputs["input_ids"].shape[1])  # MoE routing (extract.routing)
-        with Capture(layers, self.adapter.final_norm(self.model), self.record) as capture, \
+        with Capture(layers, self.adapter.final_norm(self.model), self.record, self._stack_buffers) as capture, \
                 self.intervention(P, cond, inputs, offsets=[0] * len(P)), \
                 self.attention_summaries(P, inputs) as attention, routing:  # issue 14: None unless extract.attention
             capture.set_groups({"text": text_idx, "visual": vis_idx if cond.records_visual else None,

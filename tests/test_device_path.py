@@ -189,3 +189,46 @@ def test_pooling_on_the_device_equals_the_former_group_by_group_mean(tmp_path):
                 bounds = np.cumsum([0] + [len(g) for g in groups])
                 want += [chunk[a:b].float().mean(0).to(dtype) for a, b in zip(bounds[:-1], bounds[1:])]
             assert counts == [k, 1] and same_bytes(rows.float().numpy(), torch.stack(want).float().numpy())
+
+
+class _Add(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, hidden_states):
+        return hidden_states + self.k
+
+
+def test_capture_gathers_h_rows_pos_exactly_and_reuses_its_cpu_stacks():
+    """The hook's index_select on the flattened stream is ``h[rows, pos]`` bit for bit; with ``buffers`` the
+    CPU stack of a group is written into one tensor batch after batch (no fresh tens-of-MB allocation and its
+    page faults), a new shape gets its own; without ``buffers`` every stack is new."""
+    layers = [_Add(k) for k in range(3)]
+    norm = _Add(10)
+    rows, pos = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 3, 0, 4])
+    buffers, got = {}, []
+    for seed in (0, 1):
+        h = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(seed))  # (batch, seq, hidden)
+        with Capture(layers, norm, [0, 1, 3], buffers) as cap:
+            cap.set_groups({"visual": (rows, pos)})
+            x = h
+            for m in layers + [norm]:
+                x = m(x)
+            st = cap.stacked()["visual"]  # (n, layer, hidden)
+        expect = torch.stack([h[rows, pos], (h + 0)[rows, pos], (h + 0 + 1 + 2)[rows, pos]], dim=1)  # inputs of 0, 1, norm
+        assert torch.equal(st, expect)
+        got.append(st.data_ptr())
+    assert got[0] == got[1] and len(buffers) == 1  # the same memory for both batches
+    with Capture(layers, norm, [0, 1], buffers) as cap:  # two layers: another shape, another buffer
+        cap.set_groups({"visual": (rows, pos)})
+        x = torch.zeros(3, 5, 4)
+        for m in layers + [norm]:
+            x = m(x)
+        assert cap.stacked()["visual"].data_ptr() not in got and len(buffers) == 2
+    with Capture(layers, norm, [0], None) as cap:
+        cap.set_groups({"visual": (rows, pos)})
+        layers[0](torch.zeros(3, 5, 4))
+        a = cap.stacked()["visual"]
+        b = cap.stacked()["visual"]
+        assert a.data_ptr() != b.data_ptr()
