@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -92,12 +91,6 @@ class AnalysisParams:
             raise ConfigError("The 'cliff_method' parameter must be one of ['median_evd', 'steepest', "
                               f"'first_crossing']. Got {self.cliff_method!r} instead.")
         return self
-
-
-def _progress(items, desc):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False)
 
 
 def _ci(x, p: AnalysisParams):

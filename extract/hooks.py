@@ -48,8 +48,8 @@ class Capture(Hooks):
 
     ``layers``: decoder layer modules; ``norm``: the final norm; ``record``: hidden-state indices
     (0..n_layers) to keep; ``buffers``: a dict the caller keeps across batches, in which CPU stacks are
-    reused (then a stack is only valid until the next batch's: copy it out first, as the runner does). Call ``set_groups`` (or ``set_batch``) before each forward, ``collect_groups``
-    (or ``collect``) after. Groups are e.g. ``text`` (the text sites), ``visual`` and ``token`` (spans).
+    reused (then a stack is only valid until the next batch's: copy it out first, as the runner does).
+    Call ``set_groups`` (or ``set_batch``) before each forward, ``collect_groups`` (or ``collect``) after. Groups are e.g. ``text`` (the text sites), ``visual`` and ``token`` (spans).
     """
 
     def __init__(self, layers, norm, record, buffers: dict | None = None):
@@ -76,7 +76,7 @@ class Capture(Hooks):
     def _hook(self, i):
         def hook(module, args, kwargs):
             h = hidden_of(args, kwargs)  # (batch, seq, hidden)
-            flat_h = h.reshape(-1, h.shape[-1])  # (batch * seq, hidden), a view
+            flat_h = h.reshape(-1, h.shape[-1])  # (batch * seq, hidden), a view of the contiguous stream
             for name, (rows, pos) in self._groups.items():
                 if (name, h.device) not in self._on:  # not per layer: a copy from pageable memory syncs the stream
                     self._on[name, h.device] = (rows * h.shape[1] + pos).to(h.device)  # (n,) into flat_h

@@ -160,15 +160,15 @@ WALL_CLOCK_KEYS = ("timing_s", "seconds")
 
 def comparable_summary(summary) -> str:
     """``summary`` (a summary dict) as canonical JSON (sorted keys, NaN written as NaN so that two NaNs compare
-    equal), without its wall times (``timing_s``, the probes' per-layer ``seconds``) and the ``scheduler``
-    parameter: what two runs of one analysis on different schedulers must share exactly."""
+    equal), without its wall times (``timing_s``, the probes' per-layer ``seconds``) and the ``scheduler`` and
+    ``jobs`` parameters: what two runs of one analysis on different schedulers or workers must share exactly."""
     import json
 
     from gapcache.analyze.stats import jsonable
 
     def strip(v):
         if isinstance(v, dict):
-            return {k: ("" if k == "scheduler" else strip(x)) for k, x in v.items() if k not in WALL_CLOCK_KEYS}
+            return {k: ("" if k in ("scheduler", "jobs") else strip(x)) for k, x in v.items() if k not in WALL_CLOCK_KEYS}
         if isinstance(v, list):
             return [strip(x) for x in v]
         return v

@@ -107,7 +107,7 @@ def test_worker_processes_give_the_serial_summary_and_figures(store, tmp_path):
     for jobs in (1, 2):
         p = AnalysisParams(metrics=("accuracy", "truncation", "evd", "rank", "probes"), n_resamples=99, n_splits=2,
                            jobs=jobs)
-        got[jobs] = comparable_summary(run_analysis([store], tmp_path / str(jobs), p)).replace('"jobs": 2', '"jobs": 1')
+        got[jobs] = comparable_summary(run_analysis([store], tmp_path / str(jobs), p))
     assert got[1] == got[2] and '"probes"' in got[1]
     pngs = sorted(f.name for f in (tmp_path / "1" / "store").glob("*.png"))
     assert "probes.png" in pngs
