@@ -26,31 +26,31 @@ def _strs(da) -> list[str]:
     return [str(v) for v in np.asarray(da.values, dtype=object).ravel()]
 
 
-def _per_layer_ci(x: np.ndarray, layers: list, p, fn) -> dict:
-    """One interval per layer over the samples finite there: ``x`` (sample, layer) or a pair of them."""
-    est, lo, hi, n = [], [], [], []
-    for li in range(len(layers)):
-        cols = [a[:, li] for a in x] if isinstance(x, tuple) else [x[:, li]]
-        ok = np.logical_and.reduce([np.isfinite(c) for c in cols])
-        if ok.sum() < 2:
-            est.append(None), lo.append(None), hi.append(None), n.append(int(ok.sum()))
-            continue
-        ci = fn(*[c[ok] for c in cols])
-        est.append(float(ci.estimate)), lo.append(float(ci.low)), hi.append(float(ci.high)), n.append(int(ci.n))
-    return {"layers": list(layers), "estimate": est, "low": lo, "high": hi, "n": n}
+def _curves(xs: dict, layers: list, p, ref: dict | None = None) -> dict:
+    """{key: one interval per layer over the samples finite there} for every (sample, layer) array of ``xs``:
+    the mean, or with ``ref`` the paired mean difference xs[key] - ref[key]; every curve in one
+    stats.column_cis call (columns = key x layer)."""
+    keys = list(xs)
+    a = np.concatenate([xs[k] for k in keys], axis=1)
+    b = None if ref is None else np.concatenate([ref[k] for k in keys], axis=1)
+    ci = stats.column_cis(a, b, level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)
+    L = len(layers)
+    return {k: {"layers": list(layers), **{f: v[i * L:(i + 1) * L] for f, v in ci.items()}} for i, k in enumerate(keys)}
 
 
-def quantities(ds, query: str) -> dict:
-    """{quantity: (condition, sample, layer, head) float array} at the query row ``query``."""
+def quantities(ds, query: str, loaded: dict | None = None) -> dict:
+    """{quantity: (condition, sample, layer, head) float array} at the query row ``query``; ``loaded``: the
+    store's attn_mass, attn_visual and status already read ({name: DataArray}, one read for every query)."""
+    src = loaded or {k: ds[k] for k in ("attn_mass", "attn_visual", "status")}
     q = _strs(ds.attn_query).index(query)
-    mass = np.asarray(ds.attn_mass.isel(attn_query=q).transpose("condition", "sample", "layer", "attn_head",
-                                                                 "attn_target").values, float)
-    vis = np.asarray(ds.attn_visual.isel(attn_query=q).transpose("condition", "sample", "layer", "attn_head",
-                                                                  "attn_stat").values, float)
+    mass = np.asarray(src["attn_mass"].isel(attn_query=q).transpose("condition", "sample", "layer", "attn_head",
+                                                                     "attn_target").values, float)
+    vis = np.asarray(src["attn_visual"].isel(attn_query=q).transpose("condition", "sample", "layer", "attn_head",
+                                                                      "attn_stat").values, float)
     targets, stat_names = _strs(ds.attn_target), _strs(ds.attn_stat)
     out = {f"{t}_mass": mass[..., targets.index(t)] for t in ("visual", "question", "template", "first")}
     out.update({s: vis[..., stat_names.index(s)] for s in ("entropy", "n_eff", "top5", "top10", "top50")})
-    status = np.asarray(ds.status.values) == 1  # (condition, sample)
+    status = np.asarray(src["status"].values) == 1  # (condition, sample)
     return {k: np.where(status[:, :, None, None], v, np.nan) for k, v in out.items()}
 
 
@@ -61,26 +61,27 @@ def compute(ds, p, ctx: Context) -> MetricResult | dict:
         return {"skipped": "no attention summaries in the store (extract.attention: true records them)"}
     conds = _strs(ds.condition)
     all_layers = [int(x) for x in ds.layer.values]
-    ci = lambda x: stats.mean_ci(x, level=p.level, method=p.ci_method, n_resamples=p.n_resamples, seed=p.seed)  # noqa: E731
-    diff = lambda a, b: stats.mean_diff_ci(a, b, level=p.level, method=p.ci_method,  # noqa: E731
-                                           n_resamples=p.n_resamples, seed=p.seed)
     out = {"queries": {}}
     arrays = {}
+    loaded = {k: ds[k].load() for k in ("attn_mass", "attn_visual", "status")}  # one read for every query
     for query in _strs(ds.attn_query):
-        Q = quantities(ds, query)
+        Q = quantities(ds, query, loaded)
         head_mean = {k: v.mean(axis=-1) for k, v in Q.items()}  # NaN stays NaN (every head is NaN together)
         keep = [li for li in range(len(all_layers)) if np.isfinite(Q["visual_mass"][:, :, li]).any()]
         layers = [all_layers[li] for li in keep]
         hm = {k: v[:, :, keep] for k, v in head_mean.items()}  # (condition, sample, layer)
         entry = {"layers": layers, "per_condition": {}, "vs_original": {}}
-        for k, c in enumerate(conds):
-            entry["per_condition"][c] = {name: _per_layer_ci(hm[name][k], layers, p, ci) for name in QUANTITIES}
+        curves = _curves({(c, name): hm[name][k] for k, c in enumerate(conds) for name in QUANTITIES}, layers, p)
+        for (c, name), curve in curves.items():
+            entry["per_condition"].setdefault(c, {})[name] = curve
         if REFERENCE in conds:
             o = conds.index(REFERENCE)
-            for k, c in enumerate(conds):
-                if c != REFERENCE:
-                    entry["vs_original"][c] = {name: _per_layer_ci((hm[name][k], hm[name][o]), layers, p, diff)
-                                               for name in ("visual_mass", "entropy", "n_eff")}
+            pairs = [(k, c, name) for k, c in enumerate(conds) if c != REFERENCE
+                     for name in ("visual_mass", "entropy", "n_eff")]
+            diffs = _curves({(c, name): hm[name][k] for k, c, name in pairs}, layers, p,
+                            ref={(c, name): hm[name][o] for _, c, name in pairs}) if pairs else {}
+            for (c, name), curve in diffs.items():
+                entry["vs_original"].setdefault(c, {})[name] = curve
         if query == "prediction" and layers:
             chosen = int(ctx.cliff_layer) if ctx.cliff_layer is not None and int(ctx.cliff_layer) in layers \
                 else layers[len(layers) // 2]
@@ -88,7 +89,7 @@ def compute(ds, p, ctx: Context) -> MetricResult | dict:
             x = Q["visual_mass"][c0][:, all_layers.index(chosen)]  # (sample, head)
             heads = [int(h) for h in ds.attn_head.values]
             entry["per_head"] = {"layer": chosen, "condition": conds[c0], "heads": heads,
-                                 "visual_mass": _per_layer_ci(x, heads, p, ci)}
+                                 "visual_mass": _curves({0: x}, heads, p)[0]}
         out["queries"][query] = entry
         arrays[f"attention_{query}"] = xr.DataArray(
             np.stack([hm[n] for n in QUANTITIES]), dims=("attention_quantity", "condition", "sample", "layer"),

@@ -324,17 +324,18 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
     out, plans = {}, {}
     for task, (idx, y) in groups.items():
         ok = np.logical_and.reduce([done_mask(ds, c)[idx] for c in conds])  # paired: done in every condition
-        if len(np.unique(y[ok])) < 2 or np.bincount(y[ok]).max() < p.n_splits:
+        counts = np.bincount(y[ok])
+        if len(np.unique(y[ok])) < 2 or counts[counts > 0].min() < p.n_splits:  # each class fills every fold
             out[task] = {"skipped": "too few samples done in every probed condition"}
             continue
         design = ps.make_design(y[ok], np.random.default_rng(p.seed).permutation(y[ok]), n_refits=p.n_refits,
                                 n_splits=p.n_splits, seed=p.seed)
-        plans[task] = (design, probed.isel(sample=idx[ok]), y[ok])
+        plans[task] = (design, probed.isel(sample=idx[ok]), y[ok], int((~ok).sum()))
     jobs = [(task, c, site) for task in plans for c in conds for site in sites]
     done = workers.map_jobs(_probe_job, [(plans[t][1].sel(condition=c, site=s), plans[t][2], plans[t][0], p)
                                          for t, c, s in jobs], n_jobs, desc=f"probes ({n_jobs} processes)")
     fitted_all = dict(zip(jobs, done))
-    for task, (design, _, _) in plans.items():
+    for task, (design, _, _, n_excluded) in plans.items():
         out[task], fitted = {}, {}
         for c in conds:
             for site in sites:
@@ -353,7 +354,7 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
             out[task]["vs_original"].setdefault(c, {})[site] = v
         out[task]["statistics"] = {"rule": ps.rule(p.alpha, len(conds), design.n_refits, p.n_splits, design.scheme),
                                    "n_refits": design.n_refits, "scheme": design.scheme,
-                                   "n_excluded_not_done": int((~ok).sum())}
+                                   "n_excluded_not_done": n_excluded}
     return MetricResult(out)
 
 

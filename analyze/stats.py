@@ -333,7 +333,7 @@ def _linear_quantile(dist: np.ndarray, q: float) -> np.ndarray:
     return (1 - g) * y[..., lo] + g * y[..., hi]
 
 
-def _fast_mean_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, seed):
+def _fast_mean_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, seed, batch=None):
     """The bootstrap distribution of a mean (or a paired mean difference) as one matrix product, or None.
 
     theta*_b = (1/n) sum_j C[b, j] x_j with C the resample counts of :func:`_resample_counts`: the same
@@ -353,7 +353,8 @@ def _fast_mean_bootstrap(arrays, statistic, *, paired, level, method, n_resample
         return None
     n = x.shape[0]
     columns = x.reshape(n, -1)  # (sample, columns)
-    counts = _resample_counts(n, n_resamples, _batch(arrays, n_resamples), seed)  # (B, sample)
+    batch = _batch(arrays, n_resamples) if batch is None else batch
+    counts = _resample_counts(n, n_resamples, batch, seed)  # (B, sample)
     dist = (counts @ columns / n).T.reshape(x.shape[1:] + (n_resamples,))  # (..., B)
     alpha = (1 - level) / 2
     low, high = (_linear_quantile(dist, q) for q in (alpha, 1 - alpha))
@@ -364,7 +365,7 @@ def _fast_mean_bootstrap(arrays, statistic, *, paired, level, method, n_resample
     return low, high, dist, constant
 
 
-def _run_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, seed):
+def _run_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, seed, batch=None):
     """scipy.stats.bootstrap along axis 0 -> (estimate, low, high, bootstrap distribution).
 
     Means and paired mean differences under 'percentile' / 'basic' take :func:`_fast_mean_bootstrap`
@@ -375,8 +376,9 @@ def _run_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, see
     import scipy.stats  # imported here: ~1 s, and the CLI imports this module (metric registry)
 
     estimate = np.asarray(statistic(*arrays, axis=0), dtype=float)
+    batch = _batch(arrays, n_resamples) if batch is None else batch  # resamples drawn per call (see _resample_counts)
     fast = _fast_mean_bootstrap(arrays, statistic, paired=paired, level=level, method=method,
-                                n_resamples=n_resamples, seed=seed)
+                                n_resamples=n_resamples, seed=seed, batch=batch)
     if fast is not None:
         low, high, dist, constant = fast
         flat = (np.ptp(dist, axis=-1) == 0) | constant
@@ -385,7 +387,7 @@ def _run_bootstrap(arrays, statistic, *, paired, level, method, n_resamples, see
             warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)  # handled just below
             res = scipy.stats.bootstrap(
                 tuple(arrays), statistic, paired=paired, vectorized=True, axis=0, confidence_level=level,
-                method=method, n_resamples=n_resamples, batch=_batch(arrays, n_resamples),
+                method=method, n_resamples=n_resamples, batch=batch,
                 rng=np.random.default_rng(seed),
             )
         low, high = (np.asarray(v, dtype=float) for v in res.confidence_interval)
@@ -509,6 +511,44 @@ def mean_diff_ci(a, b, *, level: float = 0.95, method: str = DEFAULT_METHOD, n_r
     """
     return paired_ci(a, b, _mean_diff, level=level, method=method, n_resamples=n_resamples, seed=seed,
                      dim=dim, name="mean_difference")
+
+
+def column_cis(a, b=None, *, level: float = 0.95, method: str = DEFAULT_METHOD, n_resamples: int = 1999,
+               seed: int | None = 0) -> dict:
+    """Per column j of ``a`` (sample, column): :func:`mean_ci` of ``a[ok_j, j]`` (with ``b``: :func:`mean_diff_ci`
+    of ``a[ok_j, j]`` and ``b[ok_j, j]``, paired), ok_j = the rows finite in column j (and in b's), as
+    ``{"estimate": [...], "low": [...], "high": [...], "n": [...]}`` with None where fewer than 2 rows are finite.
+
+    Each column's interval is the one its own call gives (the same resample draw: that call's ``batch``) up to
+    the last bits of the bootstrap means (one matrix product for the columns that share a mask instead of one
+    per column): the per-layer curves of a metric are then one call per mask, not thousands of ~0.2 ms."""
+    func = "column_cis"
+    method, level = _check_method(method, func), check_level(level, func)
+    n_resamples = _check_resamples(n_resamples, func)
+    arrays = [np.asarray(a, dtype=float)] + ([] if b is None else [np.asarray(b, dtype=float)])
+    if arrays[0].ndim != 2 or any(x.shape != arrays[0].shape for x in arrays):
+        raise DataError(f"The 'a' (and 'b') parameters of {func} must be (sample, column) arrays of one shape. "
+                        f"Got shapes {[x.shape for x in arrays]} instead.")
+    ok = np.logical_and.reduce([np.isfinite(x) for x in arrays])  # (sample, column)
+    cols = arrays[0].shape[1]
+    out = {"estimate": [None] * cols, "low": [None] * cols, "high": [None] * cols, "n": ok.sum(axis=0).tolist()}
+    groups: dict = {}
+    for j in range(cols):
+        if ok[:, j].sum() >= 2:
+            groups.setdefault(ok[:, j].tobytes(), []).append(j)
+    statistic, paired = (_mean, False) if b is None else (_mean_diff, True)
+    step = max(1, _BATCH_ELEMENTS // n_resamples)  # columns per bootstrap: its (column, B) means ~16 MB at most
+    for key, group in groups.items():
+        rows = np.frombuffer(key, dtype=bool)
+        for start in range(0, len(group), step):
+            js = group[start:start + step]
+            sub = [x[rows][:, js] for x in arrays]
+            est, low, high, _ = _run_bootstrap(sub, statistic, paired=paired, level=level, method=method,
+                                               n_resamples=n_resamples, seed=seed,
+                                               batch=_batch([x[:, :1] for x in sub], n_resamples))
+            for k, j in enumerate(js):
+                out["estimate"][j], out["low"][j], out["high"][j] = float(est[k]), float(low[k]), float(high[k])
+    return out
 
 
 # --------------------------------------------------------------------------- p-values

@@ -97,6 +97,25 @@ def test_probes_run_per_candidate_set_and_category(store, tmp_path):
         assert "blind_black" in entry["vs_original"]
 
 
+def test_samples_not_done_are_counted_per_probe_task_and_too_few_left_skips_the_task(store):
+    """A sample failed under one probed condition leaves its task (paired: done in every condition); a class
+    left with fewer samples than folds skips that task with the reason, and the other tasks count only their
+    own exclusions (the last task's count was once reported for every task)."""
+    from gapcache.analyze.pipeline import AnalysisParams, analyze_store, probe_groups
+
+    ds = open_store(store)
+    tasks = probe_groups(ds, 2)
+    *rest, last = list(tasks)
+    status = ds.status.load().copy()
+    failed = np.isin(np.arange(ds.sizes["sample"]), tasks[last][0][:1])
+    status.loc[{"condition": "blind_black"}] = np.where(failed, 2, status.sel(condition="blind_black").values)
+    ds["status"] = status
+    summary, _ = analyze_store(ds, AnalysisParams(metrics=("probes",), n_resamples=99, n_splits=2, n_refits=2, jobs=1))
+    pr = summary["metrics"]["probes"]
+    assert pr[last] == {"skipped": "too few samples done in every probed condition"}  # a class of 1 < 2 folds
+    assert rest and all(pr[t]["statistics"]["n_excluded_not_done"] == 0 for t in rest)
+
+
 def test_worker_processes_give_the_serial_summary_and_figures(store, tmp_path):
     """--jobs 2 (probe fits and figures in two loky workers) against --jobs 1 (all in this process): the same
     summary (wall times aside) and byte-identical PNGs."""

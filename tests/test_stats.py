@@ -337,3 +337,31 @@ def test_signflip_holm_controls_familywise_error():
 def test_analysis_tier_does_not_import_torch():
     code = "import sys, gapcache.analyze.stats, gapcache.analyze.probes; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("method", ["percentile", "basic", "bca"])
+def test_column_cis_give_each_columns_own_interval(method):
+    """column_cis resamples the columns sharing a mask together; each column's interval is its own mean_ci /
+    mean_diff_ci on its finite rows (to the last bits of the bootstrap means), None below two rows."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((40, 6)), rng.standard_normal((40, 6))
+    a[[2, 9], 1] = np.nan  # column 1: its own mask
+    b[5, 4] = np.nan  # column 4 (paired only): its own mask
+    a[1:, 5] = np.nan  # column 5: one row left
+    kw = dict(method=method, n_resamples=199, seed=7)
+    for pair in (False, True):
+        got = stats.column_cis(a, b if pair else None, **kw)
+        for j in range(6):
+            ok = np.isfinite(a[:, j]) & (np.isfinite(b[:, j]) if pair else True)
+            assert got["n"][j] == int(ok.sum())
+            if ok.sum() < 2:
+                assert got["estimate"][j] is got["low"][j] is got["high"][j] is None
+                continue
+            ci = stats.mean_diff_ci(a[ok, j], b[ok, j], **kw) if pair else stats.mean_ci(a[ok, j], **kw)
+            for key in ("estimate", "low", "high"):
+                assert got[key][j] == pytest.approx(getattr(ci, key), rel=1e-12, abs=1e-15), (pair, j, key)
+
+
+def test_column_cis_refuses_arrays_of_other_shapes():
+    with pytest.raises(DataError, match="'a' \\(and 'b'\\) parameters of column_cis must be \\(sample, column\\)"):
+        stats.column_cis(np.zeros((5, 2)), np.zeros((5, 3)))
