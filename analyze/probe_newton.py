@@ -17,10 +17,13 @@ training rows as :mod:`gapcache.analyze.probe_solver` documents):
 - minimise sum_i s_i loss_i + ||beta||^2 / (2C) (sklearn's objective times S = sum s_i: the same
   argmin), s_i = c_i n / (K n_k) (``class_weight='balanced'``); binary: log(1 + e^r) - y r,
   multinomial: logsumexp_k r_k - r_y, r = f.beta + b (intercept not penalised);
-- Newton steps H d = -g for all fits at once (``numpy.linalg.solve`` on (fits, p, p), p = K'(r + 1)),
-  backtracking (Armijo, 1e-4) on the objective; the multinomial intercepts' common shift (the one
-  flat direction) gets a 1e-10 ridge, which leaves the step unchanged (the gradient has no
-  component along it). Stop when every fit's decrement g.H^-1.g / 2 < 1e-12 (or 50 steps).
+- Newton steps H d = -g for all fits at once (``numpy.linalg.solve`` on (fits, p, p)), backtracking
+  (Armijo, 1e-4) on the objective. Binary: one weight vector, p = r + 1. Multinomial: the K logits are
+  written z = u A' with A an orthonormal basis of the vectors summing to zero (Helmert), p = (K - 1)(r + 1):
+  the loss ignores a shift common to the K logits and the penalty is least without one, so the optimum
+  (and every iterate from zero) lies in that subspace, and the systems are ((K - 1) / K)^3 as costly
+  as the K (r + 1) ones; the intercepts get a 1e-10 ridge (kept from the K-logit form, where it held
+  the common shift). Stop when every fit's decrement g.H^-1.g / 2 < 1e-12 (or 50 steps).
 
 Cost: one eigendecomposition of (m_tr x m_tr) per fit and layer, then ~10-20 Newton steps with
 p x p systems; it is the fast path only while the span is small (:func:`suits`: at most MAX_SPAN training rows, as for
@@ -110,25 +113,29 @@ def _span_features(states, counts, train) -> np.ndarray:
 
 
 def _newton(F, s, Yk, train, n_classes: int, C: float) -> np.ndarray:
-    """Raw scores (T, m, k) at the optimum of every fit. F (T, m, R) features, s (T, m) weights (0 off
-    the training rows), Yk (T, m) class indices, train (T, R) the training rows (-1: padding, weight 0):
-    the iterations only see those."""
+    """Raw scores (T, m, k) at the optimum of every fit (k = 1 binary, else the K logits). F (T, m, R) features,
+    s (T, m) weights (0 off the training rows), Yk (T, m) class indices, train (T, R) the training rows (-1:
+    padding, weight 0): the iterations only see those. Multinomial fits are solved in the K - 1 coordinates
+    of the logits that sum to zero (:func:`_sum_zero_basis`): the optimum lies there (the loss ignores a
+    shift common to the K logits, the penalty is least without one), so the (K - 1)(R + 1) systems give
+    its iterates exactly and cost ((K - 1) / K)^3 of the K (R + 1) ones."""
     T, m, R = F.shape
-    k = 1 if n_classes == 2 else n_classes
+    A = None if n_classes == 2 else _sum_zero_basis(n_classes)  # (K, K - 1)
+    k = 1 if A is None else n_classes - 1  # free coordinate vectors per fit
     rows = np.where(train < 0, 0, train)
     s = np.where(train < 0, 0.0, np.take_along_axis(s, rows, axis=1))  # (T, R)
     Yk = np.take_along_axis(Yk, rows, axis=1)
     Fa = np.concatenate([np.take_along_axis(F, rows[:, :, None], axis=1), np.ones((T, R, 1))], axis=2)  # (T, R, R + 1)
-    Y = (Yk == 1).astype(float)[:, :, None] if k == 1 else np.eye(n_classes)[Yk]  # (T, R, k)
-    pen = np.tile(np.r_[np.full(R, 1.0 / C), RIDGE if k > 1 else 0.0], k)  # (p,) penalty diagonal
+    Y = (Yk == 1).astype(float)[:, :, None] if A is None else np.eye(n_classes)[Yk]  # (T, R, 1 or K)
+    pen = np.tile(np.r_[np.full(R, 1.0 / C), RIDGE if A is not None else 0.0], k)  # (p,) penalty diagonal
     theta = np.zeros((T, k * (R + 1)))
-    f = _objective(theta, Fa, s, Y, pen)
+    f = _objective(theta, Fa, s, Y, pen, A)
     active = np.ones(T, dtype=bool)
     for _ in range(MAX_STEPS):
         idx = np.flatnonzero(active)
         if not len(idx):
             break
-        g, H = _grad_hess(theta[idx], Fa[idx], s[idx], Y[idx], pen)
+        g, H = _grad_hess(theta[idx], Fa[idx], s[idx], Y[idx], pen, A)
         step = -np.linalg.solve(H, g[:, :, None])[:, :, 0]  # (a, p)
         dec = -(g * step).sum(axis=1)  # g' H^-1 g
         done = dec / 2 < DECREMENT  # converged: no step (a zero gradient, e.g. constant states, stays exactly put)
@@ -138,7 +145,7 @@ def _newton(F, s, Yk, train, n_classes: int, C: float) -> np.ndarray:
         pending = np.ones(len(idx), dtype=bool)
         for _ in range(40):  # backtracking: halve t where Armijo fails
             trial = theta[idx] + t[:, None] * step
-            ft = _objective(trial, Fa[idx], s[idx], Y[idx], pen)
+            ft = _objective(trial, Fa[idx], s[idx], Y[idx], pen, A)
             ok = pending & (ft <= f[idx] + 1e-4 * t * slope)
             theta[idx[ok]], f[idx[ok]] = trial[ok], ft[ok]
             pending &= ~ok
@@ -146,7 +153,18 @@ def _newton(F, s, Yk, train, n_classes: int, C: float) -> np.ndarray:
                 break
             t = np.where(pending, t / 2, t)
         active[idx[pending]] = False  # no decrease found along the Newton direction: at the optimum to rounding
-    return _raw(theta, np.concatenate([F, np.ones((T, m, 1))], axis=2), k)
+    raw = _raw(theta, np.concatenate([F, np.ones((T, m, 1))], axis=2), k)
+    return raw if A is None else raw @ A.T
+
+
+def _sum_zero_basis(n_classes: int) -> np.ndarray:
+    """(K, K - 1) orthonormal basis of the logit vectors summing to zero (Helmert's contrasts): W = A V keeps
+    ||W||_F = ||V||_F, so the penalty reads the same in V."""
+    A = np.zeros((n_classes, n_classes - 1))
+    for j in range(1, n_classes):
+        A[:j, j - 1], A[j, j - 1] = 1.0, -float(j)
+        A[:, j - 1] /= np.sqrt(j * (j + 1.0))
+    return A
 
 
 def _raw(theta, Fa, k) -> np.ndarray:
@@ -154,29 +172,35 @@ def _raw(theta, Fa, k) -> np.ndarray:
     return Fa @ theta.reshape(T, k, q).transpose(0, 2, 1)  # (T, m, k)
 
 
-def _objective(theta, Fa, s, Y, pen) -> np.ndarray:
-    raw = _raw(theta, Fa, Y.shape[2])
-    if Y.shape[2] == 1:
+def _objective(theta, Fa, s, Y, pen, A=None) -> np.ndarray:
+    if A is None:
+        raw = _raw(theta, Fa, 1)
         point = np.logaddexp(0.0, raw[:, :, 0]) - Y[:, :, 0] * raw[:, :, 0]
     else:
+        raw = _raw(theta, Fa, A.shape[1]) @ A.T  # (T, m, K) logits
         top = raw.max(axis=2, keepdims=True)
         point = (top + np.log(np.exp(raw - top).sum(axis=2, keepdims=True)))[:, :, 0] - (raw * Y).sum(axis=2)
     return (s * point).sum(axis=1) + 0.5 * (pen * np.square(theta)).sum(axis=1)
 
 
-def _grad_hess(theta, Fa, s, Y, pen):
-    """Gradient (a, p) and Hessian (a, p, p) of the objective, p = k (R + 1) in class-major order."""
+def _grad_hess(theta, Fa, s, Y, pen, A=None):
+    """Gradient (a, p) and Hessian (a, p, p) of the objective, p = k (R + 1) in coordinate-major order (k = 1
+    binary; multinomial: the K - 1 sum-zero coordinates of basis A, logits z = u A')."""
     a, m, q = Fa.shape
-    k = Y.shape[2]
-    raw = _raw(theta, Fa, k)
-    if k == 1:
-        P = expit(raw)
+    if A is None:
+        k = 1
+        P = expit(_raw(theta, Fa, 1))
+        G = s[:, :, None] * (P - Y)  # (a, m, 1)
         W = (s * (P * (1 - P))[:, :, 0])[:, :, None, None]  # (a, m, 1, 1)
     else:
-        P = np.exp(raw - raw.max(axis=2, keepdims=True))
+        k = A.shape[1]
+        z = _raw(theta, Fa, k) @ A.T  # (a, m, K)
+        P = np.exp(z - z.max(axis=2, keepdims=True))
         P /= P.sum(axis=2, keepdims=True)
-        W = s[:, :, None, None] * (P[:, :, :, None] * np.eye(k) - P[:, :, :, None] * P[:, :, None, :])  # (a, m, k, k)
-    g = np.einsum("amk,amq->akq", s[:, :, None] * (P - Y), Fa).reshape(a, -1) + pen * theta
+        G = s[:, :, None] * ((P - Y) @ A)  # (a, m, K - 1)
+        PA = P @ A  # (a, m, K - 1)
+        W = s[:, :, None, None] * (np.einsum("amk,kq,kr->amqr", P, A, A) - PA[:, :, :, None] * PA[:, :, None, :])
+    g = np.einsum("amk,amq->akq", G, Fa).reshape(a, -1) + pen * theta
     WF = W.reshape(a, m, k * k)[:, :, :, None] * Fa[:, :, None, :]  # (a, m, k k, q)
     H = (WF.reshape(a, m, -1).transpose(0, 2, 1) @ Fa).reshape(a, k, k, q, q)  # (a, k, l, q, q')
     H = H.transpose(0, 1, 3, 2, 4).reshape(a, k * q, k * q)

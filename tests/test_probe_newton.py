@@ -25,7 +25,7 @@ def tight_sklearn(X, y, tr, te):
     return probe.decision_function(X[te]), probe.predict(X[te])
 
 
-@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("K", [2, 3, 4])
 @pytest.mark.parametrize("bootstrap", [False, True])
 def test_decision_values_equal_sklearn_at_its_optimum(K, bootstrap):
     X, y, rng = planted(40, 64, K, 3, seed=K)
@@ -43,6 +43,21 @@ def test_decision_values_equal_sklearn_at_its_optimum(K, bootstrap):
             margin = np.abs(ref) if K == 2 else np.abs(np.diff(np.sort(ref, axis=1)[:, -2:], axis=1))[:, 0]
             clear = margin > 1e-4  # rows not on the boundary: the labels must agree
             assert np.array_equal(lab[layer][clear], pred[clear])
+
+
+@pytest.mark.parametrize("K", [3, 4, 7])
+def test_multinomial_fits_live_in_the_sum_zero_logits(K):
+    """The K - 1 coordinates the Newton solver uses: an orthonormal basis of the logit vectors that sum to
+    zero, so the penalty reads the same; the fitted logits of every row sum to zero (sklearn's optimum
+    has no common shift either: its penalty is least without one)."""
+    from gapcache.analyze.probe_newton import _sum_zero_basis
+
+    A = _sum_zero_basis(K)
+    np.testing.assert_allclose(A.T @ A, np.eye(K - 1), atol=1e-15)
+    np.testing.assert_allclose(A.sum(axis=0), 0.0, atol=1e-15)
+    X, y, _ = planted(30, 16, K, 2, seed=K)
+    dec = fit_predict_exact(X, y, [(np.arange(20), np.arange(20, 30))], decision=True)[0]  # (layer, test, K)
+    np.testing.assert_allclose(dec.sum(axis=-1), 0.0, atol=1e-9)
 
 
 def test_more_hidden_units_than_rows_and_constant_states():
