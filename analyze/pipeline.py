@@ -482,6 +482,7 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {"stores": {}, "comparisons": {}}
     evds, all_results = {}, {}
+    workers.tune_malloc()  # before the workers start: they inherit it
     workers.warm(workers.resolve(p.jobs))  # the probe / figure workers start while the first metrics run
     with scheduler(p.scheduler, slurm=_slurm_section(paths[0]) if p.scheduler == "slurm" else None):
         for k, path in enumerate(paths):

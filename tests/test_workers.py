@@ -55,3 +55,43 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True).stdout
     assert out.count("TOP LEVEL") == 1, out
     assert "PIDS" in out
+
+
+TUNE = """
+import json, os, resource, numpy as np
+from gapcache.analyze import workers
+ok = workers.tune_malloc()
+faults = []
+for _ in range(30):  # three 4 MB blocks filled then freed, as a padded group of token rows and its copies
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    xs = [np.empty(1 << 19) for _ in range(3)]
+    for x in xs:
+        x.fill(1.0)
+    del xs, x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"ok": ok, "env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
+                  "faults": sorted(faults)[len(faults) // 2]}))
+"""
+
+
+def _tune(**env):
+    import json
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GAPCACHE_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", TUNE], env={**base, **env}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tune_malloc_keeps_freed_blocks_for_reuse_and_passes_the_settings_to_workers():
+    got = _tune()
+    assert got["ok"] is True
+    assert got["env"] == {"MALLOC_MMAP_THRESHOLD_": str(workers.MMAP_THRESHOLD),
+                          "MALLOC_TRIM_THRESHOLD_": str(workers.TRIM_THRESHOLD)}
+    assert got["faults"] < 100  # of its 3072 pages (glibc 2.x's own settings: ~1500, trimmed and faulted in again)
+
+
+def test_tune_malloc_leaves_the_users_settings_and_glibcs_own_alone():
+    assert _tune(GAPCACHE_MALLOC="default")["ok"] is False
+    got = _tune(MALLOC_TRIM_THRESHOLD_="1000000")
+    assert got["ok"] is False and got["env"] == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": "1000000"}
