@@ -152,9 +152,9 @@ def batched_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, t
                         threads: int | None = 1) -> list:
     """:func:`sklearn_fit_predict`'s results from the batched solver
     (:func:`gapcache.analyze.probe_solver.fit_predict_layers`: every split of a layer in one call, the same
-    L-BFGS iterations as sklearn's).  Splits whose training part lacks a class of the split (a small class of a
-    half's shuffled control labels can miss a fold's training rows) go to :func:`sklearn_fit_predict`, which
-    fits the classes present (or predicts the only one)."""
+    L-BFGS iterations as sklearn's).  Splits whose training part lacks a class (a small class of a half's shuffled
+    control labels can miss a fold's training rows) are fitted on the classes they hold, in one call per class
+    set, as sklearn fits them (:func:`_routed`)."""
     from gapcache.analyze.probe_solver import fit_predict_layers
 
     return _routed(X, y, splits, fit_predict_layers, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
@@ -165,7 +165,8 @@ def exact_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, tol
     """The refits' default: every fit solved to the optimum of the same objective
     (:func:`gapcache.analyze.probe_newton.fit_predict_exact`, Newton in the training rows' span) while that is
     the cheap path (``probe_newton.suits``: few training rows or hidden units, as for halves of a few dozen
-    samples per task), else :func:`batched_fit_predict`'s lbfgs lockstep.  Splits lacking a class go to sklearn as there.
+    samples per task), else :func:`batched_fit_predict`'s lbfgs lockstep.  Splits lacking a class: fitted on the
+    classes they hold, as there.
 
     Why the refits may use the optimum while the estimate uses lbfgs's stopping point (sklearn's, tol 1e-4):
     the refits only give the spread of the procedure's score, and the two solvers differ on a test row only
@@ -179,25 +180,33 @@ def exact_fit_predict(X, y, splits, *, C: float = 1.0, max_iter: int = 1000, tol
     exact = suits(n_train, np.shape(X)[-1])
     fit, kw = (fit_predict_exact, dict(C=C, threads=threads)) if exact else \
         (fit_predict_layers, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
-    return _routed(X, Y, splits, fit, kw, dict(C=C, max_iter=max_iter, tol=tol, threads=threads))
+    return _routed(X, Y, splits, fit, kw)
 
 
 def _split_labels(y, splits, n: int) -> np.ndarray:
     return np.broadcast_to(np.asarray(y), (len(splits), n)) if np.ndim(y) == 1 else np.asarray(y)
 
 
-def _routed(X, y, splits, fit, kw: dict, sklearn_kw: dict | None = None) -> list:
-    """``fit`` on the splits whose training rows hold every class that any split's labels hold (the batched
-    solvers fit one class set for all), sklearn (the classes present) on the rest."""
+def _routed(X, y, splits, fit, kw: dict) -> list:
+    """``fit`` on the splits grouped by the classes their training rows hold (a batched solver fits one class set
+    per call). Within a group, a row (test or unused) of a class the training rows lack is given one of theirs
+    for that call: only training labels enter a fit, and the fit predicts only the classes it saw, as sklearn
+    fitted on those rows does. A training part of a single class predicts that class (sklearn refuses to fit one)."""
     Y = _split_labels(y, splits, np.shape(X)[0])
-    classes = set(np.unique(np.concatenate([Y[t, np.concatenate([tr, te])] for t, (tr, te) in enumerate(splits)])))
-    full = [set(np.unique(Y[t, tr])) == classes for t, (tr, _) in enumerate(splits)]  # the batch's classes: all
+    n_layers = np.shape(X)[1] if np.ndim(X) == 3 else 1
+    groups: dict = {}
+    for t, (tr, _) in enumerate(splits):
+        groups.setdefault(tuple(np.unique(Y[t, tr]).tolist()), []).append(t)
     out = [None] * len(splits)
-    for batched, f, k in ((True, fit, kw), (False, sklearn_fit_predict, sklearn_kw or kw)):
-        idx = [t for t, ok in enumerate(full) if ok == batched]
-        if idx:
-            for t, pred in zip(idx, f(X, Y[idx], [splits[t] for t in idx], **k)):
-                out[t] = pred
+    for classes, idx in groups.items():
+        if len(classes) < 2:
+            for t in idx:
+                out[t] = np.full((n_layers, len(splits[t][1])), classes[0], dtype=Y.dtype)
+            continue
+        Yg = np.array(Y[idx])  # (group, sample), writable
+        Yg[~np.isin(Yg, classes)] = classes[0]  # only rows outside each split's training rows carry other classes
+        for t, pred in zip(idx, fit(X, Yg, [splits[t] for t in idx], **kw)):
+            out[t] = pred
     return out
 
 
