@@ -180,12 +180,16 @@ def text_effective_rank(states, *, sample_dim: str = "sample", hidden_dim: str =
 
 
 def _visual_block(block, offsets, lengths, start, method, rtol):
-    """ER of each sample whose rows lie in ``block`` (cond, vtoken, layer, hidden) -> (cond, n, layer)."""
+    """ER of each sample whose rows lie in ``block`` (cond, vtoken, layer, hidden) -> (cond, n, layer): the samples
+    of one span length in one batched call (every sample its own matrix, no padding: a VLM's image spans
+    mostly share one length)."""
+    offsets, lengths = np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
     out = np.full((block.shape[0], len(offsets), block.shape[2]), np.nan)
-    for i, (off, n) in enumerate(zip(offsets, lengths)):
-        if n > 0:
-            rows = np.moveaxis(block[:, off - start : off - start + n], 1, 2)  # (cond, layer, n, hidden)
-            out[:, i] = effective_rank(rows, method=method, rtol=rtol)
+    for n in np.unique(lengths[lengths > 0]):
+        idx = np.flatnonzero(lengths == n)
+        rows = (offsets[idx] - start)[:, None] + np.arange(n)  # (k, n) rows of the block
+        h = np.moveaxis(block[:, rows], 3, 1)  # (cond, layer, k, n, hidden)
+        out[:, idx] = np.moveaxis(effective_rank(h, method=method, rtol=rtol), 1, 2)  # (cond, k, layer)
     return out
 
 

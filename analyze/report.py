@@ -32,6 +32,22 @@ def pyplot():
     return plt
 
 
+def warm_up() -> None:
+    """Draw and save one small figure as PNG and PDF into memory: matplotlib's backends and fonts loaded (a
+    worker process does this before its first figure job, see gapcache.analyze.workers.warm)."""
+    import io
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [0, 1], label="x")
+    ax.legend(fontsize=6)
+    ax.set(title="t", xlabel="layer")
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(io.BytesIO(), format=ext, dpi=130)
+    plt.close(fig)
+
+
 def band(ax, x, ci, label):
     est, lo, hi = (np.asarray(ci[k], float) for k in ("estimate", "low", "high"))
     line = ax.plot(x, est, marker="o", ms=3, label=label)[0]
