@@ -98,7 +98,7 @@ def tune_malloc() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         return False
-    os.environ.update({k: str(v) for k, v in _MALLOC_ENV.items()})  # workers start with them (glibc reads them at start)
+    os.environ.update({k: str(v) for k, v in _MALLOC_ENV.items()})  # workers start with them (glibc reads them then)
     return True
 
 

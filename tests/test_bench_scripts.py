@@ -124,3 +124,24 @@ def test_read_bench_blocks_tile_each_state_array_and_both_readers_agree(tmp_path
     mod.main()
     out = capsys.readouterr().out
     assert out.count("identical True") == 2 and "token_states" in out and "not in the store" in out
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_analysis_phases_bench_runs_both_malloc_settings_side_by_side(tmp_path, capsys):
+    """bench_analysis_phases: one child analysis per setting (gapcache's malloc settings, glibc's own), the best of
+    each and their ratio; a missing store is refused with the way to make one."""
+    from gapcache.cli import main
+    from test_extract_run import write_config
+
+    mod = bench("analysis_phases")
+    with pytest.raises(SystemExit, match="must be a store path.*gapcache demo --out DIR"):
+        mod.main([str(tmp_path / "nope.zarr")])
+    cfg = write_config(tmp_path, conditions=["original", "blind_black"])
+    assert main(["extract", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    store = str(tmp_path / "run" / "store.zarr")
+    assert mod.main([store, "--repeats", "1", "--metrics", "accuracy", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "gapcache  run 0" in out and "glibc     run 0" in out and "best of 1" in out
+    table = out.split("best of 1")[1].splitlines()[1:]
+    assert [line.split()[0] for line in table][:4] == ["wall", "user", "sys", "accuracy"]
