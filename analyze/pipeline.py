@@ -437,6 +437,7 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
         from gapcache.analyze.textsites import with_sites
 
         ds = with_sites(ds, p.sites)  # derived text sites appended to the site axis (lazy)
+    ds = preload_small(ds)
     summary = {"store": {k: ds.attrs.get(k) for k in ("model", "dataset", "provenance", "config_hash")},
                "params": dataclasses.asdict(p), "metrics": {}, "timing_s": {}}
     ctx = Context(cliff_layer=p.cliff_layer)
@@ -449,6 +450,41 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
         log.info("%s done in %.1f s", entry.name, summary["timing_s"][entry.name])
     summary["cliff_layer"] = ctx.cliff_layer
     return summary, xr.Dataset(dict(ctx.arrays))
+
+
+#: a store's lazy variables and coordinates up to this size each (bytes) are read once, before the metrics
+PRELOAD_VARIABLE_BYTES = 16 << 20
+#: ... smallest first, up to this much in all (the rest, the hidden states first, stay lazy)
+PRELOAD_TOTAL_BYTES = 64 << 20
+
+
+def preload_small(ds):
+    """``ds`` with its small lazy variables and coordinates in memory, the hidden states aside (each at most
+    PRELOAD_VARIABLE_BYTES, smallest first until PRELOAD_TOTAL_BYTES), still as dask arrays with the store's
+    chunks: the metrics read status, log-probs, labels, offsets and the attention summaries again and again,
+    each read a zarr round trip per chunk.  Values and chunking are unchanged; memory stays bounded whatever
+    the store's size."""
+    from gapcache.store import arrays
+
+    states = {s.name for s in arrays.specs(state=True)}  # hidden states: each metric reads them its own way, lazily
+    names = [k for k in list(ds.data_vars) + [c for c in ds.coords if c not in ds.indexes]
+             if k not in states and ds[k].chunks is not None and ds[k].nbytes <= PRELOAD_VARIABLE_BYTES]
+    chosen, total = {}, 0
+    for k in sorted(names, key=lambda k: ds[k].nbytes):
+        if total + ds[k].nbytes > PRELOAD_TOTAL_BYTES:
+            break
+        chosen[k], total = ds[k].variable, total + ds[k].nbytes
+    if not chosen:
+        return ds
+    import dask
+
+    import dask.array as da
+
+    loaded = dict(zip(chosen, dask.compute(*[v.data for v in chosen.values()])))  # one graph: chunks read in parallel
+    out = ds.copy()
+    for k, v in chosen.items():  # still dask, chunked as in the store (code that reads the chunking sees the same)
+        out[k] = v.copy(data=da.from_array(loaded[k], chunks=v.data.chunks))
+    return out
 
 
 def _check_cliff_layer(ds, p: AnalysisParams) -> None:

@@ -173,3 +173,28 @@ def test_evd_gap_is_the_one_public_function_in_the_pipeline_and_across_stores(st
     cmp = summary["comparisons"]["evd_gap_store0_minus_store1"]
     assert cmp["estimate"] == 0.0 and cmp["paired"] is True and cmp["degenerate"] is True
     assert cmp["never_reached"] == "below_grid" and cmp["paired_by"] == "sample id"
+
+
+def test_preload_small_reads_the_small_lazy_variables_once_and_leaves_the_rest_lazy(monkeypatch):
+    """Small lazy variables and coordinates come into memory (as dask arrays over the loaded values, with the same
+    chunks), smallest first up to the total cap; larger ones and the rest are read from the store as before;
+    values and the original dataset are untouched."""
+    import dask.array as da
+
+    from gapcache.analyze import pipeline
+
+    monkeypatch.setattr(pipeline, "PRELOAD_VARIABLE_BYTES", 8000)
+    monkeypatch.setattr(pipeline, "PRELOAD_TOTAL_BYTES", 9000)
+    lazy = lambda n: da.arange(n, dtype=np.float64, chunks=max(1, n // 4))  # noqa: E731 (a graph, as a store's)
+    ds = xr.Dataset({"tiny": ("a", lazy(10)), "small": ("e", lazy(300)), "mid": ("b", lazy(900)),
+                     "over": ("d", lazy(1200))}, coords={"a": np.arange(10), "label": ("a", lazy(10))})
+    got = pipeline.preload_small(ds)
+    # 80 + 80 + 2400 bytes fit the total; mid's 7200 more would not; over's 9600 exceed one variable's cap
+    before = {k: ds[k].data.name for k in ds.variables if ds[k].chunks is not None}
+    read = {k: set(dict(got[k].data.dask)).isdisjoint(dict(ds[k].data.dask))  # no task of the store's graph left
+            for k in ("tiny", "label", "small", "mid", "over")}
+    assert read == {"tiny": True, "label": True, "small": True, "mid": False, "over": False}
+    for k in ds.variables:
+        np.testing.assert_array_equal(got[k].values, ds[k].values)
+        assert got[k].chunks == ds[k].chunks, k
+    assert {k: ds[k].data.name for k in before} == before  # the caller's dataset is untouched
