@@ -77,15 +77,14 @@ def _padded(block, rows, center: bool, stacked=None):
     x, sid, pos, counts = _stacked(block, rows) if stacked is None else stacked
     out = np.zeros((len(rows), max(1, counts.max(initial=0)), block.shape[-1]))
     if center and len(x):
-        sums = np.zeros((len(rows), x.shape[1]))
-        np.add.at(sums, sid, x) if len(rows) < 8 else _segment_sums(x, counts, sums)
-        x = x - (sums / np.maximum(counts, 1)[:, None])[sid]
+        x = x - (_segment_sums(x, counts) / np.maximum(counts, 1)[:, None])[sid]
     out[sid, pos] = x
     return out, counts
 
 
-def _segment_sums(x, counts, out):
-    """out[i] = sum of x's rows of sample i (rows in sample order; samples with no rows stay 0)."""
+def _segment_sums(x, counts) -> np.ndarray:
+    """(samples, hidden): the sum of x's rows of each sample (rows in sample order; a sample with no rows: 0)."""
+    out = np.zeros((len(counts), x.shape[1]))
     nz = counts > 0
     out[nz] = np.add.reduceat(x, (np.cumsum(counts) - counts)[nz], axis=0)
     return out
@@ -110,14 +109,13 @@ def _group_text_er(tblock, t_rows) -> np.ndarray:
     """Effective rank of each sample's rows (gapcache.analyze.rank.effective_rank of its rows): the rows
     centred per sample and zero-padded (zero rows add only zero singular values), the centring floor from
     the uncentred rows' norm, the relative cut of the padded shape."""
-    from gapcache.analyze.rank import default_rtol, entropy_rank, singular_values
+    from gapcache.analyze.rank import default_rtol, entropy_rank, floor_of, singular_values
 
     st = _stacked(tblock, t_rows)
     x, sid, _, n = st
     Tc, _ = _padded(tblock, t_rows, center=True, stacked=st)
-    sq = np.bincount(sid, weights=np.einsum("ij,ij->i", x, x), minlength=len(n))
-    atol = n * np.finfo(np.float64).eps * np.sqrt(sq)  # rank.centring_floor over the valid rows
-    er = entropy_rank(singular_values(Tc), default_rtol(*Tc.shape[-2:]), atol)
+    sq = np.bincount(sid, weights=np.einsum("ij,ij->i", x, x), minlength=len(n))  # ||H||_F^2 of each sample's rows
+    er = entropy_rank(singular_values(Tc), default_rtol(*Tc.shape[-2:]), floor_of(n, sq))
     return np.where(n > 0, er, np.nan)
 
 

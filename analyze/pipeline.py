@@ -477,7 +477,6 @@ def preload_small(ds):
     if not chosen:
         return ds
     import dask
-
     import dask.array as da
 
     loaded = dict(zip(chosen, dask.compute(*[v.data for v in chosen.values()])))  # one graph: chunks read in parallel

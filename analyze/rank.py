@@ -139,7 +139,12 @@ def centring_floor(h, valid=None) -> np.ndarray:
         t = w.sum(axis=-1).astype(np.float64)
         hv = np.where(w[..., None], h, 0.0)
         sq = np.einsum("...ij,...ij->...", hv, hv)
-    return t * np.finfo(np.float64).eps * np.sqrt(sq)
+    return floor_of(t, sq)
+
+
+def floor_of(tokens, sq_norm) -> np.ndarray:
+    """:func:`centring_floor` from each matrix's token count and squared Frobenius norm: t * eps * ||H||_F."""
+    return np.asarray(tokens, dtype=np.float64) * np.finfo(np.float64).eps * np.sqrt(sq_norm)
 
 
 def effective_rank_dask(h, *, method: str = "auto", rtol: float | None = None):

@@ -539,10 +539,10 @@ def column_cis(a, b=None, *, level: float = 0.95, method: str = DEFAULT_METHOD, 
     statistic, paired = (_mean, False) if b is None else (_mean_diff, True)
     step = max(1, _BATCH_ELEMENTS // n_resamples)  # columns per bootstrap: its (column, B) means ~16 MB at most
     for key, group in groups.items():
-        rows = np.frombuffer(key, dtype=bool)
+        rows = [x[np.frombuffer(key, dtype=bool)] for x in arrays]  # (finite rows, column) of each array
         for start in range(0, len(group), step):
             js = group[start:start + step]
-            sub = [x[rows][:, js] for x in arrays]
+            sub = [x[:, js] for x in rows]
             est, low, high, _ = _run_bootstrap(sub, statistic, paired=paired, level=level, method=method,
                                                n_resamples=n_resamples, seed=seed,
                                                batch=_batch([x[:, :1] for x in sub], n_resamples))
