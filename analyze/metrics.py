@@ -16,7 +16,8 @@ registered by :mod:`gapcache.analyze.pipeline` (importing ``gapcache.analyze`` r
   (``ctx.cliff_layer``: ``--cliff-layer`` or the cliff ``evd`` chose; ``ctx.arrays``: their labelled
   results). ``MetricResult.summary`` becomes ``summary["stores"][store]["metrics"][name]``,
   ``MetricResult.arrays`` (DataArrays carrying their own coords) variables of ``results_<store>.zarr``,
-  ``MetricResult.context`` updates ``ctx`` for the metrics after it.
+  ``MetricResult.context`` updates ``ctx`` for the metrics after it. A :class:`Pending` instead: the work
+  goes on in worker processes while the metrics after it run, and is finished after the last of them.
 * ``figure(store_summary, out_dir, ctx) -> file name or None``: ``store_summary`` is
   ``summary["stores"][store]``, ``ctx`` holds the store's cliff and results arrays (empty when the
   report is drawn from summary.json alone); writes ``out_dir/<name>.png`` (and .pdf).
@@ -54,6 +55,18 @@ class MetricResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pending:
+    """A result still being computed elsewhere (worker processes: :func:`gapcache.analyze.workers.submit_jobs`).
+    A compute function may return one: the metrics after it run meanwhile, and the pipeline calls ``finish()``
+    (-> MetricResult or summary dict) after the last of them. So its result must not set ``context`` (the
+    metrics after it ran without it: refused) and no metric may read its ``arrays`` from ``ctx``. ``cancel()``
+    (optional) is called instead of ``finish()`` when an earlier error ends the analysis."""
+
+    finish: Callable[[], Any]
+    cancel: Callable[[], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Context:
     """What earlier metrics found, passed to each compute and figure function.
 
@@ -84,7 +97,10 @@ class Metric:
     """One registered metric: its name (the summary key and the ``--metrics`` value), its compute,
     figure and report-rows functions (signatures in the module docstring), and one line of help.
     ``lead``: when it ran (not skipped), its figure and rows come first in the report (the headline result,
-    e.g. the transfer window); the others keep registry order."""
+    e.g. the transfer window); the others keep registry order. ``starts_first``: its compute reads nothing
+    from ``ctx`` but the fixed ``--cliff-layer`` and returns a :class:`Pending` (work in worker processes):
+    the pipeline calls it before every other metric, so its workers run beside all of them (its place in
+    the summary and the report stays its registry place)."""
 
     name: str
     compute: Callable[..., MetricResult | dict]
@@ -92,6 +108,7 @@ class Metric:
     rows: Callable[[dict], list]
     description: str = ""
     lead: bool = False
+    starts_first: bool = False
     #: optional ``section(store_summary) -> html`` : a block of report.html of its own (e.g. the checkpoint table)
     section: Callable[[dict], str] | None = None
 

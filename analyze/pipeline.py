@@ -332,9 +332,21 @@ def probes(ds, p: AnalysisParams, ctx: Context) -> MetricResult:
                                 n_splits=p.n_splits, seed=p.seed)
         plans[task] = (design, probed.isel(sample=idx[ok]), y[ok], int((~ok).sum()))
     jobs = [(task, c, site) for task in plans for c in conds for site in sites]
-    done = workers.map_jobs(_probe_job, [(plans[t][1].sel(condition=c, site=s), plans[t][2], plans[t][0], p)
-                                         for t, c, s in jobs], n_jobs, desc=f"probes ({n_jobs} processes)")
-    fitted_all = dict(zip(jobs, done))
+    running = workers.submit_jobs(_probe_job, [(plans[t][1].sel(condition=c, site=s), plans[t][2], plans[t][0], p)
+                                               for t, c, s in jobs], n_jobs, desc=f"probes ({n_jobs} processes)")
+
+    def finish():
+        return _probe_summary(out, plans, dict(zip(jobs, running.result())), conds, sites, p)
+
+    # in worker processes: the metrics after this one run here meanwhile (one process: all here, now)
+    return finish() if n_jobs <= 1 else registry.Pending(finish, running.cancel)
+
+
+def _probe_summary(out: dict, plans: dict, fitted_all: dict, conds, sites, p: AnalysisParams) -> MetricResult:
+    """The probes' summary from every (task, condition, site) fit: intervals, decodes-from, each condition -
+    original (the tasks skipped already in ``out``)."""
+    from gapcache.analyze import probe_stats as ps
+
     for task, (design, _, _, n_excluded) in plans.items():
         out[task], fitted = {}, {}
         for c in conds:
@@ -406,7 +418,7 @@ registry.register(Metric("evd", evd, report.fig_evd, report.rows_evd,
 registry.register(Metric("rank", rank, report.fig_rank, report.rows_rank,
                          "effective rank of the visual span per layer, ER ratio at the cliff"))
 registry.register(Metric("probes", probes, report.fig_probes, report.rows_probes,
-                         "linear probes per task, condition, site and layer"))
+                         "linear probes per task, condition, site and layer", starts_first=True))
 registry.register(Metric("lens", lens, report.fig_lens, report.rows_lens,
                          "logit-lens accuracy per condition and layer"))
 # attention flow and sparsity (issue 14): skipped unless the store holds attention summaries
@@ -428,7 +440,8 @@ registry.register(Metric("checkpoint", _checkpoint.compute, _checkpoint.figure, 
 # ------------------------------------------------------------------------------------- driver
 def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
     """(summary dict, results xarray.Dataset) of one store: every registered metric named in p.metrics,
-    in registry order, each given the Context (cliff layer, arrays) that the metrics before it left."""
+    in registry order, each given the Context (cliff layer, arrays) that the metrics before it left; those
+    marked ``starts_first`` before the rest, and those returning a ``Pending`` finished after the last."""
     import xarray as xr
 
     p.validate()
@@ -438,18 +451,48 @@ def analyze_store(ds, p: AnalysisParams) -> tuple[dict, "object"]:
 
         ds = with_sites(ds, p.sites)  # derived text sites appended to the site axis (lazy)
     ds = preload_small(ds)
+    entries = registry.registered(p.metrics)
     summary = {"store": {k: ds.attrs.get(k) for k in ("model", "dataset", "provenance", "config_hash")},
-               "params": dataclasses.asdict(p), "metrics": {}, "timing_s": {}}
+               "params": dataclasses.asdict(p),
+               "metrics": {e.name: None for e in entries}, "timing_s": {e.name: 0.0 for e in entries}}  # registry order
     ctx = Context(cliff_layer=p.cliff_layer)
-    for entry in registry.registered(p.metrics):
-        t0 = time.perf_counter()
-        result = registry.as_result(entry.compute(ds, p, ctx), entry.name)
-        summary["metrics"][entry.name] = result.summary
-        ctx = ctx.updated(result, entry.name)
-        summary["timing_s"][entry.name] = round(time.perf_counter() - t0, 3)
-        log.info("%s done in %.1f s", entry.name, summary["timing_s"][entry.name])
+    pending = {}  # name -> Pending: finished after the last metric (its workers ran meanwhile)
+    try:
+        for entry in sorted(entries, key=lambda e: not e.starts_first):  # stable: registry order otherwise
+            t0 = time.perf_counter()
+            value = entry.compute(ds, p, ctx)
+            if isinstance(value, registry.Pending):
+                pending[entry.name] = value
+            else:
+                ctx = _record(summary, ctx, entry.name, registry.as_result(value, entry.name))
+            _timed(summary, entry.name, t0)
+        while pending:
+            name, value = next(iter(pending.items()))
+            t0 = time.perf_counter()
+            result = registry.as_result(value.finish(), name)
+            del pending[name]
+            if result.context:
+                raise ConfigError(f"The result of metric {name!r} finished after the metrics after it, so its "
+                                  f"'context' must be empty. Got {sorted(result.context)} instead.")
+            ctx = _record(summary, ctx, name, result)
+            _timed(summary, name, t0)
+    finally:
+        for value in pending.values():  # an error ended the analysis first: stop their workers taking more
+            if value.cancel is not None:
+                value.cancel()
     summary["cliff_layer"] = ctx.cliff_layer
     return summary, xr.Dataset(dict(ctx.arrays))
+
+
+def _record(summary, ctx: Context, name: str, result: MetricResult) -> Context:
+    summary["metrics"][name] = result.summary
+    return ctx.updated(result, name)
+
+
+def _timed(summary, name: str, t0: float) -> None:
+    """Add the seconds since t0 to the metric's timing (a Pending metric: its compute and its finish)."""
+    summary["timing_s"][name] = round(summary["timing_s"][name] + time.perf_counter() - t0, 3)
+    log.info("%s done in %.1f s", name, summary["timing_s"][name])
 
 
 #: a store's lazy variables and coordinates up to this size each (bytes) are read once, before the metrics
@@ -527,7 +570,6 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
             s["path"] = str(path)
             summary["stores"][name] = s
             res.attrs = {"source": str(path)}
-            _write_results(res, out / f"results_{name}.zarr")
             all_results[name] = res
             if "evd" in res:
                 evds[name] = res.evd
@@ -543,10 +585,13 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
         except (DataError, GapcacheError) as err:
             summary["comparisons"][f"evd_gap_{a}_minus_{b}"] = {"skipped": str(err)}
     summary = stats.jsonable(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-    from gapcache.analyze.report import write_report
+    from gapcache.analyze.report import draw_figures, write_report
 
-    write_report(summary, out, all_results, n_jobs=workers.resolve(p.jobs))
+    figures = draw_figures(summary, out, all_results, workers.resolve(p.jobs))  # the workers draw meanwhile:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    for name, res in all_results.items():
+        _write_results(res, out / f"results_{name}.zarr")
+    write_report(summary, out, figures=figures)
     return summary
 
 

@@ -344,23 +344,36 @@ def _figure(entry, s, fig_dir, ctx):
     return entry.figure(s, fig_dir, ctx)
 
 
-def write_report(summary: dict, out, results: dict | None = None, n_jobs: int = 1) -> Path:
-    """Figures for every store in ``summary`` and one report.html beside them: per store, the key numbers
-    and the figures of each metric it ran, in registry order. ``results``: {store: results Dataset}
-    (figures that need arrays, e.g. delta_evd, are left out without it).  ``n_jobs``: worker processes
-    drawing the figures (:func:`gapcache.analyze.workers.map_jobs`; the files are the same)."""
+def draw_figures(summary: dict, out, results: dict | None = None, n_jobs: int = 1):
+    """Start drawing the figures of every store in ``summary`` into ``out/<store>/`` (:func:`write_report` takes
+    them): in ``n_jobs - 1`` worker processes from now, the rest here once ``.result()`` is called
+    (:func:`gapcache.analyze.workers.submit_jobs`); ``.result()`` -> the file names, per store in report order."""
     from gapcache.analyze import workers
 
     out = Path(out)
-    parts = ["<html><head><meta charset='utf-8'><title>gapcache report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}"
-             "img{max-width:100%}</style></head><body><h1>gapcache analysis</h1>"]
+    jobs = []
     for name, s in summary["stores"].items():
         fig_dir = out / name
         fig_dir.mkdir(parents=True, exist_ok=True)
         res = (results or {}).get(name)
         ctx = Context(cliff_layer=s.get("cliff_layer"), arrays={} if res is None else res)
-        figs = workers.map_jobs(_figure, [(e, s, fig_dir, ctx) for e in metrics.report_order(s["metrics"])], n_jobs)
+        jobs += [(e, s, fig_dir, ctx) for e in metrics.report_order(s["metrics"])]
+    return workers.submit_jobs(_figure, jobs, n_jobs)
+
+
+def write_report(summary: dict, out, results: dict | None = None, n_jobs: int = 1, figures=None) -> Path:
+    """Figures for every store in ``summary`` and one report.html beside them: per store, the key numbers
+    and the figures of each metric it ran, in registry order. ``results``: {store: results Dataset}
+    (figures that need arrays, e.g. delta_evd, are left out without it).  ``n_jobs``: processes drawing the
+    figures (:func:`gapcache.analyze.workers.map_jobs`; the files are the same). ``figures``: what
+    :func:`draw_figures` started for this summary, if it did (then ``results`` and ``n_jobs`` are not read)."""
+    out = Path(out)
+    drawn = iter((figures or draw_figures(summary, out, results, n_jobs)).result())  # per store, in report order
+    parts = ["<html><head><meta charset='utf-8'><title>gapcache report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{padding:2px 8px}"
+             "img{max-width:100%}</style></head><body><h1>gapcache analysis</h1>"]
+    for name, s in summary["stores"].items():
+        figs = [next(drawn) for _ in metrics.report_order(s["metrics"])]
         model = s["store"].get("model") or {}
         parts.append(f"<h2>{html.escape(name)}: {html.escape(str(model.get('id')))} "
                      f"on {html.escape(str((s['store'].get('dataset') or {}).get('name')))}</h2>")

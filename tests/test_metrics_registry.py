@@ -133,3 +133,77 @@ def test_registry_refuses_what_would_lose_or_overwrite_a_result():
     assert metrics.as_result({"skipped": "why"}, "m").summary == {"skipped": "why"}
     with pytest.raises(ConfigError, match="must return a MetricResult or a summary dict. Got int"):
         metrics.as_result(3, "m")
+
+
+@pytest.fixture
+def only(monkeypatch):
+    """only(*entries): the registry holds just these entries, in this order, for the test."""
+    def set_entries(*entries):
+        monkeypatch.setattr(metrics, "REGISTRY", {e.name: e for e in entries})
+        return tuple(e.name for e in entries)
+    return set_entries
+
+
+def pending_metric(name, events, context=None):
+    """A metric whose compute returns a Pending (finished: the sample count and an array of ones, ``context`` if
+    given); ``events`` records compute, finish and cancel in order."""
+    def compute(ds, params, ctx):
+        events.append(f"{name} compute")
+
+        def finish():
+            events.append(f"{name} finish")
+            n = ds.sizes["sample"]
+            return MetricResult({"n": n}, {f"{name}_ones": labelled(ds, np.ones(n), ("sample",))}, context or {})
+        return metrics.Pending(finish, lambda: events.append(f"{name} cancel"))
+    return Metric(name, compute, toy_figure, toy_rows)
+
+
+def plain_metric(name, events, fail=False):
+    def compute(ds, params, ctx):
+        events.append(f"{name} compute")
+        if fail:
+            raise ValueError(f"{name} failed")
+        return {"seen_cliff": ctx.cliff_layer}
+    return Metric(name, compute, toy_figure, toy_rows)
+
+
+def test_a_pending_metric_finishes_after_the_later_ones_in_its_own_place(store, only):
+    from gapcache.analyze.pipeline import analyze_store
+    from gapcache.store import open_store
+
+    events = []
+    names = only(pending_metric("late", events), plain_metric("after", events))
+    s, res = analyze_store(open_store(store), AnalysisParams(metrics=names))
+    assert events == ["late compute", "after compute", "late finish"]
+    assert list(s["metrics"]) == ["late", "after"] and s["metrics"]["late"] == {"n": 24}
+    assert set(s["timing_s"]) == {"late", "after"} and float(res.late_ones.sum()) == 24
+
+
+def test_a_metric_that_starts_first_runs_before_the_others_and_keeps_its_registry_place(store, only):
+    import dataclasses
+
+    from gapcache.analyze.pipeline import analyze_store
+    from gapcache.store import open_store
+
+    events = []
+    names = only(plain_metric("before", events), dataclasses.replace(pending_metric("early", events), starts_first=True))
+    s, _ = analyze_store(open_store(store), AnalysisParams(metrics=names))
+    assert events == ["early compute", "before compute", "early finish"]
+    assert list(s["metrics"]) == list(s["timing_s"]) == ["before", "early"]
+
+
+def test_a_pending_metric_may_not_set_the_context_and_is_cancelled_by_a_later_error(store, only):
+    from gapcache.analyze.pipeline import analyze_store
+    from gapcache.store import open_store
+
+    ds = open_store(store)
+    events = []
+    names = only(pending_metric("late", events, context={"cliff_layer": 1.0}))
+    with pytest.raises(ConfigError, match=r"metric 'late' finished after the metrics after it, so its 'context' "
+                                          r"must be empty. Got \['cliff_layer'\] instead"):
+        analyze_store(ds, AnalysisParams(metrics=names))
+    events.clear()
+    names = only(pending_metric("late", events), plain_metric("after", events, fail=True))
+    with pytest.raises(ValueError, match="after failed"):
+        analyze_store(ds, AnalysisParams(metrics=names))
+    assert events == ["late compute", "after compute", "late cancel"]

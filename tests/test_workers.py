@@ -4,6 +4,8 @@ re-run of a guard-less ``__main__``."""
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from gapcache.analyze import workers
@@ -20,14 +22,45 @@ def _fails(x):
     return x
 
 
-def test_map_jobs_keeps_the_order_and_runs_in_other_processes():
-    got = workers.map_jobs(_square_and_pid, [(x,) for x in range(7)], 2)
-    assert [v for v, _ in got] == [x * x for x in range(7)]
-    assert os.getpid() not in {pid for _, pid in got}
-    serial = workers.map_jobs(_square_and_pid, [(x,) for x in range(7)], 1)
+def _slow_square_and_pid(x):
+    time.sleep(0.2)
+    return x * x, os.getpid()
+
+
+def _mark_and_pid(path):
+    Path(path).write_text(str(os.getpid()))
+    return os.getpid()
+
+
+def test_map_jobs_keeps_the_order_and_shares_the_jobs_between_this_process_and_the_workers():
+    workers.warm(2).join()  # the worker is up: it takes jobs from the first
+    got = workers.map_jobs(_slow_square_and_pid, [(x,) for x in range(8)], 2)
+    assert [v for v, _ in got] == [x * x for x in range(8)]
+    pids = {pid for _, pid in got}
+    assert os.getpid() in pids and len(pids) == 2  # this process and one worker (n_jobs - 1)
+    serial = workers.map_jobs(_slow_square_and_pid, [(x,) for x in range(3)], 1)
     assert {pid for _, pid in serial} == {os.getpid()}
-    assert workers.map_jobs(_square_and_pid, [(5,)], 2) == [(25, os.getpid())]  # one job: no pool
-    assert workers.map_jobs(_square_and_pid, [], 2) == []
+    assert workers.map_jobs(_slow_square_and_pid, [(5,)], 2) == [(25, os.getpid())]  # one job: no pool
+    assert workers.map_jobs(_slow_square_and_pid, [], 2) == []
+
+
+def test_submitted_jobs_run_in_the_workers_before_result_is_called(tmp_path):
+    marks = [tmp_path / f"job{i}" for i in range(3)]
+    running = workers.submit_jobs(_mark_and_pid, [(str(m),) for m in marks], 2)
+    deadline = time.monotonic() + 120
+    while not marks[0].exists() and time.monotonic() < deadline:  # nothing here has taken a job yet
+        time.sleep(0.05)
+    assert marks[0].exists() and int(marks[0].read_text()) != os.getpid()
+    got = running.result()
+    assert got == [int(m.read_text()) for m in marks] and got[0] != os.getpid()
+
+
+def test_cancelled_jobs_are_not_taken_and_result_says_so(tmp_path):
+    running = workers.submit_jobs(_slow_square_and_pid, [(x,) for x in range(50)], 2)
+    running.cancel()
+    with pytest.raises(RuntimeError, match="the jobs were cancelled"):
+        running.result()
+    assert sum(r is not None for r in running.results) < 50
 
 
 def test_a_failing_job_raises_its_own_error_here():
@@ -95,3 +128,18 @@ def test_tune_malloc_leaves_the_users_settings_and_glibcs_own_alone():
     assert _tune(GAPCACHE_MALLOC="default")["ok"] is False
     got = _tune(MALLOC_TRIM_THRESHOLD_="1000000")
     assert got["ok"] is False and got["env"] == {"MALLOC_MMAP_THRESHOLD_": None, "MALLOC_TRIM_THRESHOLD_": "1000000"}
+
+
+def test_blas_here_runs_as_many_threads_as_in_a_worker_while_the_workers_run():
+    from threadpoolctl import threadpool_info
+
+    def threads():
+        return [p["num_threads"] for p in threadpool_info()]
+
+    before = threads()
+    assert before, "numpy's BLAS is not seen by threadpoolctl"
+    running = workers.submit_jobs(_slow_square_and_pid, [(x,) for x in range(3)], 2)
+    during = threads()
+    running.result()
+    assert during == [max(workers.available_cpus() // 2, 1)] * len(before)
+    assert threads() == before
