@@ -331,21 +331,8 @@ def _scores(X, design, y, control, metric, fit_predict):
             p = next(preds)  # (layer, n_test)
             oof = np.empty((p.shape[0], len(idx)), dtype=p.dtype) if oof is None else oof
             oof[:, te] = p
-        scores.append(score_layers(y[idx], oof, metric))
+        scores.append(probes.score_layers(y[idx], oof, metric))
     return np.asarray(scores, dtype=float)  # (B, layer)
-
-
-def score_layers(y, pred, metric: str = "balanced_accuracy") -> np.ndarray:
-    """:func:`probes.score` of every layer at once: pred (layer, sample) -> (layer,).
-
-    balanced accuracy = (1/K) sum_k mean_{i: y_i = k} [pred_li = k] over the K classes of y; accuracy =
-    mean_i [pred_li = y_i].  Written out (equal to sklearn's ``balanced_accuracy_score``, a test checks)
-    because sklearn's input validation costs ~1 ms per call and the refits score B x layers of them.
-    """
-    hit = np.asarray(pred) == np.asarray(y)[None, :]  # (layer, sample)
-    if metric != "balanced_accuracy":
-        return hit.mean(axis=1)
-    return np.mean([hit[:, y == k].mean(axis=1) for k in np.unique(y)], axis=0)
 
 
 # --------------------------------------------------------------------------- intervals

@@ -25,13 +25,16 @@ def test_cross_validate_with_sklearn_is_probe_layers_exactly():
     np.testing.assert_array_equal(a.selectivity, b.selectivity)
 
 
-def test_score_layers_is_sklearns_balanced_accuracy():
+def test_score_layers_gives_sklearns_balanced_accuracy_and_accuracy_exactly():
+    from sklearn.metrics import accuracy_score
+
     rng = np.random.default_rng(1)
-    y = rng.choice(3, size=50, p=[0.6, 0.3, 0.1])
-    pred = rng.integers(0, 3, size=(4, 50))
-    want = [balanced_accuracy_score(y, p) for p in pred]
-    np.testing.assert_allclose(ps.score_layers(y, pred), want, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(ps.score_layers(y, pred, "accuracy"), (pred == y).mean(axis=1), rtol=0, atol=0)
+    for k in (2, 3, 4, 8):
+        y = rng.choice(k, size=50, p=np.r_[0.5, np.full(k - 1, 0.5 / (k - 1))])
+        pred = rng.integers(0, k, size=(6, 50))
+        assert probes.score_layers(y, pred).tolist() == [balanced_accuracy_score(y, p) for p in pred]
+        assert probes.score_layers(y, pred, "accuracy").tolist() == [accuracy_score(y, p) for p in pred]
+        assert probes.score(y, pred[0]) == balanced_accuracy_score(y, pred[0])
 
 
 @pytest.mark.parametrize("scheme", ["halves", "bootstrap"])
