@@ -63,8 +63,8 @@ class AnalysisParams:
     correction: str = "holm"
     alpha: float = 0.05
     scheduler: str = "threads"
-    #: worker processes for the probe fits and the figures (gapcache.analyze.workers); None: the CPUs this
-    #: process may use; 1: all in this process.  Results are the same for every value.
+    #: processes for the probe fits and the figures, this one and jobs - 1 workers (gapcache.analyze.workers);
+    #: None: the CPUs this process may use; 1: all in this process.  Results are the same for every value.
     jobs: int | None = None
     #: text sites (besides the store's own) every site-taking metric analyses, derived from the token span by
     #: name (gapcache.analyze.textsites.DERIVED: question_mean, question_first, ...; --site)
@@ -523,10 +523,10 @@ def preload_small(ds):
     import dask.array as da
 
     loaded = dict(zip(chosen, dask.compute(*[v.data for v in chosen.values()])))  # one graph: chunks read in parallel
-    out = ds.copy()
-    for k, v in chosen.items():  # still dask, chunked as in the store (code that reads the chunking sees the same)
-        out[k] = v.copy(data=da.from_array(loaded[k], chunks=v.data.chunks))
-    return out
+    # still dask, chunked as in the store (code that reads the chunking sees the same); assigned at once (one merge)
+    new = {k: v.copy(data=da.from_array(loaded[k], chunks=v.data.chunks)) for k, v in chosen.items()}
+    return ds.assign_coords({k: v for k, v in new.items() if k in ds.coords}).assign(
+        {k: v for k, v in new.items() if k not in ds.coords})
 
 
 def _check_cliff_layer(ds, p: AnalysisParams) -> None:

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--ci-method", default="percentile", choices=["percentile", "BCa", "basic"])
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--scheduler", default="threads", help="threads | processes | ADDRESS | slurm")
-    an.add_argument("--jobs", type=int, help="worker processes for the probe fits and the figures (default: the CPUs "
-                    "this process may use; 1: none); the numbers do not depend on it")
+    an.add_argument("--jobs", type=int, help="processes for the probe fits and the figures: this one and N - 1 workers "
+                    "(default: the CPUs this process may use; 1: no workers); the numbers do not depend on it")
     an.add_argument("--site", default="", help="comma list of text sites to analyse besides the store's own, derived "
                     "from the token span (extract.text: all): <group>_<mean|first|last>, group question, template, "
                     "special or text (e.g. question_mean,question_first)")
