@@ -588,9 +588,13 @@ def run_analysis(paths, out, p: AnalysisParams) -> dict:
     from gapcache.analyze.report import draw_figures, write_report
 
     figures = draw_figures(summary, out, all_results, workers.resolve(p.jobs))  # the workers draw meanwhile:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-    for name, res in all_results.items():
-        _write_results(res, out / f"results_{name}.zarr")
+    try:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+        for name, res in all_results.items():
+            _write_results(res, out / f"results_{name}.zarr")
+    except BaseException:
+        figures.cancel()  # nothing goes on drawing behind the error
+        raise
     write_report(summary, out, figures=figures)
     return summary
 
