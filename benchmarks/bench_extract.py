@@ -137,7 +137,7 @@ def bench_compute(args, work: Path) -> dict:
     keeps = [torch.tensor(sorted({ext.planned[i].prediction + t for i in b
                                   for t in range(len(ext.planned[i].answer_ids))}), device=device) for b in batches]
 
-    cpu = {"bare": [], "run": []}
+    cpu = {"bare": [], "run": [], "run_main_thread": []}
 
     def plain(x, keep):
         """The forward run() makes, with nothing around it: inputs to the device, the kept logits."""
@@ -208,10 +208,11 @@ def bench_compute(args, work: Path) -> dict:
 
         runner_mod.StoreWriter = TimedWriter
         try:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             e.run(show=False)
             run_s = time.perf_counter() - t0
             cpu["run"].append(time.process_time() - c0)
+            cpu["run_main_thread"].append(time.thread_time() - m0)  # the rest: writer, prefetch, creation threads
         finally:
             runner_mod.StoreWriter = writer_cls
             del model.forward  # back to the class method
@@ -269,6 +270,9 @@ def bench_compute(args, work: Path) -> dict:
         "fixed_fraction": {k: v / run_s for k, v in breakdown.items() if not k.startswith(" ")},
         "cpu_s": cpu,
         "ratio_cpu": min(cpu["run"]) / min(cpu["bare"]),
+        # each run against the mean of the bare loops just before and after it (robust to slow drift of the machine)
+        "ratios_paired": [r / ((bare_totals[i] + bare_totals[i + 1]) / 2) for i, r in enumerate(run_totals)],
+        "cpu_other_threads_s": [a - b for a, b in zip(cpu["run"], cpu["run_main_thread"])],
         "ratio_hooked_forward": min(hooks) / bare_s if hooks else None,
         "target": 1.05,
         "breakdown_s": breakdown,
@@ -310,6 +314,11 @@ def _print(res: dict):
                    f"target <= {c['target']}) {ok}")
         out.append(f"  run() / its own model.forward time {c['ratio_internal']:.3f} (same time window: robust to load "
                    "drift between phases; an upper bound of (b)/(a) since hooks are inside model.forward)")
+        paired = c["ratios_paired"]
+        out.append(f"  each run / the mean of the bare loops around it: {[round(x, 3) for x in paired]} "
+                   f"(median {statistics.median(paired):.3f})")
+        out.append(f"  run() CPU outside its main thread (writer, prefetch, store creation): "
+                   f"{[round(x, 2) for x in c['cpu_other_threads_s']]} s")
         out.append(f"  CPU seconds (process, all threads): bare {[round(x, 1) for x in c['cpu_s']['bare']]}, "
                    f"run {[round(x, 1) for x in c['cpu_s']['run']]}; ratio of minima {c['ratio_cpu']:.3f} "
                    "(robust to other processes on the machine)")
