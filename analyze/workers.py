@@ -30,6 +30,7 @@ import sys
 import threading
 
 from gapcache.errors import ConfigError
+from gapcache.malloc import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_malloc  # noqa: F401 (workers.tune_malloc)
 
 
 def available_cpus() -> int:
@@ -169,40 +170,6 @@ def submit_jobs(fn, jobs, n_jobs: int, desc: str | None = None) -> Jobs:
 def map_jobs(fn, jobs, n_jobs: int, desc: str | None = None) -> list:
     """[fn(*job) for job in jobs], in that order, in this process and ``n_jobs - 1`` workers (:func:`submit_jobs`)."""
     return submit_jobs(fn, jobs, n_jobs, desc).result()
-
-
-#: glibc malloc settings of an analysis process and its workers (bytes): blocks below MMAP_THRESHOLD come from the
-#: heap and up to TRIM_THRESHOLD of freed heap is kept for the next ones
-MMAP_THRESHOLD = 16 << 20
-TRIM_THRESHOLD = 64 << 20
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD}
-
-
-def tune_malloc() -> bool:
-    """Keep glibc from handing every freed block of a few MB back to the kernel (and faulting it in again, page by
-    page, on the next allocation): ``mallopt`` here, and the same settings in the environment for the worker
-    processes started after this.  The analysis allocates such blocks by the thousand (a padded group of token
-    rows, a decoded shard layer): ``benchmarks/bench_analysis_phases.py STORE --metrics geometry`` on the demo
-    store, best of 3 side by side: geometry 4.35 s against 5.78 s with glibc's own settings, the process's
-    system CPU 1.35 s against 4.26 s (the whole analysis: 2.7 s against 3.7 s).  Costs at most
-    TRIM_THRESHOLD of freed memory kept per malloc arena.  Skipped (False) off glibc, when the environment sets
-    either variable already (the user's choice stands), or with ``GAPCACHE_MALLOC=default`` (glibc's own)."""
-    import ctypes
-    import ctypes.util
-
-    if (any(k in os.environ for k in _MALLOC_ENV) or os.environ.get("GAPCACHE_MALLOC") == "default"
-            or not sys.platform.startswith("linux")):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        return False
-    os.environ.update({k: str(v) for k, v in _MALLOC_ENV.items()})  # workers start with them (glibc reads them then)
-    return True
 
 
 def _import(module: str) -> int:

@@ -34,6 +34,7 @@ from gapcache.conditions import DEEPSTACK_ATTR
 from gapcache.conditions import strategy as strategy_entry
 from gapcache.conditions import kind as condition_kind
 from gapcache.errors import IncompatibleStoreError, SampleError, StopForward, StoreError, StoreLockedError
+from gapcache.malloc import tune_malloc
 from gapcache.extract import data as data_mod
 from gapcache.extract import interventions
 from gapcache.extract.attention import ARRAYS as ATTENTION_ARRAYS
@@ -75,6 +76,7 @@ class Extraction:
 
     # ------------------------------------------------------------------ setup
     def load(self):
+        tune_malloc()  # freed activations kept for the next forward, not faulted in again (gapcache.malloc)
         if self.model is None:
             self.model, self.processor = self.adapter.load(self.cfg.model)
         self.processor.tokenizer.padding_side = "right"

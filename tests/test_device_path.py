@@ -232,3 +232,14 @@ def test_capture_gathers_h_rows_pos_exactly_and_reuses_its_cpu_stacks():
         a = cap.stacked()["visual"]
         b = cap.stacked()["visual"]
         assert a.data_ptr() != b.data_ptr()
+
+
+def test_loading_an_extraction_keeps_freed_activations_for_reuse(tmp_path, monkeypatch):
+    """Extraction.load tunes glibc's malloc (gapcache.malloc: a CPU forward's activations are not faulted in again
+    each batch); the settings themselves are tested in tests/test_workers.py."""
+    from gapcache.extract import runner
+
+    calls = []
+    monkeypatch.setattr(runner, "tune_malloc", lambda: calls.append(1) or True)
+    Extraction(config(tmp_path), tmp_path / "out").load()
+    assert calls == [1]
