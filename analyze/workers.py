@@ -16,7 +16,7 @@ probe jobs of a demo condition in 4.1 s against 4.6 s serially), so only process
 through joblib and scikit-learn), each taking the next job when it is free. Loky's workers are fork + exec
 and do not re-run the caller's ``__main__`` (a user's script without an ``if __name__ == '__main__'``
 guard is safe, tested); they are reused between calls and live ``IDLE_TIMEOUT`` seconds without a job. BLAS
-is limited to cpus // n threads in each worker and here while this process runs jobs. Arguments travel
+is limited to cpus // n threads in each worker, and here while the workers have jobs. Arguments travel
 pickled (cloudpickle), results back the same way. A job's exception is raised here with its traceback, and
 stops every process from taking more. Results are those of the serial loop (the jobs share no state; tested
 summary for summary). With ``submit_jobs`` the workers run while this process does other work (the probes
@@ -55,12 +55,17 @@ def resolve(jobs) -> int:
 IDLE_TIMEOUT = 300
 
 
+def _threads(n_jobs: int) -> int:
+    """BLAS threads of each of ``n_jobs`` processes sharing this process's CPUs."""
+    return max(available_cpus() // n_jobs, 1)
+
+
 def _executor(n_workers: int, n_jobs: int):
     """The reusable loky pool of ``n_workers`` processes, BLAS limited to cpus // n_jobs threads each (the same
     settings every call, so the pool is reused, not restarted)."""
     from joblib.externals.loky import get_reusable_executor
 
-    threads = str(max(available_cpus() // n_jobs, 1))
+    threads = str(_threads(n_jobs))
     env = {k: threads for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     return get_reusable_executor(max_workers=n_workers, timeout=IDLE_TIMEOUT, env=env)
 
@@ -90,7 +95,7 @@ class Jobs:
 
             # BLAS here as in each worker until the jobs are done (2 OpenBLAS threads here beside a busy worker
             # on 2 cores: whole demo analysis 21-22 s and 37-40 CPU-s against 24-25 s and 43-44 CPU-s)
-            self._limits = threadpool_limits(limits=max(available_cpus() // self.n_jobs, 1))
+            self._limits = threadpool_limits(limits=_threads(self.n_jobs))
             n_workers = self.n_jobs - 1
             self._feeder = threading.Thread(target=self._feed, args=(_executor(n_workers, self.n_jobs), n_workers),
                                             name="gapcache-feed-workers", daemon=True)
