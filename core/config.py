@@ -90,7 +90,8 @@ class ExtractConfig:
     max_length: int = 4096
     samples_per_shard: int = 32
     visual_chunk_tokens: int = 64
-    compression_level: int = 1  # zstd level of the state arrays; 0 = none (fastest on few cores)
+    # the older compression knob, used when compression is null: 0 = none, n = zstd n, 1 (its default) = auto
+    compression_level: int = 1
     seed: int = 0  # derangement of blind_randomimage
     # [[a, b], ...]: the window kind's decoder layers a..b
     truncation_windows: list = field(default_factory=list, metadata=ADDED)
@@ -111,8 +112,9 @@ class ExtractConfig:
     routing: bool = field(default=False, metadata=ADDED)
     # surface variants pooled into each candidate's score by logsumexp (gapcache.variants.RULES: case, space)
     candidate_variants: list = field(default_factory=list, metadata=ADDED)
-    # hidden-state compression (gapcache.store.codec.parse_compression): "zstd:1", "none",
-    # "blosc:lz4:9:bitshuffle:32768", ...; null: compression_level decides (0 = none, n = zstd n)
+    # hidden-state compression (gapcache.store.codec.parse_compression): "auto" (zstd:1 for bf16/float16 states,
+    # blosc:lz4:5:shuffle for float32: gapcache.store.codec.AUTO_COMPRESSION), "zstd:1", "none",
+    # "blosc:lz4:9:bitshuffle:32768", ...; null: compression_level decides (1, its default, = auto)
     compression: str | None = field(default=None, metadata=ADDED)
     # shard files written past the page cache (O_DIRECT) where the filesystem allows; false: buffered writes
     # (try it on a network filesystem where synchronous direct writes are slow). Never in the config hash.

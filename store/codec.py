@@ -12,9 +12,11 @@ float16 and float32 models are stored in their own dtype with ``gapcache_encodin
 
 The codec chain is portable (Zarr v3 codecs every implementation reads): inner chunks
 ``bytes -> <compression>`` inside a ``sharding_indexed`` codec whose index is protected by
-``crc32c``. The compression is a setting (:func:`parse_compression`): ``zstd:1`` by default,
-``none``, another zstd level, or ``blosc`` (byte or bit shuffle over the stored items) with lz4,
-zstd, blosclz, lz4hc or zlib inside; every shard's bytes are covered by its CRC-32C record.
+``crc32c``. The compression is a setting (:func:`parse_compression`): ``auto`` by default (what the
+stored item size compresses best per CPU second: :data:`AUTO_COMPRESSION`), ``none``, a zstd level, or
+``blosc`` (byte or bit shuffle over the stored items) with lz4, zstd, blosclz, lz4hc or zlib inside; the
+store records the concrete codec (each array's metadata), never ``auto``. Every shard's bytes are covered
+by its CRC-32C record.
 """
 
 from __future__ import annotations
@@ -75,17 +77,25 @@ def decode(raw, encoding: str):
 
 
 #: the compression of hidden-state arrays a store gets unless the config says otherwise
-DEFAULT_COMPRESSION = "zstd:1"
+DEFAULT_COMPRESSION = "auto"
+#: what ``auto`` means for each stored item size (bytes). Measured on one core, 128 KB inner chunks of the
+#: bench model's states (``benchmarks/bench_extract.py``; ``benchmarks/bench_writer.py`` for bf16):
+#: 2-byte items (bf16 bits, float16): ``zstd:1`` 1.57 bytes a value, ~1 CPU-s per GB to encode.
+#: float32: ``zstd:1`` keeps 0.924 of the bytes at 0.96 s/GB to encode, 0.82 to decode;
+#: ``blosc:lz4:5:shuffle`` keeps 0.807 at 0.45 s/GB to encode, 0.26 to decode (bitshuffle: 0.795, 0.72 / 0.52;
+#: blosclz: 0.804, 0.84 / 0.35), so float32 states get it: fewer bytes for half the writer's CPU.
+AUTO_COMPRESSION = {2: "zstd:1", 4: "blosc:lz4:5:shuffle"}
 BLOSC_CNAMES = ("lz4", "lz4hc", "blosclz", "zstd", "zlib")
 BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
-COMPRESSION_FORMS = ("none", "zstd:<level 1..22>", "blosc:<cname>:<clevel 1..9>:<shuffle>[:<blocksize bytes>]")
+COMPRESSION_FORMS = ("auto", "none", "zstd:<level 1..22>", "blosc:<cname>:<clevel 1..9>:<shuffle>[:<blocksize bytes>]")
 
 
 def parse_compression(spec) -> tuple:
-    """A compression setting -> its parts: ``("none",)``, ``("zstd", level)`` or
+    """A compression setting -> its parts: ``("auto",)``, ``("none",)``, ``("zstd", level)`` or
     ``("blosc", cname, clevel, shuffle, blocksize)``.
 
-    Forms (:data:`COMPRESSION_FORMS`): ``"none"``; ``"zstd:1"``; ``"blosc:lz4:5:bitshuffle"`` (blosc
+    Forms (:data:`COMPRESSION_FORMS`): ``"auto"`` (:func:`resolve_compression` makes it concrete); ``"none"``;
+    ``"zstd:1"``; ``"blosc:lz4:5:bitshuffle"`` (blosc
     with ``cname`` in :data:`BLOSC_CNAMES`, ``shuffle`` in :data:`BLOSC_SHUFFLES`, byte or bit shuffle
     over the stored dtype's items, an optional blocksize in bytes, 0 = blosc's choice). An int is the
     old ``compression_level``: 0 = ``"none"``, n = ``"zstd:n"``. Raises ValueError on anything else.
@@ -93,8 +103,8 @@ def parse_compression(spec) -> tuple:
     if isinstance(spec, int) and not isinstance(spec, bool):
         return ("none",) if spec == 0 else _zstd_parts(spec)
     parts = str(spec).split(":") if isinstance(spec, str) else []
-    if parts == ["none"]:
-        return ("none",)
+    if parts in (["none"], ["auto"]):
+        return (parts[0],)
     if len(parts) == 2 and parts[0] == "zstd" and _is_digits(parts[1]):
         return _zstd_parts(int(parts[1]))
     if len(parts) in (4, 5) and parts[0] == "blosc" and _is_digits(*parts[2:3], *parts[4:]):
@@ -116,9 +126,22 @@ def _zstd_parts(level: int) -> tuple:
     return ("zstd", level)
 
 
+def resolve_compression(spec, typesize: int) -> str:
+    """A compression setting (:func:`parse_compression`) -> the concrete one (never ``auto``) for stored items
+    of ``typesize`` bytes: ``auto`` -> :data:`AUTO_COMPRESSION`; an int (the old zstd level) -> ``"none"`` or
+    ``"zstd:<level>"``; any other setting as given."""
+    parts = parse_compression(spec)
+    if parts[0] == "auto":
+        return AUTO_COMPRESSION.get(int(typesize), AUTO_COMPRESSION[2])
+    if isinstance(spec, int):
+        return "none" if parts[0] == "none" else f"zstd:{parts[1]}"
+    return spec
+
+
 def state_codecs(compression=DEFAULT_COMPRESSION, typesize: int = 2):
-    """Compressors (Zarr v3 core codecs) for hidden-state arrays from a compression setting
-    (:func:`parse_compression`; an int is the old zstd level, 0 = none).
+    """Compressors (Zarr v3 core codecs) for hidden-state arrays of ``typesize``-byte items from a compression
+    setting (:func:`parse_compression`; ``auto`` resolved by :func:`resolve_compression`; an int is the old
+    zstd level, 0 = none).
 
     Measured on bf16 states (one core, 256 KB inner chunks; ``benchmarks/bench_writer.py`` end to end):
     ``zstd:1`` 1.57 bytes a value (1.68 with channel scales spread lognormal(0, 2)), ~1 CPU-s per GB to
@@ -128,7 +151,7 @@ def state_codecs(compression=DEFAULT_COMPRESSION, typesize: int = 2):
     """
     from zarr.codecs import BloscCodec, ZstdCodec
 
-    parts = parse_compression(compression)
+    parts = parse_compression(resolve_compression(compression, typesize))
     if parts[0] == "none":
         return []
     if parts[0] == "zstd":

@@ -63,7 +63,7 @@ class Layout:
     visual_lengths: tuple[int, ...]  # recorded visual tokens per sample (0 if failed at plan time)
     samples_per_shard: int = 32
     visual_chunk_tokens: int = 64  # inner chunk rows of every span's states
-    compression_level: int = 1  # the old zstd level (0 = none); used when ``compression`` is None
+    compression_level: int = 1  # the old zstd level (0 = none, 1 = its default: auto); used when ``compression`` is None
     # hidden-state compression (gapcache.store.codec.parse_compression); None: from compression_level
     compression: str | None = None
     span_lengths: tuple = ()  # ((span name, per-sample lengths), ...) of spans other than "visual"
@@ -86,7 +86,7 @@ class Layout:
         from gapcache.store.codec import parse_compression
 
         try:
-            parse_compression(self.compression_level if self.compression is None else self.compression)
+            parse_compression(self._compression_setting)
         except ValueError as err:
             raise ConfigError(f"The compression of a Layout: {err}") from None
         from gapcache.store.arrays import SPANS
@@ -108,9 +108,19 @@ class Layout:
         object.__setattr__(self, "n_vtokens", spans["visual"].n_tokens)
 
     @property
-    def state_compression(self):
-        """The hidden-state compression setting: ``compression``, else the old ``compression_level``."""
-        return self.compression_level if self.compression is None else self.compression
+    def _compression_setting(self):
+        """``compression``, else the old ``compression_level`` (0 = none, n = zstd n), whose default 1 means auto."""
+        if self.compression is not None:
+            return self.compression
+        return "auto" if self.compression_level == 1 else self.compression_level
+
+    @property
+    def state_compression(self) -> str:
+        """The hidden-state compression, concrete (``auto`` resolved for the stored item size:
+        gapcache.store.codec.resolve_compression), e.g. ``"zstd:1"`` for bf16, ``"blosc:lz4:5:shuffle"`` for float32."""
+        from gapcache.store.codec import resolve_compression, storage_for
+
+        return resolve_compression(self._compression_setting, storage_for(self.model_dtype)[0].itemsize)
 
     @property
     def n_samples(self) -> int:

@@ -45,19 +45,20 @@ STR = str  # zarr v3 variable-length UTF-8 strings (vlen-utf8)
 __all__ = ["ShardPayload", "StoreWriter", "StoreFrozenError", "create", "consolidate", "refuse_frozen"]
 
 
-def _create_array(group, spec: ArraySpec, shape, layout: Layout):
-    """One declared array: chunking, codecs and fill value follow its spec (``along``, dtype)."""
+def _create_array(group, spec: ArraySpec, shape, layout: Layout, attributes: dict | None = None):
+    """One declared array: chunking, codecs and fill value follow its spec (``along``, dtype); ``attributes``
+    written with its metadata (one write)."""
     chunks, shards = chunking(spec, shape, layout)
     dtype = spec.numpy_dtype(layout.model_dtype)
     kw = dict(shape=shape, dtype=STR if dtype == object else dtype, chunks=chunks, dimension_names=spec.dims,
               fill_value=spec.fill_value(layout.model_dtype))
     if spec.is_state:
         storage, encoding = codec.storage_for(layout.model_dtype)
-        kw.update(shards=shards, compressors=codec.state_codecs(layout.state_compression, storage.itemsize),
-                  attributes={codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype})
+        kw.update(shards=shards, compressors=codec.state_codecs(layout.state_compression, storage.itemsize))
+        attributes = {**(attributes or {}), codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype}
     else:
         kw.update(checked_codecs(spec))
-    return group.create_array(spec.name, **kw)
+    return group.create_array(spec.name, attributes=attributes or None, **kw)
 
 
 def checked_codecs(spec: ArraySpec) -> dict:
@@ -107,25 +108,41 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
             _learn_sizes(spec, values[spec.name], sizes)
     if overwrite:
         refuse_frozen(path)
+    made = [spec for spec in arrays.specs() if _created(spec, layout, values, sizes)]
+    links = _coordinate_links(made)
     g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
     g.attrs.update(_root_attrs(layout, attrs))
-    for spec in arrays.specs():
-        if spec.span and not layout.has_span(spec.span):
-            continue  # an optional span this run does not record
-        if spec.at_creation and spec.name not in values:
-            if spec.required:
-                raise StoreError(f"create needs the values of the required array {spec.name!r}.")
-            continue
-        if not spec.required and not set(spec.dims) <= set(sizes):  # an optional array whose option is off
-            continue  # (e.g. attention summaries or MoE routing of a run without them)
-        arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout)
-        if (array_attrs or {}).get(spec.name):
-            arr.attrs.update(array_attrs[spec.name])
+    for spec in made:
+        extra = {**(array_attrs or {}).get(spec.name, {}), **links.get(spec.name, {})}
+        arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout, extra)
         if spec.at_creation and arr.size:
             arr[...] = values[spec.name]
-    _link_coordinates(g)
     consolidate(path)
     return g
+
+
+def _created(spec: ArraySpec, layout: Layout, values: dict, sizes: dict) -> bool:
+    """Whether ``create`` makes the declared array: not when its optional span, values or dimensions are absent
+    (e.g. attention summaries or MoE routing of a run without them)."""
+    if spec.span and not layout.has_span(spec.span):
+        return False
+    if spec.at_creation and spec.name not in values:
+        if spec.required:
+            raise StoreError(f"create needs the values of the required array {spec.name!r}.")
+        return False
+    return spec.required or set(spec.dims) <= set(sizes)
+
+
+def _coordinate_links(made) -> dict[str, dict]:
+    """name -> ``{"coordinates": "<aux coords>"}`` for each multi-dimensional array whose dimensions hold those of
+    auxiliary coordinate arrays (CF convention, so xarray links them), set when the array is created."""
+    coords = {spec.name: set(spec.dims) for spec in made if spec.coord}
+    links = {}
+    for spec in made:
+        linked = [c for c, dims in coords.items() if dims <= set(spec.dims)]
+        if spec.name not in coords and linked and len(spec.dims) > 1:
+            links[spec.name] = {"coordinates": " ".join(linked)}
+    return links
 
 
 def _learn_sizes(spec: ArraySpec, value: np.ndarray, sizes: dict) -> None:
@@ -137,17 +154,6 @@ def _learn_sizes(spec: ArraySpec, value: np.ndarray, sizes: dict) -> None:
         if sizes.setdefault(d, int(n)) != n:
             raise StoreError(f"The values of {spec.name!r} must have {sizes[d]} entries along {d!r} (dims "
                              f"{spec.dims}). Got shape {value.shape} instead.")
-
-
-def _link_coordinates(g):
-    dims = {name: tuple(g[name].metadata.dimension_names) for name in arrays.aux_coords() if name in g}
-    for name, arr in g.arrays():
-        if name in dims or arr.metadata.dimension_names is None:
-            continue
-        own = set(arr.metadata.dimension_names)
-        linked = [c for c, d in dims.items() if set(d) <= own]
-        if linked and len(own) > 1:
-            arr.attrs["coordinates"] = " ".join(linked)
 
 
 def consolidate(path):

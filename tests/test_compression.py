@@ -46,7 +46,7 @@ def _files(path, name):
 
 
 @pytest.mark.parametrize("spec, parts", [
-    ("none", ("none",)), ("zstd:1", ("zstd", 1)), ("zstd:22", ("zstd", 22)), (0, ("none",)), (3, ("zstd", 3)),
+    ("auto", ("auto",)), ("none", ("none",)), ("zstd:1", ("zstd", 1)), ("zstd:22", ("zstd", 22)), (0, ("none",)), (3, ("zstd", 3)),
     ("blosc:lz4:5:bitshuffle", ("blosc", "lz4", 5, "bitshuffle", 0)),
     ("blosc:zstd:1:shuffle:262144", ("blosc", "zstd", 1, "shuffle", 262144)),
 ])
@@ -86,15 +86,50 @@ def test_config_option_validated_and_out_of_the_default_hash():
     assert blosc.extract.compression == "blosc:lz4:5:bitshuffle" and blosc.hash() != cfg.hash()
     for bad in ("lz4", "zstd:0", 1):
         with pytest.raises(ConfigError, match=r"The 'extract.compression' parameter must be null or one of "
-                                              rf"\['none', 'zstd:<level 1..22>', .*Got {bad!r} instead"):
+                                              rf"\['auto', 'none', 'zstd:<level 1..22>', .*Got {bad!r} instead"):
             load_config({**DEMO, "extract": {**DEMO["extract"], "compression": bad}})
 
 
 def test_layout_refuses_a_bad_setting_and_defaults_to_the_level():
     with pytest.raises(ConfigError, match="compression of a Layout: 'blosc:lz4' is not a compression setting"):
         _layout("blosc:lz4")
-    assert small_layout().state_compression == 1  # the old compression_level: zstd 1
     assert _layout("none").state_compression == "none"
+    assert _layout("zstd:1", "float32").state_compression == "zstd:1"  # what is asked for, whatever the dtype
+    base = small_layout("bfloat16")
+    for level, want in ((0, "none"), (3, "zstd:3"), (1, "zstd:1")):  # the old compression_level; 1 (default) = auto
+        assert type(base)(**{**_fields(base), "compression_level": level}).state_compression == want
+
+
+@pytest.mark.parametrize("dtype, want", [("bfloat16", "zstd:1"), ("float16", "zstd:1"),
+                                         ("float32", "blosc:lz4:5:shuffle")])
+@pytest.mark.parametrize("compression", [None, "auto"])
+def test_auto_resolves_by_the_stored_item_size(dtype, want, compression):
+    """The default (compression null, compression_level 1) and "auto": zstd 1 for 2-byte items, blosc lz4 with byte
+    shuffle for float32, whose zstd frames keep ~0.92 of the bytes for twice blosc's CPU (store/codec.py)."""
+    assert _layout(compression, dtype).state_compression == want
+    assert codec.resolve_compression("auto", codec.storage_for(dtype)[0].itemsize) == want
+    assert codec.resolve_compression(0, 4) == "none" and codec.resolve_compression(2, 2) == "zstd:2"
+
+
+@pytest.mark.parametrize("dtype, name", [("bfloat16", "zstd"), ("float32", "blosc")])
+def test_a_default_store_records_the_concrete_codec(tmp_path, dtype, name):
+    """The arrays' metadata hold the codec auto chose (what any Zarr v3 reader needs), never "auto"; values read back."""
+    layout = _layout(None, dtype)
+    payloads = random_payloads(layout, seed=5)
+    path = _write(tmp_path / "s.zarr", layout, payloads)
+    for state in STATES:
+        inner = zarr.open_array(path / state, mode="r").metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+        assert [c["name"] for c in inner][1:] == [name]
+        assert codec.compression_of(inner) == layout.state_compression
+    got = open_store(path).text_states.values[0, :2]
+    np.testing.assert_array_equal(got, codec.decode(payloads[0].text_states, codec.storage_for(dtype)[1]))
+    assert verify(path).ok
+
+
+def _fields(layout):
+    from dataclasses import fields
+
+    return {f.name: getattr(layout, f.name) for f in fields(layout) if f.init}
 
 
 @pytest.mark.parametrize("spec", SETTINGS)
