@@ -111,7 +111,7 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
     made = [spec for spec in arrays.specs() if _created(spec, layout, values, sizes)]
     links = _coordinate_links(made)
     g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
-    g.attrs.update(_root_attrs(layout, attrs))
+    g.update_attributes(_root_attrs(layout, attrs))  # one write (attrs.update writes the group once per key)
     for spec in made:
         extra = {**(array_attrs or {}).get(spec.name, {}), **links.get(spec.name, {})}
         arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout, extra)
