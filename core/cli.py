@@ -134,7 +134,8 @@ def format_info(path, data=None) -> str:
            else "") + "]",
         f"dataset    {d['dataset'].get('name')} / {d['dataset'].get('split')}: {d['n_samples']} samples, "
         f"{d['n_failed_samples']} with a failure",
-        f"states     {len(d['layers'])} layers x {d['hidden']} hidden, {d['state_dtype']} ({d['state_encoding']}), "
+        f"states     {len(d['layers'])} layers x {d['hidden']} hidden, {d['state_dtype']} ({d['state_encoding']}, "
+        f"{d.get('state_compression', '?')}), "
         f"sites {', '.join(d['sites'])} + visual ({d['visual'].get('mode')})",
         f"size       {d['size_bytes'] / 1e6:.1f} MB on disk" if d["size_bytes"] is not None
         else "size       unknown (remote store that cannot be listed)",

@@ -171,3 +171,9 @@ def compression_of(codecs: list) -> str:
             spec = f"blosc:{cfg['cname']}:{int(cfg['clevel'])}:{cfg['shuffle']}"
             return spec + (f":{int(cfg['blocksize'])}" if cfg.get("blocksize") else "")
     return "none"
+
+
+def array_compression(arr) -> str:
+    """The compression setting of a zarr state array (its ``sharding_indexed`` inner codecs), e.g. for merging
+    stores or showing a store (``gapcache info``)."""
+    return compression_of(arr.metadata.to_dict()["codecs"][0].get("configuration", {}).get("codecs"))

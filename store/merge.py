@@ -28,7 +28,7 @@ import numpy as np
 
 from gapcache.conditions import DEEPSTACK_ATTR, Condition
 from gapcache.errors import IncompatibleStoreError, StoreError
-from gapcache.store import arrays
+from gapcache.store import arrays, codec
 from gapcache.store.remote import is_url, zarr_store
 from gapcache.store.schema import STATUS_PENDING, Layout
 
@@ -193,7 +193,8 @@ def merge(paths, out, storage_options: dict | None = None, show: bool = False) -
         visual_lengths=_span_lengths("visual", home, sample_ids),
         span_lengths=tuple((n, _span_lengths(n, home, sample_ids)) for n, sp in arrays.SPANS.items()
                            if n != "visual" and sp.offset in first.g),
-        samples_per_shard=first.spc, visual_chunk_tokens=vchunk, compression=_compression(first.g["text_states"]),
+        samples_per_shard=first.spc, visual_chunk_tokens=vchunk,
+        compression=codec.array_compression(first.g["text_states"]),
         routing=_routing_shape(first.g),
     )
     values, array_attrs = _creation_values(sources, home, sample_ids, layout)
@@ -278,13 +279,6 @@ def _same_sample(a, b, sample_id) -> None:
                     f"Cannot merge: sample {sample_id!r} differs in {name!r} between {sa.path} ({x.tolist()!r}) and "
                     f"{sb.path} ({y.tolist()!r}); the same sample id must have the same token layout."
                 )
-
-
-def _compression(arr) -> str:
-    """The compression setting of a state array (its inner codecs), so the merged store keeps it."""
-    from gapcache.store.codec import compression_of
-
-    return compression_of(arr.metadata.to_dict()["codecs"][0].get("configuration", {}).get("codecs"))
 
 
 def _merged_attrs(sources, layout, donor) -> dict:

@@ -340,8 +340,10 @@ def info(path, storage_options: dict | None = None, size: bool = True) -> dict:
         "hidden": int(g["text_states"].shape[-1]),
         "state_dtype": str(g["text_states"].dtype),
         "state_encoding": g["text_states"].attrs.get(codec.ENCODING_ATTR),
+        "state_compression": codec.array_compression(g["text_states"]),
         "visual": attrs.get("visual", {}),
         "size_bytes": None if not size else _remote_size(path, storage_options) if is_url(path) else size_on_disk(path),
         "frozen": attrs.get("frozen"),
         "provenance": attrs.get("provenance", {}),
     }
+

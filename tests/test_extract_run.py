@@ -176,6 +176,12 @@ def test_info_json_keys_and_errors(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert {"schema_version", "model", "conditions", "n_samples", "complete"} <= set(d)
     assert d["n_samples"] == 24 and d["complete"] is True and d["model"]["family"] == "llava"
+    from gapcache.store.codec import AUTO_COMPRESSION
+
+    # the default compression (auto) made concrete for the stored items, shown by the text form too
+    assert d["state_compression"] == AUTO_COMPRESSION[np.dtype(d["state_dtype"]).itemsize]
+    assert main(["info", str(out / "store.zarr")]) == 0
+    assert f"({d['state_encoding']}, {d['state_compression']})" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "nope.zarr")]) == 1
     assert "No gapcache store" in capsys.readouterr().err
 
