@@ -49,6 +49,7 @@ written, not by reading the file back.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import sys
@@ -84,6 +85,8 @@ def _iov_max() -> int:
 
 _IOV_MAX = _iov_max()
 _WRITE_BATCH_BYTES = 8 << 20
+#: raw bytes of inner chunks encoded per task of the encode pool (about 16 chunks of 128 KB)
+_TASK_BYTES = 2 << 20
 
 
 def crc32c(data) -> int:
@@ -331,8 +334,11 @@ class ShardArray:
         if self.compressed:
             if executor is None:
                 encoded = (self._encode_chunk(block, sl, partial) for _flat, sl, partial in present)
-            else:
-                encoded = executor.map(lambda item: self._encode_chunk(block, item[1], item[2]), present)
+            else:  # a few chunks a task: one future and thread wake-up per chunk cost ~40 us (0.2 CPU-s per 4,600)
+                per = max(1, _TASK_BYTES // self.chunk_nbytes)
+                tasks = [present[i : i + per] for i in range(0, len(present), per)]
+                encoded = itertools.chain.from_iterable(executor.map(
+                    lambda task: [self._encode_chunk(block, sl, partial) for _flat, sl, partial in task], tasks))
             sizes, bufs, total = [], [], 0
             for enc in encoded:
                 view = memoryview(enc).cast("B")
