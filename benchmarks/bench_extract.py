@@ -109,7 +109,7 @@ def bench_compute(args, work: Path) -> dict:
         "model": {"family": "llava", "id": str(ckpt), "dtype": args.dtype, "device_map": str(device) if cuda else None},
         "data": {"dataset": "synthetic", "split": "test", "options": {"n": n, "image_size": side, "seed": 0}},
         "extract": {"conditions": ["original"], "batch_size": args.batch_size,
-                    "samples_per_shard": args.samples_per_shard, "max_length": 4096},
+                    "samples_per_shard": args.samples_per_shard, "max_length": 4096, "compression": args.compression},
     })
     ext = Extraction(cfg, work / "run")
     t0 = time.perf_counter()
@@ -256,7 +256,8 @@ def bench_compute(args, work: Path) -> dict:
         "config": {"hidden": args.hidden, "layers": args.layers, "image_size": side, "patch_size": patch,
                    "visual_tokens": sorted(vis_len), "seq_len": seq, "batch_size": args.batch_size,
                    "batches": nb, "samples": n, "samples_per_shard": args.samples_per_shard,
-                   "dtype": args.dtype, "device": str(device), "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
+                   "dtype": args.dtype, "compression": args.compression,
+                   "device": str(device), "torch_threads": torch.get_num_threads(), "warmup": args.warmup,
                    "repeats": args.repeats},
         "loadavg_before": load_before, "loadavg_after": load_after,
         "build_s": build_s, "load_s": load_s, "plan_s": plan_s,
@@ -301,7 +302,7 @@ def _print(res: dict):
         cc = c["config"]
         out.append(f"\n== compute-bound: llava hidden {cc['hidden']} x {cc['layers']} layers, {cc['visual_tokens']} visual "
                    f"tokens, seq {cc['seq_len']}, batch {cc['batch_size']} x {cc['batches']}, {cc['dtype']} on {cc.get('device')}, "
-                   f"{cc['torch_threads']} torch threads")
+                   f"{cc['torch_threads']} torch threads, store compression {cc.get('compression') or 'default'}")
         out.append(f"  (a) bare forward loop   {c['bare_s']:8.2f} s  ({c['bare_per_batch_s']:.3f} s/batch)  "
                    f"all: {[round(x, 2) for x in c['bare_all_s']]}")
         out.append(f"  (b) Extraction.run()    {c['run_s']:8.2f} s  ({c['run_per_batch_s']:.3f} s/batch)  "
@@ -355,6 +356,8 @@ def main(argv=None):
     g.add_argument("--batches", type=int, default=8)
     g.add_argument("--samples-per-shard", type=int, default=32)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--compression", default=None,
+                   help="extract.compression of the run's store (default: the config's default, auto)")
     g.add_argument("--device", default=None, help="torch device of the model (default: cuda if available, else cpu)")
     g.add_argument("--warmup", type=int, default=1)
     g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -3,7 +3,8 @@
 * ``bench_attention``: the CPU memory helpers read ``/proc/self/status`` in bytes and see a known allocation;
 * ``bench_routing --attention``: the on arm really records both the routing and the attention summaries;
 * ``bench_option_bytes``: the bytes each option adds to the Qwen3-VL-30B-A3B config equal the array shapes
-  worked out by hand.
+  worked out by hand;
+* ``bench_extract`` (issue 15): runs end to end at toy sizes, and ``--compression`` reaches the run's store.
 """
 
 from __future__ import annotations
@@ -145,3 +146,22 @@ def test_analysis_phases_bench_runs_both_malloc_settings_side_by_side(tmp_path, 
     assert "gapcache  run 0" in out and "glibc     run 0" in out and "best of 1" in out
     table = out.split("best of 1")[1].splitlines()[1:]
     assert [line.split()[0] for line in table][:4] == ["wall", "user", "sys", "accuracy"]
+
+
+def test_extract_bench_runs_small_and_its_store_has_the_asked_compression(tmp_path, monkeypatch, one_thread):
+    """bench_extract's compute part end to end at toy sizes: every phase timed, the ratios computed from them,
+    and ``--compression`` reaching the run's store (the codec in its state arrays' metadata)."""
+    import zarr
+
+    from gapcache.store.codec import array_compression
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    be = bench("extract")
+    res = be.main(["--skip-io", "--device", "cpu", "--hidden", "32", "--layers", "2", "--image-size", "32",
+                   "--batch-size", "2", "--batches", "2", "--samples-per-shard", "2", "--repeats", "1",
+                   "--threads", "1", "--compression", "zstd:3", "--workdir", str(tmp_path), "--keep"])
+    c = res["compute"]
+    assert c["config"]["compression"] == "zstd:3" and c["samples_done"] == 4
+    assert c["ratio"] == pytest.approx(c["run_s"] / c["bare_s"])
+    store = zarr.open_group(tmp_path / "compute" / "run0" / "store.zarr", mode="r")
+    assert array_compression(store["visual_states"]) == "zstd:3"
