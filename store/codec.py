@@ -79,7 +79,8 @@ def decode(raw, encoding: str):
 #: the compression of hidden-state arrays a store gets unless the config says otherwise
 DEFAULT_COMPRESSION = "auto"
 #: what ``auto`` means for each stored item size (bytes). Measured on one core, 128 KB inner chunks of the
-#: bench model's states (``benchmarks/bench_extract.py``; ``benchmarks/bench_writer.py`` for bf16):
+#: bench model's states (``benchmarks/bench_codecs.py STORE`` on a store ``bench_extract.py --keep`` leaves;
+#: ``benchmarks/bench_writer.py`` for bf16):
 #: 2-byte items (bf16 bits, float16): ``zstd:1`` 1.57 bytes a value, ~1 CPU-s per GB to encode.
 #: float32: ``zstd:1`` keeps 0.924 of the bytes at 0.96 s/GB to encode, 0.82 to decode;
 #: ``blosc:lz4:5:shuffle`` keeps 0.807 at 0.45 s/GB to encode, 0.26 to decode (bitshuffle: 0.795, 0.72 / 0.52;
