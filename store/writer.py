@@ -45,9 +45,9 @@ STR = str  # zarr v3 variable-length UTF-8 strings (vlen-utf8)
 __all__ = ["ShardPayload", "StoreWriter", "StoreFrozenError", "create", "consolidate", "refuse_frozen"]
 
 
-def _create_array(group, spec: ArraySpec, shape, layout: Layout, attributes: dict | None = None):
-    """One declared array: chunking, codecs and fill value follow its spec (``along``, dtype); ``attributes``
-    written with its metadata (one write)."""
+def _array_kwargs(spec: ArraySpec, shape, layout: Layout, attributes: dict | None = None) -> dict:
+    """``create_array`` keywords of one declared array: chunking, codecs and fill value follow its spec
+    (``along``, dtype); ``attributes`` go with its metadata (one write)."""
     chunks, shards = chunking(spec, shape, layout)
     dtype = spec.numpy_dtype(layout.model_dtype)
     kw = dict(shape=shape, dtype=STR if dtype == object else dtype, chunks=chunks, dimension_names=spec.dims,
@@ -58,7 +58,7 @@ def _create_array(group, spec: ArraySpec, shape, layout: Layout, attributes: dic
         attributes = {**(attributes or {}), codec.ENCODING_ATTR: encoding, "model_dtype": layout.model_dtype}
     else:
         kw.update(checked_codecs(spec))
-    return group.create_array(spec.name, attributes=attributes or None, **kw)
+    return dict(attributes=attributes or None, **kw)
 
 
 def checked_codecs(spec: ArraySpec) -> dict:
@@ -96,6 +96,7 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
     ``array_attrs`` maps array names to extra attributes (e.g. the lens norm's form).
     """
     import zarr
+    from zarr.core.sync import sync  # what zarr's own synchronous API runs its coroutines with
 
     values = {**layout.derived_values(), **{k: np.asarray(v) for k, v in values.items()}}
     unknown = sorted((set(values) | set(array_attrs or {})) - set(arrays.ARRAYS))
@@ -110,15 +111,37 @@ def create(path, layout: Layout, attrs: dict, values: dict, overwrite: bool = Fa
         refuse_frozen(path)
     made = [spec for spec in arrays.specs() if _created(spec, layout, values, sizes)]
     links = _coordinate_links(made)
-    g = zarr.open_group(str(path), mode="w" if overwrite else "w-", zarr_format=3)
-    g.update_attributes(_root_attrs(layout, attrs))  # one write (attrs.update writes the group once per key)
-    for spec in made:
-        extra = {**(array_attrs or {}).get(spec.name, {}), **links.get(spec.name, {})}
-        arr = _create_array(g, spec, tuple(sizes[d] for d in spec.dims), layout, extra)
-        if spec.at_creation and arr.size:
-            arr[...] = values[spec.name]
+    root = _root_attrs(layout, attrs)
+    kwargs = {spec.name: _array_kwargs(spec, tuple(sizes[d] for d in spec.dims), layout,
+                                       {**(array_attrs or {}).get(spec.name, {}), **links.get(spec.name, {})})
+              for spec in made}
+    written = {s.name: values[s.name] for s in made if s.at_creation and np.prod(kwargs[s.name]["shape"])}
+    sync(_create_nodes(str(path), "w" if overwrite else "w-", root, kwargs, written))
     consolidate(path)
-    return g
+    return zarr.open_group(str(path), mode="r+")
+
+
+async def _create_nodes(path: str, mode: str, root: dict, kwargs: dict, written: dict) -> None:
+    """The group (its attributes in one write) and every array, created and written concurrently in zarr's
+    event loop: one round trip from this thread, not one per array and per value (the bench store's 41
+    arrays: 0.32-0.36 -> 0.22-0.25 CPU-s, alternating). Every array's task finishes before the first error
+    is raised, so nothing is still writing into a store the caller then removes."""
+    import asyncio
+
+    import zarr.api.asynchronous as zarr_async
+
+    group = await zarr_async.open_group(store=path, mode=mode, zarr_format=3)
+    await group.update_attributes(root)  # attrs.update would write the group's zarr.json once per key
+
+    async def make(name: str) -> None:
+        arr = await group.create_array(name, **kwargs[name])
+        if name in written:
+            await arr.setitem(Ellipsis, written[name])
+
+    done = await asyncio.gather(*(make(name) for name in kwargs), return_exceptions=True)  # all finish first
+    failed = [err for err in done if isinstance(err, BaseException)]
+    if failed:
+        raise failed[0]
 
 
 def _created(spec: ArraySpec, layout: Layout, values: dict, sizes: dict) -> bool:

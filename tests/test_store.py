@@ -188,3 +188,25 @@ def test_states_are_read_one_layer_of_one_shard_a_block_decoded_as_read(tmp_path
     assert state_chunks(arr) == (1, vshard, 1, 4)
     assert state_chunks(arr, max_bytes=4 * 4 * 4) == (1, 4, 1, 4)  # one inner chunk: 4 tokens x 4 hidden x 4 B
     assert state_chunks(arr, max_bytes=1) == (1, 4, 1, 4)  # never below one inner chunk
+
+
+def test_create_raises_the_first_array_error_after_every_array_task_finished(tmp_path, monkeypatch):
+    """Arrays are created concurrently in zarr's event loop: a failing one raises its own error, and only once
+    every other array's task has finished (nothing writes into a store the caller then removes)."""
+    from gapcache.store import create, writer
+
+    made = []
+    real = writer._array_kwargs
+
+    def kwargs(spec, shape, layout, attributes=None):
+        kw = real(spec, shape, layout, attributes)
+        made.append(spec.name)
+        return {**kw, "chunks": (1,) * (len(shape) + 1)} if spec.name == "gold_logprob" else kw  # wrong rank
+
+    monkeypatch.setattr(writer, "_array_kwargs", kwargs)
+    path = tmp_path / "s.zarr"
+    with pytest.raises(ValueError):
+        create(path, small_layout(), {"model": {"id": "test"}}, {"question": np.array(["q"] * 5, dtype=object)})
+    others = [name for name in made if name != "gold_logprob"]
+    on_disk = {p.parent.name for p in path.glob("*/zarr.json")}
+    assert "gold_logprob" in made and set(others) <= on_disk  # every other array was made before the error surfaced
