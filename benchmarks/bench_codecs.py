@@ -55,21 +55,13 @@ def measure(chunks: list[np.ndarray], setting: str, itemsize: int, repeats: int)
     import numcodecs.blosc
 
     from gapcache.store import codec
-    from gapcache.store.shardio import _blosc
+    from gapcache.store.shardio import bytes_codec
 
     numcodecs.blosc.use_threads = False
     concrete = codec.resolve_compression(setting, itemsize)
-    parts = codec.parse_compression(concrete)
-    if parts[0] == "none":
-        impl = None
-    elif parts[0] == "zstd":
-        from numcodecs import Zstd
-
-        impl = Zstd(level=parts[1])
-    else:
-        _, cname, clevel, shuffle, blocksize = parts
-        impl = _blosc({"cname": cname, "clevel": clevel, "shuffle": shuffle, "blocksize": blocksize},
-                      chunks[0].dtype, "bench")
+    # the numcodecs implementation shardio writes this setting with (from the codec's Zarr v3 metadata)
+    impls = [bytes_codec(c.to_dict(), chunks[0].dtype, "bench") for c in codec.state_codecs(concrete, itemsize)]
+    impl = impls[0][1] if impls else None
     raw = sum(c.nbytes for c in chunks)
     if impl is None:
         return {"setting": setting, "codec": concrete, "kept": 1.0, "encode_s_per_gb": 0.0, "decode_s_per_gb": 0.0}

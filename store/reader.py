@@ -346,4 +346,3 @@ def info(path, storage_options: dict | None = None, size: bool = True) -> dict:
         "frozen": attrs.get("frozen"),
         "provenance": attrs.get("provenance", {}),
     }
-

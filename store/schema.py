@@ -63,7 +63,7 @@ class Layout:
     visual_lengths: tuple[int, ...]  # recorded visual tokens per sample (0 if failed at plan time)
     samples_per_shard: int = 32
     visual_chunk_tokens: int = 64  # inner chunk rows of every span's states
-    compression_level: int = 1  # the old zstd level (0 = none, 1 = its default: auto); used when ``compression`` is None
+    compression_level: int = 1  # the old zstd level (0 = none, 1 = its default: auto); when ``compression`` is None
     # hidden-state compression (gapcache.store.codec.parse_compression); None: from compression_level
     compression: str | None = None
     span_lengths: tuple = ()  # ((span name, per-sample lengths), ...) of spans other than "visual"

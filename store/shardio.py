@@ -102,6 +102,22 @@ def _named(codec) -> tuple[str, dict]:
     return codec["name"], codec.get("configuration") or {}
 
 
+def bytes_codec(codec, dtype: np.dtype, where: str) -> tuple[str, object]:
+    """(name, numcodecs implementation; None for crc32c, which shardio applies itself) of one inner
+    bytes-to-bytes codec entry of a Zarr v3 array's metadata (a JSON dict or a bare name)."""
+    name, ccfg = _named(codec)
+    if name == "zstd":
+        from numcodecs import Zstd
+
+        return name, Zstd(level=int(ccfg.get("level", 0)), checksum=bool(ccfg.get("checksum", False)))
+    if name == "blosc":
+        return name, _blosc(ccfg, dtype, where)
+    if name == "crc32c":
+        return name, None
+    raise UnsupportedShardFormat(f"{where}: inner codec {name!r} is not supported; this writer applies "
+                                 f"'bytes' then any of {list(SUPPORTED_BYTES_CODECS)}.")
+
+
 def _endian(config: dict, dtype: np.dtype, where: str) -> str:
     endian = config.get("endian", "little" if dtype.itemsize == 1 else None)
     if endian not in ("little", "big"):
@@ -187,21 +203,7 @@ class ShardArray:
         if first != "bytes":
             raise UnsupportedShardFormat(f"{where}: inner codecs must start with 'bytes'. Got {first!r} instead.")
         self.dtype = base.newbyteorder(_endian(_named(inner[0])[1], base, "inner"))
-        self.bytes_codecs = []  # (name, numcodecs codec or None)
-        for c in inner[1:]:
-            name, ccfg = _named(c)
-            if name == "zstd":
-                from numcodecs import Zstd
-
-                self.bytes_codecs.append((name, Zstd(level=int(ccfg.get("level", 0)),
-                                                     checksum=bool(ccfg.get("checksum", False)))))
-            elif name == "blosc":
-                self.bytes_codecs.append((name, _blosc(ccfg, base, where)))
-            elif name == "crc32c":
-                self.bytes_codecs.append((name, None))
-            else:
-                raise UnsupportedShardFormat(f"{where}: inner codec {name!r} is not supported; this writer applies "
-                                             f"'bytes' then any of {list(SUPPORTED_BYTES_CODECS)}.")
+        self.bytes_codecs = [bytes_codec(c, base, where) for c in inner[1:]]  # (name, numcodecs codec or None)
 
         index = [_named(c) for c in (cfg.get("index_codecs") or [])]
         if not index or index[0][0] != "bytes" or [n for n, _ in index[1:]] not in ([], ["crc32c"]):

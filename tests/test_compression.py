@@ -46,7 +46,8 @@ def _files(path, name):
 
 
 @pytest.mark.parametrize("spec, parts", [
-    ("auto", ("auto",)), ("none", ("none",)), ("zstd:1", ("zstd", 1)), ("zstd:22", ("zstd", 22)), (0, ("none",)), (3, ("zstd", 3)),
+    ("auto", ("auto",)), ("none", ("none",)), ("zstd:1", ("zstd", 1)), ("zstd:22", ("zstd", 22)),
+    (0, ("none",)), (3, ("zstd", 3)),
     ("blosc:lz4:5:bitshuffle", ("blosc", "lz4", 5, "bitshuffle", 0)),
     ("blosc:zstd:1:shuffle:262144", ("blosc", "zstd", 1, "shuffle", 262144)),
 ])
@@ -113,7 +114,8 @@ def test_auto_resolves_by_the_stored_item_size(dtype, want, compression):
 
 @pytest.mark.parametrize("dtype, name", [("bfloat16", "zstd"), ("float32", "blosc")])
 def test_a_default_store_records_the_concrete_codec(tmp_path, dtype, name):
-    """The arrays' metadata hold the codec auto chose (what any Zarr v3 reader needs), never "auto"; values read back."""
+    """The arrays' metadata hold the codec auto chose (what any Zarr v3 reader needs), never "auto"; values read
+    back."""
     layout = _layout(None, dtype)
     payloads = random_payloads(layout, seed=5)
     path = _write(tmp_path / "s.zarr", layout, payloads)
