@@ -190,9 +190,9 @@ def test_states_are_read_one_layer_of_one_shard_a_block_decoded_as_read(tmp_path
     assert state_chunks(arr, max_bytes=1) == (1, 4, 1, 4)  # never below one inner chunk
 
 
-def test_create_raises_the_first_array_error_after_every_array_task_finished(tmp_path, monkeypatch):
-    """Arrays are created concurrently in zarr's event loop: a failing one raises its own error, and only once
-    every other array's task has finished (nothing writes into a store the caller then removes)."""
+def test_create_raises_an_array_error_and_writes_nothing(tmp_path, monkeypatch):
+    """The store is built in memory and written only once every node is made: an array that zarr refuses raises
+    its own error and leaves no file at the path (not a store that looks whole, nor a partial one)."""
     from gapcache.store import create, writer
 
     made = []
@@ -207,6 +207,26 @@ def test_create_raises_the_first_array_error_after_every_array_task_finished(tmp
     path = tmp_path / "s.zarr"
     with pytest.raises(ValueError):
         create(path, small_layout(), {"model": {"id": "test"}}, {"question": np.array(["q"] * 5, dtype=object)})
-    others = [name for name in made if name != "gold_logprob"]
-    on_disk = {p.parent.name for p in path.glob("*/zarr.json")}
-    assert "gold_logprob" in made and set(others) <= on_disk  # every other array was made before the error surfaced
+    assert "gold_logprob" in made and len(made) > 20
+    assert not path.exists()
+
+
+def test_create_refuses_a_path_that_holds_files_unless_overwrite(tmp_path):
+    from gapcache.errors import StoreError
+    from gapcache.store import create
+
+    path = tmp_path / "s.zarr"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="exists and is not empty.*overwrite=True"):
+        create(path, small_layout(), {"model": {"id": "test"}}, {"question": np.array(["q"] * 5, dtype=object)})
+    assert (path / "notes.txt").read_text() == "mine"
+    create(path, small_layout(), {"model": {"id": "first"}}, {"question": np.array(["q"] * 5, dtype=object)},
+           overwrite=True)
+    assert not (path / "notes.txt").exists()
+    with pytest.raises(StoreError, match="exists and is not empty"):  # a store there now
+        create(path, small_layout(), {"model": {"id": "x"}}, {"question": np.array(["q"] * 5, dtype=object)})
+    create(path, small_layout(), {"model": {"id": "second"}}, {"question": np.array(["r"] * 5, dtype=object)},
+           overwrite=True)
+    ds = open_store(path)
+    assert ds.attrs["model"] == {"id": "second"} and list(ds["question"].values) == ["r"] * 5
