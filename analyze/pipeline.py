@@ -522,7 +522,11 @@ def preload_small(ds):
     import dask
     import dask.array as da
 
-    loaded = dict(zip(chosen, dask.compute(*[v.data for v in chosen.values()])))  # one graph: chunks read in parallel
+    from gapcache.store.reader import read_whole
+
+    loaded = {k: read_whole(v.data) for k, v in chosen.items()}  # a plain store variable: one read, no task per chunk
+    lazy = [k for k, v in loaded.items() if v is None]
+    loaded.update(zip(lazy, dask.compute(*[chosen[k].data for k in lazy])))  # the rest: one graph, read in parallel
     # still dask, chunked as in the store (code that reads the chunking sees the same); assigned at once (one merge)
     new = {k: v.copy(data=da.from_array(loaded[k], chunks=v.data.chunks)) for k, v in chosen.items()}
     return ds.assign_coords({k: v for k, v in new.items() if k in ds.coords}).assign(

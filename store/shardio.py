@@ -149,6 +149,29 @@ def _parse_fill(value, dtype: np.dtype):
     return dtype.type(value)
 
 
+def key_encoding(meta: dict, where: str) -> tuple[str | None, str]:
+    """(key prefix, separator) of a Zarr v3 array's ``chunk_key_encoding``: ``default`` ("c", "/" unless set) or
+    ``v2`` (no prefix, "." unless set)."""
+    name, cfg = _named(meta.get("chunk_key_encoding") or {"name": "default"})
+    if name == "default":
+        prefix, sep = "c", cfg.get("separator", "/")
+    elif name == "v2":
+        prefix, sep = None, cfg.get("separator", ".")
+    else:
+        raise UnsupportedShardFormat(f"{where}: chunk key encoding {name!r} is not supported.")
+    if sep not in ("/", "."):
+        raise UnsupportedShardFormat(f"{where}: chunk key separator {sep!r} is not supported.")
+    return prefix, sep
+
+
+def chunk_key(coords, prefix: str | None, sep: str) -> str:
+    """The key (relative to the array) of the chunk (or shard) at grid ``coords``."""
+    parts = [str(int(c)) for c in coords]
+    if prefix is None:
+        return sep.join(parts) if parts else "0"
+    return sep.join([prefix, *parts])
+
+
 def local_dir(array, what: str) -> Path:
     """The directory of a zarr-python ``Array`` in a local filesystem store; UnsupportedShardFormat for any other
     store (``what``: 'writes' or 'reads', for the message)."""
@@ -219,15 +242,7 @@ class ShardArray:
         self._present_cache: dict = {}
         self.direct_io = True  # O_DIRECT shard files where the platform and filesystem allow (see stage)
 
-        enc_name, enc_cfg = _named(meta.get("chunk_key_encoding") or {"name": "default"})
-        if enc_name == "default":
-            self._key_prefix, self._sep = "c", enc_cfg.get("separator", "/")
-        elif enc_name == "v2":
-            self._key_prefix, self._sep = None, enc_cfg.get("separator", ".")
-        else:
-            raise UnsupportedShardFormat(f"{where}: chunk key encoding {enc_name!r} is not supported.")
-        if self._sep not in ("/", "."):
-            raise UnsupportedShardFormat(f"{where}: chunk key separator {self._sep!r} is not supported.")
+        self._key_prefix, self._sep = key_encoding(meta, where)
 
     # ------------------------------------------------------------------ opening
 
@@ -255,10 +270,7 @@ class ShardArray:
 
     def shard_key(self, coords) -> str:
         """The shard's key (relative to the array) under the array's chunk key encoding."""
-        parts = [str(int(c)) for c in coords]
-        if self._key_prefix is None:
-            return self._sep.join(parts) if parts else "0"
-        return self._sep.join([self._key_prefix, *parts])
+        return chunk_key(coords, self._key_prefix, self._sep)
 
     def shard_path(self, coords) -> Path:
         return self.dir.joinpath(*self.shard_key(coords).split("/"))

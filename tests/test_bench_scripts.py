@@ -191,3 +191,21 @@ def test_codec_bench_measures_a_stores_own_chunks(tmp_path, dtype, auto):
     assert itemsize == arr.dtype.itemsize and len(chunks) == np.prod(
         [n // c for n, c in zip(arr.shape, arr.chunks)])  # every whole chunk (edge chunks left out), once
     np.testing.assert_array_equal(chunks[0], arr[tuple(slice(0, c) for c in arr.chunks)])
+
+
+def test_preload_bench_writes_a_small_store_and_both_readers_agree(tmp_path, capsys):
+    """bench_preload: the synthetic store it writes is preloaded identically by the direct reader and by zarr,
+    and ``through_zarr`` really takes the direct chunk reader out (and puts it back)."""
+    from gapcache.store import reader
+    from gapcache.store.shardread import ChunkReader
+
+    mod = bench("preload")
+    assert mod.main(["--samples", "40", "--repeats", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "identical: True" in out and "22 variables preloaded" in out
+    import zarr
+
+    arr = zarr.open_array(tmp_path / "store.zarr" / "status", mode="r")
+    with mod.through_zarr():
+        assert reader._direct_reader(arr) is None and reader.read_whole(np.zeros(2)) is None
+    assert isinstance(reader._direct_reader(arr), ChunkReader)

@@ -8,7 +8,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 
 from gapcache.errors import DamagedChunkError, UnsupportedShardFormat
 from gapcache.store import open_store, reader
-from gapcache.store.shardread import ShardReader
+from gapcache.store.shardread import ChunkReader, ShardReader
 from helpers import random_payloads, roundtrip, small_layout
 
 LAYOUTS = {
@@ -79,7 +79,11 @@ def test_selections_it_does_not_take_and_other_stores_are_refused(tmp_path):
         ShardReader.open(mem)
     assert reader._direct_reader(mem) is None
     plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4,), dtype="int8", chunks=(2,))
-    assert reader._direct_reader(plain) is None  # not sharded: zarr reads it
+    assert isinstance(reader._direct_reader(plain), ChunkReader)  # not sharded: read chunk by chunk
+    with pytest.raises(UnsupportedShardFormat, match="sharded"):
+        ChunkReader.open(arr)
+    mem_plain = zarr.create_array(zarr.storage.MemoryStore(), shape=(4,), dtype="int8", chunks=(2,))
+    assert reader._direct_reader(mem_plain) is None
 
 
 def _flip(path, at: int) -> None:
@@ -124,3 +128,98 @@ def test_open_store_reads_directly_and_names_a_damaged_chunk(tmp_path, monkeypat
     _flip(shard, 2)
     with pytest.raises(DamagedChunkError, match="text_states"):
         open_store(path).text_states.values
+
+
+CHUNKED = {  # the codec chains of the store's unsharded arrays, and others a store may carry
+    "zstd-crc": dict(compressors=[ZstdCodec(level=0), Crc32cCodec()]),
+    "none": dict(compressors=None),
+    "blosc": dict(compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]),
+    "big-endian": dict(serializer=BytesCodec(endian="big"), compressors=[ZstdCodec(level=3)]),
+    "dot-keys": dict(compressors=[ZstdCodec(level=0), Crc32cCodec()],
+                     chunk_key_encoding={"name": "default", "separator": "."}),
+    "v2-keys": dict(compressors=[Crc32cCodec()], chunk_key_encoding={"name": "v2", "separator": "."}),
+}
+
+
+def _chunked(path, codecs: str, dtype, shape=(3, 70, 5), chunks=(1, 32, 5), fill=0):
+    kw = {**CHUNKED[codecs]}
+    if dtype is str:
+        kw.pop("serializer", None)
+    arr = zarr.create_array(str(path), shape=shape, dtype=dtype, chunks=chunks, fill_value=fill, **kw)
+    rng = np.random.default_rng(0)
+    if dtype is str:
+        values = np.array([f"s{i}" * (i % 4) for i in range(int(np.prod(shape)))], dtype=object).reshape(shape)
+    elif np.dtype(dtype).kind == "b":
+        values = rng.random(shape) < 0.5
+    elif np.dtype(dtype).kind == "f":
+        values = rng.normal(size=shape).astype(dtype)
+    else:
+        values = rng.integers(-50, 50, size=shape).astype(dtype)
+    arr[...] = values
+    arr[2, 64:70] = fill  # written: fill-valued chunks are not stored (write_empty_chunks off)
+    return zarr.open_array(str(path), mode="r")
+
+
+@pytest.mark.parametrize("codecs", sorted(CHUNKED))
+@pytest.mark.parametrize("dtype", ["float32", "int64", "uint8", "bool", str])
+def test_every_selection_of_a_chunked_array_reads_as_zarr_reads_it(tmp_path, codecs, dtype):
+    fill = {str: "", "bool": False, "uint8": 3}.get(dtype, -3)
+    arr = _chunked(tmp_path / "a.zarr", codecs, dtype, fill=fill)
+    direct = ChunkReader.open(arr)
+    for key in _selections(arr.shape):
+        got, want = direct[key], arr[key]
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        np.testing.assert_array_equal(got, want, err_msg=str(key))
+
+
+def test_a_chunked_arrays_missing_chunks_read_as_its_fill_value(tmp_path):
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 10), dtype="float32", chunks=(1, 4), fill_value=-7.5,
+                            compressors=[ZstdCodec(level=0), Crc32cCodec()])
+    arr[0, 4:8] = 1.0  # one chunk stored; the other five are absent
+    direct = ChunkReader.open(arr)
+    want = np.full((2, 10), -7.5, np.float32)
+    want[0, 4:8] = 1.0
+    np.testing.assert_array_equal(direct[...], want)
+    np.testing.assert_array_equal(direct[...], arr[...])
+
+
+def test_a_damaged_chunk_file_raises_value_error_naming_it(tmp_path):
+    arr = _chunked(tmp_path / "a.zarr", "zstd-crc", "int64")
+    chunk = tmp_path / "a.zarr" / "c" / "1" / "1" / "0"
+    _flip(chunk, 3)
+    with pytest.raises(ValueError, match=r"chunk .*c/1/1/0 fails its CRC-32C"):
+        ChunkReader.open(arr)[1]
+    np.testing.assert_array_equal(ChunkReader.open(arr)[0], arr[0])  # the other chunks still read
+    chunk.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"c/1/1/0"):
+        ChunkReader.open(arr)[1]
+
+
+def test_read_whole_reads_plain_store_variables_in_one_call_and_leaves_the_rest(tmp_path, monkeypatch):
+    from gapcache.analyze.pipeline import preload_small
+
+    layout = small_layout("float16")
+    path = tmp_path / "s.zarr"
+    roundtrip(path, layout, random_payloads(layout, seed=5))
+    ds = open_store(path)
+    reads = []
+    real = ChunkReader.__getitem__
+    monkeypatch.setattr(ChunkReader, "__getitem__", lambda self, key: reads.append(key) or real(self, key))
+    got = reader.read_whole(ds["gold_logprob"].data)
+    assert reads == [Ellipsis]  # one read of every chunk, not one per chunk
+    np.testing.assert_array_equal(got, zarr.open_array(str(path / "gold_logprob"), mode="r")[...])
+    assert reader.read_whole(ds["gold_logprob"].data[:, 1:]) is None  # a slice: not a plain variable
+    assert reader.read_whole(ds["text_states"].data) is None  # decoded hidden states: read their own way
+    assert reader.read_whole(np.zeros(3)) is None
+    pre = preload_small(ds)
+    for name in ("gold_logprob", "status", "visual_length", "question"):
+        np.testing.assert_array_equal(pre[name].values, open_store(path)[name].values)
+        assert pre[name].data.chunks == ds[name].data.chunks
+    monkeypatch.undo()
+    chunk = next(p for p in sorted((path / "gold_logprob" / "c").rglob("*")) if p.is_file())
+    _flip(chunk, 2)
+    ds = open_store(path)
+    assert reader.read_whole(ds["gold_logprob"].data) is None  # damaged: left to the per-chunk read ...
+    key = str(chunk.relative_to(path / "gold_logprob"))
+    with pytest.raises(DamagedChunkError, match=f"gold_logprob.*{key}"):  # ... which names the chunk
+        preload_small(ds)
