@@ -82,7 +82,7 @@ def main(argv=None):
                  for k in values["direct"])
     mb = sum(v.nbytes for v in values["direct"].values()) / 1e6
     same = values["direct"].keys() == values["zarr"].keys() and all(
-        np.array_equal(values["direct"][k], values["zarr"][k]) for k in values["direct"])
+        np.array_equal(v, values["zarr"][k], equal_nan=v.dtype.kind == "f") for k, v in values["direct"].items())
     print(f"store {path}: {len(values['direct'])} variables preloaded, {chunks} chunks, {mb:.1f} MB; "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"  direct chunk reader {best['direct']:7.2f} s   zarr-python {best['zarr']:7.2f} s   "

@@ -172,14 +172,15 @@ def test_every_selection_of_a_chunked_array_reads_as_zarr_reads_it(tmp_path, cod
         np.testing.assert_array_equal(got, want, err_msg=str(key))
 
 
-def test_a_chunked_arrays_missing_chunks_read_as_its_fill_value(tmp_path):
-    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 10), dtype="float32", chunks=(1, 4), fill_value=-7.5,
+@pytest.mark.parametrize("fill", [-7.5, float("nan")])
+def test_a_chunked_arrays_missing_chunks_read_as_its_fill_value(tmp_path, fill):
+    arr = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 10), dtype="float32", chunks=(1, 4), fill_value=fill,
                             compressors=[ZstdCodec(level=0), Crc32cCodec()])
     arr[0, 4:8] = 1.0  # one chunk stored; the other five are absent
     direct = ChunkReader.open(arr)
-    want = np.full((2, 10), -7.5, np.float32)
+    want = np.full((2, 10), fill, np.float32)
     want[0, 4:8] = 1.0
-    np.testing.assert_array_equal(direct[...], want)
+    np.testing.assert_array_equal(direct[...], want)  # (NaN equals NaN here)
     np.testing.assert_array_equal(direct[...], arr[...])
 
 
