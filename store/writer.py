@@ -145,8 +145,9 @@ def _holds_files(path) -> bool:
 
 def _write_files(path, files: dict) -> None:
     """Write a store built in memory (key -> zarr Buffer) under ``path``, the root ``zarr.json`` last. Plain
-    writes: the bench store's ~80 files and ~40 folders took 0.10-0.15 CPU-s through zarr's LocalStore (a thread
-    hop, a temporary file and a rename per file), and file-system metadata calls cost 0.04-1.3 ms each here."""
+    writes, one per file: zarr's LocalStore adds a thread hop, a temporary file and a rename to each, and a file
+    or folder creation costs 0.04-1.3 ms of system CPU on the disk measured (the bench store: 120 files in 86
+    folders; creation 0.21-0.28 -> 0.115-0.146 CPU-s)."""
     root = Path(path)
     folders = set()
     for key in sorted(files, key=lambda k: k == "zarr.json"):
