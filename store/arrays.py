@@ -351,10 +351,6 @@ def get(name: str) -> ArraySpec:
                          f"(declared: {', '.join(ARRAYS)}). Declare it there with register(ArraySpec(...)).") from None
 
 
-def aux_coords() -> tuple[str, ...]:
-    return tuple(s.name for s in ARRAYS.values() if s.coord)
-
-
 def unit_row_shape(spec: ArraySpec, sizes: dict) -> tuple[int, ...]:
     """Shape of one sample's (UNIT) or one token's (VUNIT) values: the dims after the leading two."""
     return tuple(sizes[d] for d in spec.dims[2:])

@@ -137,8 +137,8 @@ def read_whole(data) -> np.ndarray | None:
     states): no dask task per chunk (~0.25 ms each; a 10,000-sample store's small arrays are ~7,200 chunks).
     None for any other array, or when a chunk is damaged (the per-chunk read then names it)."""
     guarded = _GUARDED.get(getattr(data, "name", None))
-    if guarded is None or guarded.encoding is not None or tuple(data.shape) != tuple(guarded.shape):
-        return None
+    if guarded is None or guarded.arr.shards is not None or tuple(data.shape) != tuple(guarded.shape):
+        return None  # not a store variable, a sharded (hidden-state) one, or a slice of one
     try:
         return guarded[...]
     except DamagedChunkError:

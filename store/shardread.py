@@ -242,13 +242,9 @@ class ChunkReader:
             return None
         buf = undo_bytes_codecs(buf, self.bytes_codecs, f"chunk {path}")
         n = int(np.prod(self.chunk_shape))
-        if self.strings is not None:
-            arr = self.strings.decode(buf)
-        else:
-            if memoryview(buf).nbytes != n * self.dtype.itemsize:
-                raise ValueError(f"chunk {path} decodes to {memoryview(buf).nbytes} bytes, expected "
-                                 f"{n * self.dtype.itemsize}")
-            arr = np.frombuffer(buf, dtype=self.dtype)
+        if self.strings is None and memoryview(buf).nbytes % self.dtype.itemsize:
+            raise ValueError(f"chunk {path} decodes to {memoryview(buf).nbytes} bytes, not whole {self.dtype} items")
+        arr = self.strings.decode(buf) if self.strings is not None else np.frombuffer(buf, dtype=self.dtype)
         if arr.size != n:
             raise ValueError(f"chunk {path} decodes to {arr.size} values, expected {n}")
         return arr.reshape(self.chunk_shape)

@@ -205,10 +205,28 @@ def test_create_raises_an_array_error_and_writes_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "_array_kwargs", kwargs)
     path = tmp_path / "s.zarr"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="same number of dimensions"):  # zarr's refusal of gold_logprob's chunks
         create(path, small_layout(), {"model": {"id": "test"}}, {"question": np.array(["q"] * 5, dtype=object)})
     assert "gold_logprob" in made and len(made) > 20
     assert not path.exists()
+
+
+def test_create_writes_the_consolidated_metadata_zarr_would(tmp_path):
+    """The store built in memory and written in one pass: its root zarr.json (attributes and consolidated
+    metadata) is byte for byte what zarr.consolidate_metadata writes for the files on disk."""
+    import warnings
+
+    from gapcache.store import create
+
+    path = tmp_path / "s.zarr"
+    create(path, small_layout(), {"model": {"id": "test"}}, {"question": np.array(["q"] * 5, dtype=object)})
+    written = (path / "zarr.json").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+    assert (path / "zarr.json").read_bytes() == written
+    arrays_on_disk = {p.parent.name for p in path.glob("*/zarr.json")}
+    assert json.loads(written)["consolidated_metadata"]["metadata"].keys() == arrays_on_disk
 
 
 def test_create_refuses_a_path_that_holds_files_unless_overwrite(tmp_path):
